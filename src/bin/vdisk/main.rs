@@ -1,0 +1,294 @@
+//! `vdisk`: a qemu-img-compatible command line over the vdisk library.
+//!
+//! Only argument parsing, output and exit codes live here; every operation is one library call.
+
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use vdisk::compare::{Comparison, compare};
+use vdisk::convert::{ConvertOptions, convert_to_raw_path};
+use vdisk::info::{ImageInfo, map_human, map_json, snapshot_table};
+use vdisk::{Error, Format, Image, OpenOptions, Policy};
+
+#[derive(Parser)]
+#[command(name = "vdisk", version, about = "Inspect and convert disk images (qemu-img compatible)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show an image's format, sizes, backing file and snapshots.
+    Info {
+        #[command(flatten)]
+        common: Common,
+        /// Output format: human or json.
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        file: PathBuf,
+    },
+    /// Show how the image's guest ranges are stored.
+    Map {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        file: PathBuf,
+    },
+    /// Convert an image (output: raw).
+    Convert {
+        /// Source format (detected when omitted).
+        #[arg(short = 'f')]
+        src_format: Option<String>,
+        /// Output format.
+        #[arg(short = 'O', default_value = "raw")]
+        out_format: String,
+        /// Zero runs of at least SIZE bytes become holes (default 4k; 0 writes everything).
+        #[arg(short = 'S', default_value = "4k")]
+        sparse: String,
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Quiet (accepted for qemu-img compatibility).
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Convert internal snapshot (id, name, snapshot.id=ID or snapshot.name=NAME).
+        #[arg(short = 'l')]
+        snapshot: Option<String>,
+        /// Parallel workers (qemu-img's -m; default: one per core).
+        #[arg(short = 'm')]
+        workers: Option<usize>,
+        /// Accepted for qemu-img compatibility (writes are always out of order for raw).
+        #[arg(short = 'W')]
+        oob: bool,
+        /// Accepted for qemu-img compatibility (force share).
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Refuse backing files, data files and non-local names.
+        #[arg(long)]
+        untrusted: bool,
+        src: PathBuf,
+        dst: PathBuf,
+    },
+    /// Compare the guest contents of two images (exit 0 same, 1 different, 2 error).
+    Compare {
+        #[arg(short = 'f')]
+        fmt_a: Option<String>,
+        #[arg(short = 'F')]
+        fmt_b: Option<String>,
+        /// Strict: images of different size differ.
+        #[arg(short = 's')]
+        strict: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        #[arg(long)]
+        untrusted: bool,
+        a: PathBuf,
+        b: PathBuf,
+    },
+    /// List internal snapshots (-l).
+    Snapshot {
+        /// List snapshots.
+        #[arg(short = 'l')]
+        list: bool,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// Image format (detected when omitted).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Refuse backing files, data files and non-local names.
+    #[arg(long)]
+    untrusted: bool,
+    /// Accepted for qemu-img compatibility (force share).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+}
+
+fn parse_format(f: Option<&str>) -> Result<Option<Format>, Error> {
+    f.map(|n| Format::from_name(n).ok_or_else(|| Error::invalid(format!("unknown file format '{n}'")))).transpose()
+}
+
+fn opts(format: Option<&str>, untrusted: bool) -> Result<OpenOptions, Error> {
+    Ok(OpenOptions {
+        format: parse_format(format)?,
+        policy: if untrusted { Policy::Untrusted } else { Policy::Trusted },
+        ..OpenOptions::default()
+    })
+}
+
+/// qemu-img size syntax: bytes, or a k/M/G/T/P/E suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, Error> {
+    let bad = || Error::invalid(format!("invalid size '{s}'"));
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_lowercase() {
+                'b' => 1,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                'p' => 1 << 50,
+                'e' => 1 << 60,
+                _ => return Err(bad()),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let v: f64 = num.parse().map_err(|_| bad())?;
+    if !(v >= 0.0) || v * mult as f64 > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok((v * mult as f64) as u64)
+}
+
+fn name_chain(img: &Image) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut cur = Some(img);
+    while let Some(i) = cur {
+        names.push(i.path().map(|p| p.display().to_string()).unwrap_or_default());
+        cur = i.qcow2().and_then(|q| q.backing());
+    }
+    names
+}
+
+fn run(cli: Cli) -> Result<u8, Error> {
+    let mut out = std::io::stdout().lock();
+    let w = |out: &mut std::io::StdoutLock, s: &str| {
+        out.write_all(s.as_bytes()).map_err(|e| Error::io("cannot write output", e))
+    };
+    match cli.cmd {
+        Cmd::Info { common, output, file } => {
+            let mut o = opts(common.format.as_deref(), common.untrusted)?;
+            o.metadata_only = true;
+            let img = Image::open(&file, &o)?;
+            let info = ImageInfo::new(&img, &file.display().to_string())?;
+            match output.as_str() {
+                "json" => {
+                    let s = serde_json::to_string_pretty(&info.to_json()).unwrap_or_default();
+                    w(&mut out, &format!("{s}\n"))?;
+                }
+                "human" => w(&mut out, &info.to_human())?,
+                o => return Err(Error::invalid(format!("--output must be human or json, not '{o}'"))),
+            }
+        }
+        Cmd::Map { common, output, file } => {
+            let img = Image::open(&file, &opts(common.format.as_deref(), common.untrusted)?)?;
+            let s = match output.as_str() {
+                "json" => map_json(&img),
+                "human" => map_human(&img, &name_chain(&img)),
+                o => return Err(Error::invalid(format!("--output must be human or json, not '{o}'"))),
+            }
+            .map_err(|e| e.with_path(&file))?;
+            w(&mut out, &s)?;
+        }
+        Cmd::Convert { src_format, out_format, sparse, progress, snapshot, workers, untrusted, src, dst, .. } => {
+            if Format::from_name(&out_format) != Some(Format::Raw) {
+                return Err(Error::new(
+                    vdisk::ErrorKind::UnsupportedFormat,
+                    format!("output format '{out_format}' is not supported yet (raw only)"),
+                ));
+            }
+            let mut o = opts(src_format.as_deref(), untrusted)?;
+            o.snapshot = snapshot;
+            let img = Image::open(&src, &o)?;
+            let min_sparse = parse_size(&sparse)?;
+            let mut last = -1i64;
+            let mut show = |done: u64, total: u64| {
+                let pct = if total == 0 { 10000 } else { (done as u128 * 10000 / total as u128) as i64 };
+                if pct != last {
+                    last = pct;
+                    let mut so = std::io::stdout().lock();
+                    let _ = write!(so, "    ({}.{:02}/100%)\r", pct / 100, pct % 100);
+                    let _ = so.flush();
+                }
+                true
+            };
+            let mut co = ConvertOptions { min_sparse, threads: workers.unwrap_or(0), ..Default::default() };
+            if progress {
+                co.progress = Some(&mut show);
+            }
+            convert_to_raw_path(&img, &dst, &mut co).map_err(|e| e.with_path(&src))?;
+            if progress {
+                w(&mut out, "\n")?;
+            }
+        }
+        Cmd::Compare { fmt_a, fmt_b, strict, quiet, a, b, untrusted, .. } => {
+            let ia = Image::open(&a, &opts(fmt_a.as_deref(), untrusted)?)?;
+            let ib = Image::open(&b, &opts(fmt_b.as_deref(), untrusted)?)?;
+            let say = |out: &mut std::io::StdoutLock, s: &str| if quiet { Ok(()) } else { w(out, s) };
+            if ia.virtual_size() != ib.virtual_size() && !strict {
+                say(&mut out, "Warning: Image size mismatch!\n")?;
+            }
+            return match compare(&ia, &ib, strict)? {
+                Comparison::Identical => {
+                    say(&mut out, "Images are identical.\n")?;
+                    Ok(0)
+                }
+                Comparison::Differ(off) => {
+                    say(&mut out, &format!("Content mismatch at offset {off}!\n"))?;
+                    Ok(1)
+                }
+                Comparison::SizeMismatch => {
+                    say(&mut out, "Strict mode: Image size mismatch!\n")?;
+                    Ok(1)
+                }
+            };
+        }
+        Cmd::Snapshot { list, format, file, .. } => {
+            if !list {
+                return Err(Error::invalid("only -l (list) is supported yet"));
+            }
+            let mut o = opts(format.as_deref(), false)?;
+            o.metadata_only = true;
+            let img = Image::open(&file, &o)?;
+            let snaps = img.qcow2().map(|q| q.snapshots().to_vec()).unwrap_or_default();
+            if !snaps.is_empty() {
+                w(&mut out, &format!("Snapshot list:\n{}", snapshot_table(&snaps)))?;
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let is_compare = matches!(cli.cmd, Cmd::Compare { .. });
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("vdisk: {e}");
+            // qemu-img exits 1 on errors; compare uses 2 because 1 means "different".
+            ExitCode::from(if is_compare { 2 } else { 1 })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4k").unwrap(), 4096);
+        assert_eq!(parse_size("0").unwrap(), 0);
+        assert_eq!(parse_size("1.5M").unwrap(), 3 << 19);
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+}

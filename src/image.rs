@@ -1,0 +1,337 @@
+//! Opening images: format detection or an explicit format, the trust policy for backing and
+//! external data files, backing chains (depth and loop checks), and the [`Image`] type every
+//! reader is used through: virtual size, block status ([`Extent`]) and positional reads.
+
+use crate::detect::{self, Format};
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::{BlockIo, FileIo};
+use crate::iso::{self, IsoInfo};
+use crate::qcow2::Qcow2;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Longest backing chain followed (qemu has no fixed limit; 16 is far beyond real use).
+pub const MAX_CHAIN_DEPTH: usize = 16;
+
+/// Whether an image may make us open other files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// Follow backing and external data files named by the image, as plain local paths
+    /// (qemu-img's behaviour since CVE-2024-4467: no `json:` or protocol names).
+    #[default]
+    Trusted,
+    /// Refuse any image that names a backing or external data file. For input from users.
+    Untrusted,
+}
+
+/// How to open an image.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The format; `None` detects it from the content.
+    pub format: Option<Format>,
+    /// Backing/data file policy.
+    pub policy: Policy,
+    /// Read this internal snapshot (by id or name) instead of the active state.
+    pub snapshot: Option<String>,
+    /// Only inspect metadata (as `info` does): never open backing or data files. Reads of
+    /// ranges that would need them fail.
+    pub metadata_only: bool,
+}
+
+/// Block status of a guest range, with the fields of `qemu-img map --output=json`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes (at least 1).
+    pub len: u64,
+    /// How deep in the backing chain the status was found (0: this image).
+    pub depth: u32,
+    /// Allocated somewhere in the chain.
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Backed by data in a file (possibly a hole that reads as zeros).
+    pub data: bool,
+    /// Stored compressed.
+    pub compressed: bool,
+    /// Host offset in the image or data file, where there is one.
+    pub offset: Option<u64>,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Raw { io: Arc<dyn BlockIo>, size: u64, iso: Option<IsoInfo> },
+    Qcow2(Box<Qcow2>),
+}
+
+/// An open image of any readable format.
+#[derive(Debug)]
+pub struct Image {
+    path: Option<PathBuf>,
+    kind: Kind,
+}
+
+impl Image {
+    /// Open the image file at `path`.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let mut visited = Vec::new();
+        open_path(path, opts, opts.format, 0, &mut visited).map_err(|e| e.with_path(path))
+    }
+
+    /// Open an image held by `io` (memory, a pipe spooled elsewhere, ...). Such an image has no
+    /// directory to resolve names against, so backing and data files are refused.
+    pub fn from_io(io: Arc<dyn BlockIo>, opts: &OpenOptions) -> Result<Image> {
+        let mut visited = Vec::new();
+        open_io(io, None, opts, opts.format, 0, &mut visited)
+    }
+
+    /// The driver reading the image: [`Format::Raw`] (also for ISO) or [`Format::Qcow2`].
+    pub fn format(&self) -> Format {
+        match self.kind {
+            Kind::Raw { .. } => Format::Raw,
+            Kind::Qcow2(_) => Format::Qcow2,
+        }
+    }
+
+    /// The file name given when opening, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The qcow2 details, for a qcow2 image.
+    pub fn qcow2(&self) -> Option<&Qcow2> {
+        match &self.kind {
+            Kind::Qcow2(q) => Some(q),
+            Kind::Raw { .. } => None,
+        }
+    }
+
+    /// The ISO 9660 volume, when the raw content is one.
+    pub fn iso(&self) -> Option<&IsoInfo> {
+        match &self.kind {
+            Kind::Raw { iso, .. } => iso.as_ref(),
+            Kind::Qcow2(_) => None,
+        }
+    }
+
+    /// The image file itself.
+    pub fn file(&self) -> &Arc<dyn BlockIo> {
+        match &self.kind {
+            Kind::Raw { io, .. } => io,
+            Kind::Qcow2(q) => q.file(),
+        }
+    }
+
+    /// Size of the virtual disk in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        match &self.kind {
+            Kind::Raw { size, .. } => *size,
+            Kind::Qcow2(q) => q.virtual_size(),
+        }
+    }
+
+    /// Status of the guest range starting at `offset`, at most `max` bytes long.
+    pub fn extent(&self, offset: u64, max: u64) -> Result<Extent> {
+        match &self.kind {
+            Kind::Raw { io, size, .. } => raw_extent(io.as_ref(), *size, offset, max),
+            Kind::Qcow2(q) => q.extent(offset, max),
+        }
+    }
+
+    /// Read guest bytes at `offset`; the range must lie within the virtual size.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match &self.kind {
+            Kind::Raw { io, size, .. } => {
+                if offset.checked_add(buf.len() as u64).is_none_or(|e| e > *size) {
+                    return Err(Error::invalid("read past the end of the image"));
+                }
+                io.read_at_zero_padded(buf, offset).map_err(|e| Error::io("read failed", e))
+            }
+            Kind::Qcow2(q) => q.read_at(buf, offset),
+        }
+    }
+}
+
+fn raw_extent(io: &dyn BlockIo, size: u64, off: u64, max: u64) -> Result<Extent> {
+    let max = max.min(size.saturating_sub(off));
+    if max == 0 {
+        return Err(Error::invalid(format!("offset {off} is past the end of the image")));
+    }
+    let hole = |len| Extent { len, present: true, zero: true, offset: Some(off), ..Extent::default() };
+    Ok(match io.next_data(off).map_err(|e| Error::io("cannot find data extents", e))? {
+        Some(r) if r.start > off => hole(max.min(r.start - off)),
+        Some(r) => Extent { len: max.min(r.end - off), present: true, data: true, offset: Some(off), ..Extent::default() },
+        None => hole(max),
+    })
+}
+
+fn open_path(
+    path: &Path,
+    opts: &OpenOptions,
+    format: Option<Format>,
+    depth: usize,
+    visited: &mut Vec<PathBuf>,
+) -> Result<Image> {
+    let io = FileIo::open(path).map_err(|e| Error::io("cannot open image", e))?;
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if visited.contains(&canonical) {
+        return Err(Error::corrupt(format!("backing file '{}' creates an infinite loop", path.display())));
+    }
+    visited.push(canonical);
+    let mut img = open_io(Arc::new(io), Some(path), opts, format, depth, visited)?;
+    img.path = Some(path.to_path_buf());
+    Ok(img)
+}
+
+fn open_io(
+    io: Arc<dyn BlockIo>,
+    path: Option<&Path>,
+    opts: &OpenOptions,
+    format: Option<Format>,
+    depth: usize,
+    visited: &mut Vec<PathBuf>,
+) -> Result<Image> {
+    let size = io.size().map_err(|e| Error::io("cannot stat image", e))?;
+    let mut head = vec![0u8; (detect::PROBE_LEN as u64).min(size) as usize];
+    io.read_exact_at(&mut head, 0).map_err(|e| Error::io("cannot read image", e))?;
+    let mut tail = [0u8; 512];
+    let tail = if size >= 1024 && io.read_exact_at(&mut tail, size - 512).is_ok() { Some(&tail[..]) } else { None };
+    let probed = detect::probe(&head, tail);
+    let format = format.unwrap_or(probed);
+    match format {
+        Format::Raw | Format::Iso => {
+            let iso = if probed == Format::Iso {
+                Some(iso::read_info(|off, buf| io.read_exact_at(buf, off))?)
+            } else {
+                None
+            };
+            if opts.snapshot.is_some() {
+                return Err(Error::new(ErrorKind::UnsupportedFeature, "raw images have no snapshots"));
+            }
+            Ok(Image { path: None, kind: Kind::Raw { io, size, iso } })
+        }
+        Format::Qcow2 => {
+            let mut q = Qcow2::open(io, opts.snapshot.as_deref())?;
+            attach_files(&mut q, path, opts, depth, visited)?;
+            Ok(Image { path: None, kind: Kind::Qcow2(Box::new(q)) })
+        }
+        other if other.is_stream() => Err(Error::new(
+            ErrorKind::UnsupportedFormat,
+            format!("recognised as {} data; compressed and archived input is not supported yet", other.name()),
+        )),
+        other => Err(Error::new(
+            ErrorKind::UnsupportedFormat,
+            format!("recognised as {} image; this format is not supported yet", other.name()),
+        )),
+    }
+}
+
+/// Refuse names that are not plain local file names (qemu's rule since CVE-2024-4467).
+fn check_stored_name(what: &str, name: &str) -> Result<()> {
+    let scheme = name.split_once("://").map(|(s, _)| s);
+    let is_protocol = scheme.is_some_and(|s| {
+        !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+    });
+    if name.starts_with("json:") || is_protocol {
+        return Err(Error::new(
+            ErrorKind::Denied,
+            format!("{what} name '{name}' is not a plain local file name"),
+        ));
+    }
+    if name.is_empty() || name.contains('\0') {
+        return Err(Error::corrupt(format!("{what} name is empty or contains NUL")));
+    }
+    Ok(())
+}
+
+fn resolve(base: Option<&Path>, name: &str, what: &str) -> Result<PathBuf> {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    let base = base.ok_or_else(|| {
+        Error::new(ErrorKind::Denied, format!("{what} '{name}' cannot be resolved for an image without a path"))
+    })?;
+    Ok(base.parent().unwrap_or(Path::new("")).join(p))
+}
+
+fn attach_files(
+    q: &mut Qcow2,
+    path: Option<&Path>,
+    opts: &OpenOptions,
+    depth: usize,
+    visited: &mut Vec<PathBuf>,
+) -> Result<()> {
+    let h = q.header().clone();
+    if let Some(name) = &h.data_file {
+        if opts.policy == Policy::Untrusted {
+            return Err(Error::new(
+                ErrorKind::Denied,
+                format!("image uses external data file '{name}', which untrusted input may not"),
+            ));
+        }
+        check_stored_name("data file", name)?;
+        if !opts.metadata_only {
+            let p = resolve(path, name, "data file")?;
+            let io = FileIo::open(&p).map_err(|e| Error::io("cannot open data file", e).with_path(&p))?;
+            q.set_data_file(Arc::new(io));
+        }
+    }
+    if let Some(name) = &h.backing_file {
+        if opts.policy == Policy::Untrusted {
+            return Err(Error::new(
+                ErrorKind::Denied,
+                format!("image has backing file '{name}', which untrusted input may not"),
+            ));
+        }
+        check_stored_name("backing file", name)?;
+        if opts.metadata_only {
+            return Ok(());
+        }
+        if depth + 1 >= MAX_CHAIN_DEPTH {
+            return Err(Error::new(ErrorKind::TooLarge, format!("backing chain deeper than {MAX_CHAIN_DEPTH}")));
+        }
+        let fmt = match &h.backing_format {
+            Some(f) => Some(Format::from_name(f).ok_or_else(|| {
+                Error::new(ErrorKind::UnsupportedFormat, format!("unknown backing file format '{f}'"))
+            })?),
+            None => None,
+        };
+        let p = resolve(path, name, "backing file")?;
+        let bopts = OpenOptions { snapshot: None, ..opts.clone() };
+        let backing = open_path(&p, &bopts, fmt, depth + 1, visited).map_err(|e| {
+            if e.path().is_some() { e } else { e.with_path(&p) }
+        })?;
+        q.set_backing(backing);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_names() {
+        assert!(check_stored_name("b", "base.qcow2").is_ok());
+        assert!(check_stored_name("b", "/abs/a:b.img").is_ok());
+        assert_eq!(check_stored_name("b", "json:{}").unwrap_err().kind(), ErrorKind::Denied);
+        assert_eq!(check_stored_name("b", "nbd://h/x").unwrap_err().kind(), ErrorKind::Denied);
+        assert_eq!(check_stored_name("b", "http://h/x").unwrap_err().kind(), ErrorKind::Denied);
+        assert!(check_stored_name("b", "").is_err());
+    }
+
+    #[test]
+    fn raw_in_memory() {
+        let io: Arc<dyn BlockIo> = Arc::new(crate::io::MemIo::new(vec![5u8; 4096]));
+        let img = Image::from_io(io, &OpenOptions::default()).unwrap();
+        assert_eq!(img.format(), Format::Raw);
+        assert_eq!(img.virtual_size(), 4096);
+        let mut b = [0u8; 8];
+        img.read_at(&mut b, 4088).unwrap();
+        assert_eq!(b, [5u8; 8]);
+        assert!(img.read_at(&mut b, 4090).is_err());
+        let e = img.extent(0, u64::MAX).unwrap();
+        assert!(e.data && e.len == 4096);
+    }
+}

@@ -1,0 +1,418 @@
+//! What `info`, `map` and `snapshot -l` report, as data and in qemu-img's text and JSON forms
+//! (same keys and layout as qemu-img 10, so scripts written for qemu-img keep working).
+
+use crate::error::Result;
+use crate::image::{Extent, Image};
+use crate::iso::IsoInfo;
+use crate::qcow2::Snapshot;
+use crate::qcow2::header::{AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, incompat};
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// qcow2-specific facts (qemu's `format-specific` data).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2Info {
+    /// "0.10" (v2) or "1.1" (v3).
+    pub compat: &'static str,
+    /// "zlib" or "zstd".
+    pub compression_type: &'static str,
+    /// Lazy refcounts enabled.
+    pub lazy_refcounts: bool,
+    /// Refcount width.
+    pub refcount_bits: u32,
+    /// Corrupt bit set.
+    pub corrupt: bool,
+    /// Extended L2 entries.
+    pub extended_l2: bool,
+    /// External data file name.
+    pub data_file: Option<String>,
+    /// Data file is a valid raw image.
+    pub data_file_raw: bool,
+}
+
+/// Everything `info` shows about one image.
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    /// The name as given.
+    pub filename: String,
+    /// qemu's format name ("raw", "qcow2").
+    pub format: &'static str,
+    /// Virtual disk size.
+    pub virtual_size: u64,
+    /// Allocated bytes of the image file, where known.
+    pub actual_size: Option<u64>,
+    /// Length of the image file.
+    pub file_length: u64,
+    /// Cluster size (qcow2).
+    pub cluster_size: Option<u64>,
+    /// Backing file name as stored.
+    pub backing_filename: Option<String>,
+    /// Backing file name resolved against the image's directory.
+    pub full_backing_filename: Option<String>,
+    /// Backing format as stored.
+    pub backing_format: Option<String>,
+    /// Dirty bit (refcounts may be stale).
+    pub dirty: bool,
+    /// Internal snapshots.
+    pub snapshots: Vec<Snapshot>,
+    /// qcow2 details.
+    pub qcow2: Option<Qcow2Info>,
+    /// ISO 9660 volume details.
+    pub iso: Option<IsoInfo>,
+}
+
+impl ImageInfo {
+    /// Gather the facts of `img`, naming it `filename`.
+    pub fn new(img: &Image, filename: &str) -> Result<ImageInfo> {
+        let file = img.file();
+        let file_length = file.size().map_err(|e| crate::Error::io("cannot stat image", e))?;
+        let actual_size = file.allocated_bytes().ok().flatten();
+        let mut info = ImageInfo {
+            filename: filename.to_string(),
+            format: if img.qcow2().is_some() { "qcow2" } else { "raw" },
+            virtual_size: img.virtual_size(),
+            actual_size,
+            file_length,
+            cluster_size: None,
+            backing_filename: None,
+            full_backing_filename: None,
+            backing_format: None,
+            dirty: false,
+            snapshots: Vec::new(),
+            qcow2: None,
+            iso: img.iso().cloned(),
+        };
+        if let Some(q) = img.qcow2() {
+            let h = q.header();
+            info.virtual_size = h.size;
+            info.cluster_size = Some(h.cluster_size());
+            info.backing_filename = h.backing_file.clone();
+            info.full_backing_filename = h.backing_file.as_ref().map(|b| {
+                if Path::new(b).is_absolute() {
+                    b.clone()
+                } else {
+                    match Path::new(filename).parent() {
+                        Some(p) if !p.as_os_str().is_empty() => p.join(b).to_string_lossy().into_owned(),
+                        _ => b.clone(),
+                    }
+                }
+            });
+            info.backing_format = h.backing_format.clone();
+            info.dirty = h.incompatible_features & incompat::DIRTY != 0;
+            info.snapshots = q.snapshots().to_vec();
+            info.qcow2 = Some(Qcow2Info {
+                compat: if h.version == 2 { "0.10" } else { "1.1" },
+                compression_type: h.compression_type.name(),
+                lazy_refcounts: h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
+                refcount_bits: h.refcount_bits(),
+                corrupt: h.incompatible_features & incompat::CORRUPT != 0,
+                extended_l2: h.extended_l2(),
+                data_file: h.data_file.clone(),
+                data_file_raw: h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0,
+            });
+        }
+        Ok(info)
+    }
+
+    /// qemu-img's `--output=json` object.
+    pub fn to_json(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        m.insert("filename".into(), json!(self.filename));
+        m.insert("format".into(), json!(self.format));
+        m.insert("virtual-size".into(), json!(self.virtual_size));
+        if let Some(a) = self.actual_size {
+            m.insert("actual-size".into(), json!(a));
+        }
+        m.insert("dirty-flag".into(), json!(self.dirty));
+        if let Some(c) = self.cluster_size {
+            m.insert("cluster-size".into(), json!(c));
+        }
+        if let Some(b) = &self.backing_filename {
+            m.insert("backing-filename".into(), json!(b));
+        }
+        if let Some(b) = &self.full_backing_filename {
+            m.insert("full-backing-filename".into(), json!(b));
+        }
+        if let Some(b) = &self.backing_format {
+            m.insert("backing-filename-format".into(), json!(b));
+        }
+        if !self.snapshots.is_empty() {
+            let snaps: Vec<Value> = self
+                .snapshots
+                .iter()
+                .map(|s| {
+                    json!({
+                        "id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
+                        "date-sec": s.date_sec, "date-nsec": s.date_nsec,
+                        "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+                        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+                        "icount": s.icount.unwrap_or(u64::MAX),
+                    })
+                })
+                .collect();
+            m.insert("snapshots".into(), Value::Array(snaps));
+        }
+        if let Some(q) = &self.qcow2 {
+            let mut d = serde_json::Map::new();
+            d.insert("compat".into(), json!(q.compat));
+            d.insert("compression-type".into(), json!(q.compression_type));
+            if q.compat != "0.10" {
+                d.insert("lazy-refcounts".into(), json!(q.lazy_refcounts));
+            }
+            d.insert("refcount-bits".into(), json!(q.refcount_bits));
+            if q.compat != "0.10" {
+                d.insert("corrupt".into(), json!(q.corrupt));
+                d.insert("extended-l2".into(), json!(q.extended_l2));
+            }
+            if let Some(f) = &q.data_file {
+                d.insert("data-file".into(), json!(f));
+                d.insert("data-file-raw".into(), json!(q.data_file_raw));
+            }
+            m.insert("format-specific".into(), json!({"type": "qcow2", "data": d}));
+        }
+        if let Some(i) = &self.iso {
+            m.insert(
+                "format-specific".into(),
+                json!({"type": "iso9660", "data": {
+                    "volume-id": i.volume_id, "logical-block-size": i.block_size,
+                    "volume-space-size": i.volume_space_size,
+                }}),
+            );
+        }
+        let mut child = serde_json::Map::new();
+        child.insert("children".into(), json!([]));
+        child.insert("virtual-size".into(), json!(self.file_length));
+        child.insert("filename".into(), json!(self.filename));
+        child.insert("format".into(), json!("file"));
+        if let Some(a) = self.actual_size {
+            child.insert("actual-size".into(), json!(a));
+        }
+        child.insert("format-specific".into(), json!({"type": "file", "data": {}}));
+        child.insert("dirty-flag".into(), json!(false));
+        m.insert("children".into(), json!([{"name": "file", "info": child}]));
+        Value::Object(m)
+    }
+
+    /// qemu-img's human-readable text.
+    pub fn to_human(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "image: {}", self.filename);
+        let _ = writeln!(s, "file format: {}", self.format);
+        let _ = writeln!(s, "virtual size: {} ({} bytes)", size_to_str(self.virtual_size), self.virtual_size);
+        if let Some(a) = self.actual_size {
+            let _ = writeln!(s, "disk size: {}", size_to_str(a));
+        }
+        if let Some(c) = self.cluster_size {
+            let _ = writeln!(s, "cluster_size: {c}");
+        }
+        if let Some(b) = &self.backing_filename {
+            match &self.full_backing_filename {
+                Some(f) if f != b => {
+                    let _ = writeln!(s, "backing file: {b} (actual path: {f})");
+                }
+                _ => {
+                    let _ = writeln!(s, "backing file: {b}");
+                }
+            }
+        }
+        if let Some(b) = &self.backing_format {
+            let _ = writeln!(s, "backing file format: {b}");
+        }
+        if self.dirty {
+            let _ = writeln!(s, "cleanly shut down: no");
+        }
+        if !self.snapshots.is_empty() {
+            s.push_str("Snapshot list:\n");
+            s.push_str(&snapshot_table(&self.snapshots));
+        }
+        if let Some(q) = &self.qcow2 {
+            s.push_str("Format specific information:\n");
+            let _ = writeln!(s, "    compat: {}", q.compat);
+            let _ = writeln!(s, "    compression type: {}", q.compression_type);
+            if q.compat != "0.10" {
+                let _ = writeln!(s, "    lazy refcounts: {}", q.lazy_refcounts);
+            }
+            let _ = writeln!(s, "    refcount bits: {}", q.refcount_bits);
+            if q.compat != "0.10" {
+                let _ = writeln!(s, "    corrupt: {}", q.corrupt);
+                let _ = writeln!(s, "    extended l2: {}", q.extended_l2);
+            }
+            if let Some(f) = &q.data_file {
+                let _ = writeln!(s, "    data file: {f}");
+                let _ = writeln!(s, "    data file raw: {}", q.data_file_raw);
+            }
+        }
+        if let Some(i) = &self.iso {
+            s.push_str("Format specific information:\n");
+            s.push_str("    type: iso9660\n");
+            let _ = writeln!(s, "    volume id: {}", i.volume_id);
+            let _ = writeln!(s, "    logical block size: {}", i.block_size);
+            let _ = writeln!(s, "    volume space size: {} blocks", i.volume_space_size);
+        }
+        s.push_str("Child node '/file':\n");
+        let _ = writeln!(s, "    filename: {}", self.filename);
+        s.push_str("    protocol type: file\n");
+        let _ = writeln!(s, "    file length: {} ({} bytes)", size_to_str(self.file_length), self.file_length);
+        if let Some(a) = self.actual_size {
+            let _ = writeln!(s, "    disk size: {}", size_to_str(a));
+        }
+        s
+    }
+}
+
+/// qemu's `size_to_str`: three significant digits and a binary unit ("10 MiB", "1.5 GiB").
+pub fn size_to_str(v: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut i = 0;
+    let mut x = v as f64;
+    while x >= 1024.0 * 0.95 && i + 1 < UNITS.len() && v >= 1024u64.pow(i as u32 + 1) {
+        x /= 1024.0;
+        i += 1;
+    }
+    let digits = if x >= 100.0 { 0 } else if x >= 10.0 { 1 } else { 2 };
+    let mut t = format!("{x:.digits$}");
+    if t.contains('.') {
+        t = t.trim_end_matches('0').trim_end_matches('.').to_string();
+    }
+    format!("{t} {}", UNITS[i])
+}
+
+fn civil(secs: i64) -> String {
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The snapshot table as `qemu-img snapshot -l` prints it (times in UTC).
+pub fn snapshot_table(snaps: &[Snapshot]) -> String {
+    let mut s = String::from("ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT\n");
+    for sn in snaps {
+        let ms = sn.vm_clock_nsec / 1_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            ms / 3_600_000,
+            ms / 60_000 % 60,
+            ms / 1000 % 60,
+            ms % 1000
+        );
+        let icount = match sn.icount {
+            Some(i) if i != u64::MAX => i.to_string(),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}",
+            sn.id,
+            sn.name,
+            size_to_str(sn.vm_state_size),
+            civil(i64::from(sn.date_sec)),
+            clock,
+            icount
+        );
+    }
+    s
+}
+
+/// The merged extent list of `qemu-img map`, with the file each extent's depth refers to.
+pub fn map_extents(img: &Image) -> Result<Vec<Extent>> {
+    let size = img.virtual_size();
+    let mut out: Vec<(u64, Extent)> = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let e = img.extent(pos, size - pos)?;
+        let merged = match out.last_mut() {
+            Some((start, last))
+                if last.depth == e.depth
+                    && last.present == e.present
+                    && last.zero == e.zero
+                    && last.data == e.data
+                    && last.compressed == e.compressed
+                    && match (last.offset, e.offset) {
+                        (Some(a), Some(b)) => a + last.len == b,
+                        (None, None) => true,
+                        _ => false,
+                    } =>
+            {
+                let _ = start;
+                last.len += e.len;
+                true
+            }
+            _ => false,
+        };
+        if !merged {
+            out.push((pos, e));
+        }
+        pos += e.len;
+    }
+    Ok(out.into_iter().map(|(_, e)| e).collect())
+}
+
+/// `qemu-img map --output=json`, byte for byte.
+pub fn map_json(img: &Image) -> Result<String> {
+    let mut s = String::from("[");
+    let mut start = 0u64;
+    for (i, e) in map_extents(img)?.iter().enumerate() {
+        if i > 0 {
+            s.push_str(",\n");
+        }
+        let _ = write!(
+            s,
+            "{{ \"start\": {start}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+            e.len, e.depth, e.present, e.zero, e.data, e.compressed
+        );
+        if let Some(o) = e.offset {
+            let _ = write!(s, ", \"offset\": {o}");
+        }
+        s.push('}');
+        start += e.len;
+    }
+    s.push_str("]\n");
+    Ok(s)
+}
+
+/// C's `%#x`: no prefix for zero.
+fn hex(v: u64) -> String {
+    if v == 0 { "0".into() } else { format!("{v:#x}") }
+}
+
+/// `qemu-img map` human output: data extents with their host offset and file.
+pub fn map_human(img: &Image, names: &[String]) -> Result<String> {
+    let mut s = format!("{:<16}{:<16}{:<16}{}\n", "Offset", "Length", "Mapped to", "File");
+    let mut start = 0u64;
+    for e in map_extents(img)? {
+        if e.data && !e.zero {
+            if let Some(o) = e.offset {
+                let file = names.get(e.depth as usize).map(String::as_str).unwrap_or("");
+                let _ = writeln!(s, "{:<16}{:<16}{:<16}{file}", hex(start), hex(e.len), hex(o));
+            }
+        }
+        start += e.len;
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_dates_like_qemu() {
+        assert_eq!(size_to_str(10 << 20), "10 MiB");
+        assert_eq!(size_to_str(0), "0 B");
+        assert_eq!(size_to_str(339_968), "332 KiB");
+        assert_eq!(size_to_str(3 << 29), "1.5 GiB");
+        assert_eq!(civil(0), "1970-01-01 00:00:00");
+        assert_eq!(civil(1_795_641_858), "2026-11-25 21:24:18");
+    }
+}

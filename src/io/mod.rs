@@ -1,0 +1,108 @@
+//! Positional I/O under images: the [`BlockIo`] trait and its file, block-device and memory
+//! implementations.
+//!
+//! Everything is positional and takes `&self` (like `FileExt::read_at`), so conversion workers
+//! can share one handle without locking. Capabilities a backend lacks (hole discovery, punching,
+//! preallocation) have correct but slow defaults, or report [`std::io::ErrorKind::Unsupported`]
+//! so callers can fall back.
+
+mod file;
+mod mem;
+
+pub use file::FileIo;
+pub use mem::MemIo;
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::Range;
+
+/// Random-access bytes: a file, a block device or memory.
+pub trait BlockIo: Send + Sync + Debug {
+    /// Current size in bytes.
+    fn size(&self) -> io::Result<u64>;
+
+    /// Read up to `buf.len()` bytes at `offset`; returns fewer only at end of file.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+
+    /// Write all of `buf` at `offset`.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Make written data durable.
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Change the size (truncate or extend with a hole). Block devices cannot.
+    fn set_size(&self, _size: u64) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "cannot resize this target"))
+    }
+
+    /// Bytes the storage really uses (a sparse file's allocated blocks), where known.
+    fn allocated_bytes(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
+
+    /// True for block devices (fixed size, no holes to discover).
+    fn is_block_device(&self) -> bool {
+        false
+    }
+
+    /// The first data range starting at or after `offset`, or `None` when only holes follow.
+    /// Ranges may over-report data (the default says everything is data) but never hide data.
+    fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
+        let size = self.size()?;
+        Ok((offset < size).then_some(offset..size))
+    }
+
+    /// Make `offset..offset+len` read back as zeros, deallocating where the backend can.
+    /// The default writes zeros.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeroes_by_writing(self, offset, len)
+    }
+
+    /// Reserve space for `offset..offset+len` without changing what it reads back.
+    fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "preallocation not supported"))
+    }
+
+    /// Read exactly `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros
+    /// (as qemu's file layer does), which keeps short final clusters readable.
+    fn read_at_zero_padded(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.read_at(&mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                buf[done..].fill(0);
+                break;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Read exactly `buf.len()` bytes at `offset`, failing at end of file.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.read_at(&mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "unexpected end of file"));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Zero `offset..offset+len` by writing a zero buffer, in bounded pieces.
+pub fn write_zeroes_by_writing<T: BlockIo + ?Sized>(io: &T, offset: u64, len: u64) -> io::Result<()> {
+    const PIECE: u64 = 1 << 20;
+    let zeros = vec![0u8; PIECE.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = PIECE.min(len - done);
+        io.write_all_at(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}

@@ -1,0 +1,406 @@
+//! QCOW2 reading: header and tables ([`header`], [`snapshot`]), cluster mapping through L1/L2
+//! (standard and extended L2), zero and compressed clusters (deflate and zstd), backing files
+//! and external data files (opened by [`crate::image`] under the caller's policy).
+//!
+//! Every table entry is checked before use (reserved bits, alignment, bounds). The L1 table is
+//! held in memory (at most 32 MiB, qemu's limit); L2 tables go through a bounded cache.
+
+pub mod header;
+pub mod snapshot;
+
+mod cache;
+mod compressed;
+
+use crate::error::{Error, ErrorKind, Result, corrupt};
+use crate::image::{Extent, Image};
+use crate::io::BlockIo;
+use byteorder::{BigEndian, ByteOrder};
+use cache::L2Cache;
+pub use header::{CompressionType, Header};
+pub use snapshot::Snapshot;
+use std::sync::Arc;
+
+/// L1 entry: offset bits.
+const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// L1 entry: bits that must be zero.
+const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
+/// L2 entry: offset bits.
+const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// L2 entry: bits that must be zero in a standard uncompressed entry.
+const L2_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
+const COPIED: u64 = 1 << 63;
+const COMPRESSED: u64 = 1 << 62;
+const ZERO: u64 = 1;
+/// Upper bound on the L2 cache, whatever the cluster size.
+const L2_CACHE_BYTES: usize = 16 << 20;
+
+/// How one cluster (or subcluster, with extended L2) is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    /// Not allocated here: read the backing file (or zeros).
+    Unallocated,
+    /// Reads as zeros; `host` is set when space stays allocated (preallocated zero cluster).
+    Zero { host: Option<u64> },
+    /// Guest data at `host` in the data file.
+    Data { host: u64 },
+    /// A compressed cluster: its data starts at byte `offset` and spans at most `size` bytes.
+    Compressed { offset: u64, size: u64 },
+}
+
+/// An open qcow2 image.
+#[derive(Debug)]
+pub struct Qcow2 {
+    io: Arc<dyn BlockIo>,
+    data: Option<Arc<dyn BlockIo>>,
+    header: Header,
+    size: u64,
+    l1: Vec<u64>,
+    l2_cache: L2Cache,
+    backing: Option<Box<Image>>,
+    snapshots: Vec<Snapshot>,
+    file_size: u64,
+    /// Subclusters per cluster: 32 with extended L2, else 1.
+    unit_bits: u32,
+}
+
+impl Qcow2 {
+    /// Open the qcow2 image in `io`, reading the active L1 table, or snapshot `snapshot`'s.
+    /// Backing and data files are attached afterwards by the caller ([`Qcow2::set_backing`],
+    /// [`Qcow2::set_data_file`]).
+    pub fn open(io: Arc<dyn BlockIo>, snapshot: Option<&str>) -> Result<Qcow2> {
+        let file_size = io.size().map_err(|e| Error::io("cannot stat image", e))?;
+        let head_len = file_size.min(1 << header::MAX_CLUSTER_BITS);
+        // First read the fixed part to learn the cluster size, then exactly cluster 0.
+        let mut fixed = vec![0u8; head_len.min(112) as usize];
+        io.read_exact_at(&mut fixed, 0).map_err(|e| Error::io("cannot read qcow2 header", e))?;
+        if fixed.len() < 24 {
+            return Err(corrupt!("file too short for a qcow2 header ({file_size} bytes)"));
+        }
+        let bits = BigEndian::read_u32(&fixed[20..24]);
+        let cluster = if (header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&bits) {
+            1u64 << bits
+        } else {
+            fixed.len() as u64
+        };
+        let mut head = vec![0u8; cluster.min(file_size) as usize];
+        io.read_exact_at(&mut head, 0).map_err(|e| Error::io("cannot read qcow2 header", e))?;
+        let header = Header::parse(&head, file_size)?;
+        let snapshots = snapshot::read_table(io.as_ref(), &header)?;
+        let (l1_offset, l1_size, size) = match snapshot {
+            None => (header.l1_table_offset, header.l1_size, header.size),
+            Some(spec) => {
+                let s = snapshot::find(&snapshots, spec).ok_or_else(|| {
+                    Error::new(ErrorKind::NotFound, format!("snapshot '{spec}' not found"))
+                })?;
+                (s.l1_table_offset, s.l1_size, s.disk_size.unwrap_or(header.size))
+            }
+        };
+        let l1_bytes = u64::from(l1_size) * 8;
+        if l1_offset.checked_add(l1_bytes).is_none_or(|end| end > file_size) {
+            return Err(corrupt!("L1 table at {l1_offset:#x} ({l1_size} entries) runs past end of file"));
+        }
+        let mut raw = vec![0u8; l1_bytes as usize];
+        io.read_exact_at(&mut raw, l1_offset).map_err(|e| Error::io("cannot read L1 table", e))?;
+        let l1: Vec<u64> = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
+        drop(raw);
+        let unit_bits = if header.extended_l2() { 5 } else { 0 };
+        let table_bytes = header.cluster_size() as usize;
+        let l2_cache = L2Cache::new((L2_CACHE_BYTES / table_bytes).max(2));
+        let has_data_file = header.data_file.is_some();
+        Ok(Qcow2 {
+            data: if has_data_file { None } else { Some(io.clone()) },
+            io,
+            header,
+            size,
+            l1,
+            l2_cache,
+            backing: None,
+            snapshots,
+            file_size,
+            unit_bits,
+        })
+    }
+
+    /// Attach the opened backing image.
+    pub fn set_backing(&mut self, backing: Image) {
+        self.backing = Some(Box::new(backing));
+    }
+
+    /// Attach the opened external data file.
+    pub fn set_data_file(&mut self, data: Arc<dyn BlockIo>) {
+        self.data = Some(data);
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The internal snapshots.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// The attached backing image, if any.
+    pub fn backing(&self) -> Option<&Image> {
+        self.backing.as_deref()
+    }
+
+    /// Virtual size of what is read (the snapshot's size when reading a snapshot).
+    pub fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    /// The image file.
+    pub fn file(&self) -> &Arc<dyn BlockIo> {
+        &self.io
+    }
+
+    fn cluster_bits(&self) -> u32 {
+        self.header.cluster_bits
+    }
+
+    fn unit_size(&self) -> u64 {
+        1 << (self.cluster_bits() - self.unit_bits)
+    }
+
+    /// Load the L2 table for guest cluster index `cluster` (None: L1 says unallocated).
+    fn l2_for(&self, cluster: u64) -> Result<Option<Arc<[u64]>>> {
+        let l1_index = cluster / self.header.l2_entries();
+        let Some(&entry) = self.l1.get(l1_index as usize) else { return Ok(None) };
+        if entry & L1_RESERVED_MASK != 0 {
+            return Err(corrupt!("L1 entry {l1_index} has reserved bits set ({entry:#x})"));
+        }
+        let off = entry & L1_OFFSET_MASK;
+        if off == 0 {
+            return Ok(None);
+        }
+        let cs = self.header.cluster_size();
+        if off % cs != 0 {
+            return Err(corrupt!("L2 table offset {off:#x} is not cluster aligned"));
+        }
+        if off >= self.file_size {
+            return Err(corrupt!("L2 table offset {off:#x} lies past end of file"));
+        }
+        if off < cs {
+            return Err(corrupt!("L2 table at {off:#x} overlaps the header"));
+        }
+        self.l2_cache.get_or_load(off, || {
+            let mut raw = vec![0u8; cs as usize];
+            self.io.read_at_zero_padded(&mut raw, off).map_err(|e| Error::io("cannot read L2 table", e))?;
+            Ok(raw.chunks_exact(8).map(BigEndian::read_u64).collect())
+        })
+    }
+
+    /// Classify the unit containing guest offset `off`; returns the unit and how many units
+    /// after it (within the same L2 table) the caller may look at with the same table.
+    fn classify(&self, table: Option<&[u64]>, cluster: u64, sub: u64) -> Result<Unit> {
+        let Some(table) = table else { return Ok(Unit::Unallocated) };
+        let idx = (cluster % self.header.l2_entries()) as usize;
+        let ext = self.header.extended_l2();
+        let entry = table[if ext { idx * 2 } else { idx }];
+        let has_data_file = self.header.data_file.is_some();
+        if entry & COMPRESSED != 0 {
+            if has_data_file {
+                return Err(corrupt!("compressed cluster entry found in image with external data file"));
+            }
+            let x = 62 - (self.cluster_bits() - 8);
+            let offset = entry & ((1u64 << x) - 1);
+            let nsect = (entry >> x) & ((1u64 << (self.cluster_bits() - 8)) - 1);
+            if offset >> 56 != 0 {
+                return Err(corrupt!("compressed cluster offset {offset:#x} out of range"));
+            }
+            let size = (nsect + 1) * 512 - (offset & 511);
+            return Ok(Unit::Compressed { offset, size });
+        }
+        let reserved = if ext { L2_RESERVED_MASK | ZERO } else { L2_RESERVED_MASK };
+        if entry & reserved != 0 {
+            return Err(corrupt!("L2 entry for guest cluster {cluster} has reserved bits set ({entry:#x})"));
+        }
+        let host = entry & L2_OFFSET_MASK;
+        let cs = self.header.cluster_size();
+        if host % cs != 0 {
+            return Err(corrupt!("data cluster offset {host:#x} is not cluster aligned"));
+        }
+        let allocated = host != 0 || (has_data_file && entry & COPIED != 0);
+        if !ext {
+            if entry & ZERO != 0 {
+                if self.header.version < 3 {
+                    return Err(corrupt!("zero cluster entry found in pre-v3 image"));
+                }
+                return Ok(Unit::Zero { host: allocated.then_some(host) });
+            }
+            return Ok(if allocated { Unit::Data { host } } else { Unit::Unallocated });
+        }
+        let bitmap = table[idx * 2 + 1];
+        let alloc = (bitmap >> sub) & 1 != 0;
+        let zero = (bitmap >> (32 + sub)) & 1 != 0;
+        match (alloc, zero) {
+            (true, true) => Err(corrupt!("subcluster {sub} of guest cluster {cluster} is both allocated and zero")),
+            (true, false) if !allocated => {
+                Err(corrupt!("subcluster {sub} of unallocated guest cluster {cluster} is marked allocated"))
+            }
+            (true, false) => Ok(Unit::Data { host: host + (sub << (self.cluster_bits() - 5)) }),
+            (false, true) => Ok(Unit::Zero { host: None }),
+            (false, false) => Ok(Unit::Unallocated),
+        }
+    }
+
+    /// The longest run starting at `off` (at most `max` bytes, within one L2 table) whose
+    /// units are stored alike: same kind, and contiguous on the host for data.
+    fn run(&self, off: u64, max: u64) -> Result<(Unit, u64)> {
+        let ubits = self.cluster_bits() - self.unit_bits;
+        let usize_ = self.unit_size();
+        let first_unit = off >> ubits;
+        let cluster = off >> self.cluster_bits();
+        let table = self.l2_for(cluster)?;
+        let per_table_units = self.header.l2_entries() << self.unit_bits;
+        let table_end_unit = (first_unit / per_table_units + 1) * per_table_units;
+        let sub_mask = (1u64 << self.unit_bits) - 1;
+        if table.is_none() {
+            return Ok((Unit::Unallocated, (table_end_unit * usize_ - off).min(max)));
+        }
+        let first = self.classify(table.as_deref(), cluster, first_unit & sub_mask)?;
+        let in_first = usize_ - (off & (usize_ - 1));
+        let mut len = in_first.min(max);
+        if let Unit::Compressed { .. } = first {
+            // One cluster at a time; compressed units are handled individually.
+            let cs = self.header.cluster_size();
+            return Ok((first, (cs - (off & (cs - 1))).min(max)));
+        }
+        let mut u = first_unit + 1;
+        while len < max && u < table_end_unit {
+            let next = self.classify(table.as_deref(), u >> self.unit_bits, u & sub_mask)?;
+            let same = match (first, next) {
+                (Unit::Unallocated, Unit::Unallocated) => true,
+                (Unit::Zero { host: None }, Unit::Zero { host: None }) => true,
+                (Unit::Zero { host: Some(a) }, Unit::Zero { host: Some(b) }) | (Unit::Data { host: a }, Unit::Data { host: b }) => {
+                    b == a + len
+                }
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            len = (len + usize_).min(max);
+            u += 1;
+        }
+        Ok((first, len))
+    }
+
+    fn data_io(&self) -> Result<&Arc<dyn BlockIo>> {
+        self.data
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::Denied, "external data file was not opened"))
+    }
+
+    /// What backs guest range `off..off+max` from `off` on, as qemu-img map reports it.
+    pub fn extent(&self, off: u64, max: u64) -> Result<Extent> {
+        let max = max.min(self.size.saturating_sub(off));
+        if max == 0 {
+            return Err(Error::invalid(format!("offset {off} is past the end of the image")));
+        }
+        let (unit, len) = self.run(off, max)?;
+        Ok(match unit {
+            Unit::Unallocated => match &self.backing {
+                Some(b) if off < b.virtual_size() => {
+                    let mut e = b.extent(off, len.min(b.virtual_size() - off))?;
+                    e.depth += 1;
+                    e
+                }
+                Some(_) => Extent { len, depth: 1, zero: true, ..Extent::default() },
+                None => Extent { len, zero: true, ..Extent::default() },
+            },
+            Unit::Zero { host } => Extent { len, present: true, zero: true, data: host.is_some(), offset: host, ..Extent::default() },
+            Unit::Compressed { .. } => Extent { len, present: true, data: true, compressed: true, ..Extent::default() },
+            Unit::Data { host } => {
+                // A data cluster over a hole of the file reads as zeros (preallocated metadata).
+                let data = self.data_io()?;
+                let mut e = Extent { len, present: true, data: true, offset: Some(host), ..Extent::default() };
+                match data.next_data(host) {
+                    Ok(Some(r)) if r.start > host => {
+                        e.zero = true;
+                        e.len = len.min(r.start - host);
+                    }
+                    Ok(Some(r)) => e.len = len.min(r.end - host),
+                    Ok(None) => e.zero = true,
+                    Err(_) => {}
+                }
+                e
+            }
+        })
+    }
+
+    /// Read guest bytes `off..off+buf.len()`; the range must lie within the virtual size.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let end = off
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| Error::invalid("read past the end of the image"))?;
+        let mut pos = off;
+        let mut batch = compressed::Batch::default();
+        while pos < end {
+            let (unit, len) = self.run(pos, end - pos)?;
+            let at = (pos - off) as usize;
+            let dst = &mut buf[at..at + len as usize];
+            if let Unit::Compressed { offset, size } = unit {
+                if !batch.push(pos, offset, size, len) {
+                    self.flush_compressed(&mut batch, buf, off)?;
+                    batch.push(pos, offset, size, len);
+                }
+                pos += len;
+                continue;
+            }
+            match unit {
+                Unit::Unallocated => self.read_backing(dst, pos)?,
+                Unit::Zero { .. } => dst.fill(0),
+                Unit::Data { host } => self
+                    .data_io()?
+                    .read_at_zero_padded(dst, host)
+                    .map_err(|e| Error::io(format!("cannot read data cluster at {host:#x}"), e))?,
+                Unit::Compressed { .. } => unreachable!("handled above"),
+            }
+            pos += len;
+        }
+        self.flush_compressed(&mut batch, buf, off)
+    }
+
+    fn flush_compressed(&self, batch: &mut compressed::Batch, buf: &mut [u8], buf_off: u64) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let r = compressed::decode_batch(
+            self.io.as_ref(),
+            self.file_size,
+            self.header.compression_type,
+            self.header.cluster_size(),
+            batch,
+            buf,
+            buf_off,
+        );
+        batch.clear();
+        r
+    }
+
+    fn read_backing(&self, dst: &mut [u8], pos: u64) -> Result<()> {
+        let Some(b) = &self.backing else {
+            if self.header.backing_file.is_some() {
+                return Err(Error::new(ErrorKind::Denied, "backing file was not opened"));
+            }
+            dst.fill(0);
+            return Ok(());
+        };
+        let bsize = b.virtual_size();
+        let n = if pos >= bsize { 0 } else { (bsize - pos).min(dst.len() as u64) as usize };
+        if n > 0 {
+            b.read_at(&mut dst[..n], pos)?;
+        }
+        dst[n..].fill(0);
+        Ok(())
+    }
+
+    /// File length of the image file.
+    pub fn file_size(&self) -> u64 {
+        self.file_size
+    }
+}
