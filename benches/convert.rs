@@ -23,7 +23,16 @@ fn gen_raw(path: &Path) {
         x ^= x << 17;
         x
     };
-    let words: [&[u8]; 8] = [b"kernel ", b"disk ", b"volume ", b"the ", b"import ", b"cluster ", b"data ", b"zero "];
+    let words: [&[u8]; 8] = [
+        b"kernel ",
+        b"disk ",
+        b"volume ",
+        b"the ",
+        b"import ",
+        b"cluster ",
+        b"data ",
+        b"zero ",
+    ];
     let mut pos = 0u64;
     while pos < SIZE {
         let len = ((next() % 1024) + 16) * 4096;
@@ -54,17 +63,32 @@ fn gen_raw(path: &Path) {
 }
 
 fn qemu_img(args: &[&str]) {
-    let st = Command::new("qemu-img").args(args).status().expect("qemu-img is required for this bench");
+    let st = Command::new("qemu-img")
+        .args(args)
+        .status()
+        .expect("qemu-img is required for this bench");
     assert!(st.success(), "qemu-img {args:?} failed");
 }
 
 fn bench(c: &mut Criterion) {
-    let dir = tempfile::tempdir_in(std::env::var_os("VDISK_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir)).unwrap();
+    let dir = tempfile::tempdir_in(
+        std::env::var_os("VDISK_BENCH_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir),
+    )
+    .unwrap();
     let raw = dir.path().join("src.raw");
     gen_raw(&raw);
     let mut g = c.benchmark_group("convert");
     g.sample_size(10);
-    for (name, extra) in [("qcow2_to_raw/plain", &[][..]), ("qcow2_to_raw/zlib", &["-c"][..]), ("qcow2_to_raw/zstd", &["-c", "-o", "compression_type=zstd"][..])] {
+    for (name, extra) in [
+        ("qcow2_to_raw/plain", &[][..]),
+        ("qcow2_to_raw/zlib", &["-c"][..]),
+        (
+            "qcow2_to_raw/zstd",
+            &["-c", "-o", "compression_type=zstd"][..],
+        ),
+    ] {
         let q = dir.path().join(format!("{}.qcow2", name.replace('/', "_")));
         let mut args = vec!["convert", "-q", "-f", "raw", "-O", "qcow2"];
         args.extend_from_slice(extra);

@@ -37,7 +37,11 @@ pub fn compare(a: &Image, b: &Image, strict: bool) -> Result<Comparison> {
             a.read_at(x, pos)?;
             b.read_at(y, pos)?;
             if x != y {
-                let i = x.iter().zip(y.iter()).position(|(p, q)| p != q).unwrap_or(0) as u64;
+                let i = x
+                    .iter()
+                    .zip(y.iter())
+                    .position(|(p, q)| p != q)
+                    .unwrap_or(0) as u64;
                 return Ok(Comparison::Differ(pos + i / 512 * 512));
             }
         }
@@ -74,14 +78,29 @@ mod tests {
     fn compares_content_and_zero_tails() {
         let a = img(vec![1u8; 4096]);
         let mut d = vec![1u8; 4096];
-        assert_eq!(compare(&a, &img(d.clone()), false).unwrap(), Comparison::Identical);
+        assert_eq!(
+            compare(&a, &img(d.clone()), false).unwrap(),
+            Comparison::Identical
+        );
         d[1500] = 2;
-        assert_eq!(compare(&a, &img(d.clone()), false).unwrap(), Comparison::Differ(1024));
+        assert_eq!(
+            compare(&a, &img(d.clone()), false).unwrap(),
+            Comparison::Differ(1024)
+        );
         let mut longer = vec![1u8; 4096];
         longer.extend_from_slice(&[0u8; 4096]);
-        assert_eq!(compare(&a, &img(longer.clone()), false).unwrap(), Comparison::Identical);
-        assert_eq!(compare(&a, &img(longer.clone()), true).unwrap(), Comparison::SizeMismatch);
+        assert_eq!(
+            compare(&a, &img(longer.clone()), false).unwrap(),
+            Comparison::Identical
+        );
+        assert_eq!(
+            compare(&a, &img(longer.clone()), true).unwrap(),
+            Comparison::SizeMismatch
+        );
         longer[6000] = 9;
-        assert_eq!(compare(&img(longer), &a, false).unwrap(), Comparison::Differ(5632));
+        assert_eq!(
+            compare(&img(longer), &a, false).unwrap(),
+            Comparison::Differ(5632)
+        );
     }
 }

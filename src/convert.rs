@@ -59,7 +59,12 @@ pub struct ConvertOptions<'a> {
 
 impl Default for ConvertOptions<'_> {
     fn default() -> Self {
-        ConvertOptions { min_sparse: 4096, threads: 0, progress: None, cancel: None }
+        ConvertOptions {
+            min_sparse: 4096,
+            threads: 0,
+            progress: None,
+            cancel: None,
+        }
     }
 }
 
@@ -105,7 +110,12 @@ struct Shared<'s> {
 /// Copy the whole virtual disk of `src` into `dst` as raw bytes. `target_is_zero` says `dst`
 /// already reads as zeros (a new file), so zero ranges need no write at all. `dst` must be at
 /// least the source's virtual size.
-pub fn convert_to_raw(src: &Image, dst: &dyn BlockIo, target_is_zero: bool, opts: &mut ConvertOptions<'_>) -> Result<Report> {
+pub fn convert_to_raw(
+    src: &Image,
+    dst: &dyn BlockIo,
+    target_is_zero: bool,
+    opts: &mut ConvertOptions<'_>,
+) -> Result<Report> {
     let t0 = Instant::now();
     if opts.min_sparse % SECTOR as u64 != 0 || opts.min_sparse > MAX_MIN_SPARSE {
         return Err(Error::invalid(format!(
@@ -115,7 +125,9 @@ pub fn convert_to_raw(src: &Image, dst: &dyn BlockIo, target_is_zero: bool, opts
     }
     let size = src.virtual_size();
     let threads = match opts.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         n => n,
     }
     .clamp(1, 64)
@@ -153,7 +165,11 @@ pub fn convert_to_raw(src: &Image, dst: &dyn BlockIo, target_is_zero: bool, opts
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            if opts.progress.as_mut().is_some_and(|p| !p(sh.done.load(Ordering::Relaxed), size)) {
+            if opts
+                .progress
+                .as_mut()
+                .is_some_and(|p| !p(sh.done.load(Ordering::Relaxed), size))
+            {
                 sh.cancelled.store(true, Ordering::Relaxed);
                 sh.stop.store(true, Ordering::Relaxed);
             }
@@ -232,10 +248,13 @@ fn copy_range(sh: &Shared<'_>, buf: &mut [u8], start: u64, end: u64) -> Result<(
 fn zero_range(sh: &Shared<'_>, pos: u64, len: u64) -> Result<()> {
     if sh.min_sparse == 0 {
         // Fully allocate: write the zeros as data.
-        crate::io::write_zeroes_by_writing(sh.dst, pos, len).map_err(|e| Error::io("write failed", e))?;
+        crate::io::write_zeroes_by_writing(sh.dst, pos, len)
+            .map_err(|e| Error::io("write failed", e))?;
         sh.written.fetch_add(len, Ordering::Relaxed);
     } else if !sh.target_is_zero {
-        sh.dst.write_zeroes(pos, len).map_err(|e| Error::io("cannot zero target range", e))?;
+        sh.dst
+            .write_zeroes(pos, len)
+            .map_err(|e| Error::io("cannot zero target range", e))?;
     }
     Ok(())
 }
@@ -250,7 +269,9 @@ fn is_zero(b: &[u8]) -> bool {
 fn write_sparse(sh: &Shared<'_>, data: &[u8], pos: u64) -> Result<()> {
     let write = |a: usize, b: usize| -> Result<()> {
         if a < b {
-            sh.dst.write_all_at(&data[a..b], pos + a as u64).map_err(|e| Error::io("write failed", e))?;
+            sh.dst
+                .write_all_at(&data[a..b], pos + a as u64)
+                .map_err(|e| Error::io("write failed", e))?;
             sh.written.fetch_add((b - a) as u64, Ordering::Relaxed);
         }
         Ok(())
@@ -290,27 +311,40 @@ fn write_sparse(sh: &Shared<'_>, data: &[u8], pos: u64) -> Result<()> {
 /// A regular-file target is written under a temporary name in the same directory and renamed
 /// into place only when complete, so a failed or killed conversion never leaves a file that
 /// looks finished. A block device is written in place (zeroing ranges the source has as zero).
-pub fn convert_to_raw_path(src: &Image, dst: &Path, opts: &mut ConvertOptions<'_>) -> Result<Report> {
+pub fn convert_to_raw_path(
+    src: &Image,
+    dst: &Path,
+    opts: &mut ConvertOptions<'_>,
+) -> Result<Report> {
     let is_block = std::fs::metadata(dst).map(|m| {
         use std::os::unix::fs::FileTypeExt;
         m.file_type().is_block_device()
     });
     if let Ok(true) = is_block {
-        let io = FileIo::open_rw(dst, false).map_err(|e| Error::io("cannot open target", e).with_path(dst))?;
-        let dev = io.size().map_err(|e| Error::io("cannot size target", e).with_path(dst))?;
+        let io = FileIo::open_rw(dst, false)
+            .map_err(|e| Error::io("cannot open target", e).with_path(dst))?;
+        let dev = io
+            .size()
+            .map_err(|e| Error::io("cannot size target", e).with_path(dst))?;
         if dev < src.virtual_size() {
             return Err(Error::new(
                 ErrorKind::NoSpace,
-                format!("block device holds {dev} bytes, the image needs {}", src.virtual_size()),
+                format!(
+                    "block device holds {dev} bytes, the image needs {}",
+                    src.virtual_size()
+                ),
             )
             .with_path(dst));
         }
         let r = convert_to_raw(src, &io, false, opts).map_err(|e| e.with_path(dst))?;
-        io.flush().map_err(|e| Error::io("flush failed", e).with_path(dst))?;
+        io.flush()
+            .map_err(|e| Error::io("flush failed", e).with_path(dst))?;
         return Ok(r);
     }
     let tmp = TempTarget::create(dst)?;
-    tmp.io.set_size(src.virtual_size()).map_err(|e| Error::io("cannot size target", e).with_path(dst))?;
+    tmp.io
+        .set_size(src.virtual_size())
+        .map_err(|e| Error::io("cannot size target", e).with_path(dst))?;
     let r = convert_to_raw(src, &tmp.io, true, opts).map_err(|e| e.with_path(dst))?;
     tmp.commit()?;
     Ok(r)
@@ -334,26 +368,47 @@ impl TempTarget {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let name = dst.file_name().ok_or_else(|| Error::invalid("target has no file name").with_path(dst))?;
+        let name = dst
+            .file_name()
+            .ok_or_else(|| Error::invalid("target has no file name").with_path(dst))?;
         let mut last = None;
         for n in 0..100u32 {
-            let tmp = dir.join(format!(".{}.vdisk-{}-{n}.part", name.to_string_lossy(), std::process::id()));
-            let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&tmp);
+            let tmp = dir.join(format!(
+                ".{}.vdisk-{}-{n}.part",
+                name.to_string_lossy(),
+                std::process::id()
+            ));
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&tmp);
             match f {
                 Ok(f) => {
-                    let io = FileIo::from_file(f).map_err(|e| Error::io("cannot open target", e).with_path(&tmp))?;
-                    return Ok(TempTarget { io, tmp, dst: dst.to_path_buf(), done: false });
+                    let io = FileIo::from_file(f)
+                        .map_err(|e| Error::io("cannot open target", e).with_path(&tmp))?;
+                    return Ok(TempTarget {
+                        io,
+                        tmp,
+                        dst: dst.to_path_buf(),
+                        done: false,
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
                 Err(e) => return Err(Error::io("cannot create target", e).with_path(dst)),
             }
         }
-        Err(Error::io("cannot create a temporary target", last.unwrap_or_else(|| std::io::Error::other("exhausted"))).with_path(dst))
+        Err(Error::io(
+            "cannot create a temporary target",
+            last.unwrap_or_else(|| std::io::Error::other("exhausted")),
+        )
+        .with_path(dst))
     }
 
     /// Rename the finished file into place.
     pub fn commit(mut self) -> Result<()> {
-        std::fs::rename(&self.tmp, &self.dst).map_err(|e| Error::io("cannot rename target into place", e).with_path(&self.dst))?;
+        std::fs::rename(&self.tmp, &self.dst)
+            .map_err(|e| Error::io("cannot rename target into place", e).with_path(&self.dst))?;
         self.done = true;
         Ok(())
     }
@@ -385,13 +440,20 @@ mod tests {
         d[8192 + 1024] = 3; // 512 B zero run between -> written
         let src = mem_image(d.clone());
         let dst = MemIo::new(vec![0u8; d.len()]);
-        let mut o = ConvertOptions { threads: 1, ..Default::default() };
+        let mut o = ConvertOptions {
+            threads: 1,
+            ..Default::default()
+        };
         let r = convert_to_raw(&src, &dst, true, &mut o).unwrap();
         assert_eq!(dst.to_vec(), d);
         assert_eq!(r.bytes_written, 512 + 1024 + 512);
         // -S 0 writes everything.
         let dst = MemIo::new(Vec::new());
-        let mut o = ConvertOptions { min_sparse: 0, threads: 2, ..Default::default() };
+        let mut o = ConvertOptions {
+            min_sparse: 0,
+            threads: 2,
+            ..Default::default()
+        };
         let r = convert_to_raw(&src, &dst, true, &mut o).unwrap();
         assert_eq!(r.bytes_written, d.len() as u64);
         assert_eq!(dst.to_vec(), d);
@@ -415,7 +477,11 @@ mod tests {
             calls += 1;
             false
         };
-        let mut o = ConvertOptions { progress: Some(&mut cb), threads: 1, ..Default::default() };
+        let mut o = ConvertOptions {
+            progress: Some(&mut cb),
+            threads: 1,
+            ..Default::default()
+        };
         // A fast copy may finish before the first progress tick; then it is not cancelled.
         match convert_to_raw(&src, &dst, true, &mut o) {
             Err(e) => assert_eq!(e.kind(), ErrorKind::Cancelled),
@@ -423,10 +489,23 @@ mod tests {
         }
         let tok = CancelToken::new();
         tok.cancel();
-        let mut o = ConvertOptions { cancel: Some(tok), threads: 1, ..Default::default() };
+        let mut o = ConvertOptions {
+            cancel: Some(tok),
+            threads: 1,
+            ..Default::default()
+        };
         let big = mem_image(vec![1u8; 4 * CHUNK as usize]);
-        assert_eq!(convert_to_raw(&big, &dst, true, &mut o).unwrap_err().kind(), ErrorKind::Cancelled);
-        let mut o = ConvertOptions { min_sparse: 1000, ..Default::default() };
-        assert_eq!(convert_to_raw(&src, &dst, true, &mut o).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(
+            convert_to_raw(&big, &dst, true, &mut o).unwrap_err().kind(),
+            ErrorKind::Cancelled
+        );
+        let mut o = ConvertOptions {
+            min_sparse: 1000,
+            ..Default::default()
+        };
+        assert_eq!(
+            convert_to_raw(&src, &dst, true, &mut o).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
     }
 }

@@ -174,7 +174,14 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for f in [Format::Raw, Format::Qcow2, Format::Vmdk, Format::Vdi, Format::Vhdx, Format::Xz] {
+        for f in [
+            Format::Raw,
+            Format::Qcow2,
+            Format::Vmdk,
+            Format::Vdi,
+            Format::Vhdx,
+            Format::Xz,
+        ] {
             assert_eq!(Format::from_name(f.name()), Some(f));
         }
     }

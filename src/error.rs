@@ -67,7 +67,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// A new error of `kind` with `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), path: None, source: None }
+        Error {
+            kind,
+            message: message.into(),
+            path: None,
+            source: None,
+        }
     }
 
     /// An I/O error with a message saying what was being done.
@@ -78,7 +83,12 @@ impl Error {
             _ if source.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
             _ => ErrorKind::Io,
         };
-        Error { kind, message: message.into(), path: None, source: Some(source) }
+        Error {
+            kind,
+            message: message.into(),
+            path: None,
+            source: Some(source),
+        }
     }
 
     /// Shorthand for a [`ErrorKind::Corrupt`] error.
@@ -146,7 +156,8 @@ mod tests {
 
     #[test]
     fn display_names_file_message_and_cause() {
-        let e = Error::io("cannot open", io::Error::from_raw_os_error(libc::ENOENT)).with_path("/x/y.qcow2");
+        let e = Error::io("cannot open", io::Error::from_raw_os_error(libc::ENOENT))
+            .with_path("/x/y.qcow2");
         assert_eq!(e.kind(), ErrorKind::NotFound);
         let s = e.to_string();
         assert!(s.starts_with("/x/y.qcow2: cannot open: "), "{s}");

@@ -59,7 +59,11 @@ pub struct Extent {
 
 #[derive(Debug)]
 enum Kind {
-    Raw { io: Arc<dyn BlockIo>, size: u64, iso: Option<IsoInfo> },
+    Raw {
+        io: Arc<dyn BlockIo>,
+        size: u64,
+        iso: Option<IsoInfo>,
+    },
     Qcow2(Box<Qcow2>),
 }
 
@@ -142,10 +146,14 @@ impl Image {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match &self.kind {
             Kind::Raw { io, size, .. } => {
-                if offset.checked_add(buf.len() as u64).is_none_or(|e| e > *size) {
+                if offset
+                    .checked_add(buf.len() as u64)
+                    .is_none_or(|e| e > *size)
+                {
                     return Err(Error::invalid("read past the end of the image"));
                 }
-                io.read_at_zero_padded(buf, offset).map_err(|e| Error::io("read failed", e))
+                io.read_at_zero_padded(buf, offset)
+                    .map_err(|e| Error::io("read failed", e))
             }
             Kind::Qcow2(q) => q.read_at(buf, offset),
         }
@@ -155,14 +163,33 @@ impl Image {
 fn raw_extent(io: &dyn BlockIo, size: u64, off: u64, max: u64) -> Result<Extent> {
     let max = max.min(size.saturating_sub(off));
     if max == 0 {
-        return Err(Error::invalid(format!("offset {off} is past the end of the image")));
+        return Err(Error::invalid(format!(
+            "offset {off} is past the end of the image"
+        )));
     }
-    let hole = |len| Extent { len, present: true, zero: true, offset: Some(off), ..Extent::default() };
-    Ok(match io.next_data(off).map_err(|e| Error::io("cannot find data extents", e))? {
-        Some(r) if r.start > off => hole(max.min(r.start - off)),
-        Some(r) => Extent { len: max.min(r.end - off), present: true, data: true, offset: Some(off), ..Extent::default() },
-        None => hole(max),
-    })
+    let hole = |len| Extent {
+        len,
+        present: true,
+        zero: true,
+        offset: Some(off),
+        ..Extent::default()
+    };
+    Ok(
+        match io
+            .next_data(off)
+            .map_err(|e| Error::io("cannot find data extents", e))?
+        {
+            Some(r) if r.start > off => hole(max.min(r.start - off)),
+            Some(r) => Extent {
+                len: max.min(r.end - off),
+                present: true,
+                data: true,
+                offset: Some(off),
+                ..Extent::default()
+            },
+            None => hole(max),
+        },
+    )
 }
 
 fn open_path(
@@ -175,7 +202,10 @@ fn open_path(
     let io = FileIo::open(path).map_err(|e| Error::io("cannot open image", e))?;
     let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     if visited.contains(&canonical) {
-        return Err(Error::corrupt(format!("backing file '{}' creates an infinite loop", path.display())));
+        return Err(Error::corrupt(format!(
+            "backing file '{}' creates an infinite loop",
+            path.display()
+        )));
     }
     visited.push(canonical);
     let mut img = open_io(Arc::new(io), Some(path), opts, format, depth, visited)?;
@@ -193,9 +223,14 @@ fn open_io(
 ) -> Result<Image> {
     let size = io.size().map_err(|e| Error::io("cannot stat image", e))?;
     let mut head = vec![0u8; (detect::PROBE_LEN as u64).min(size) as usize];
-    io.read_exact_at(&mut head, 0).map_err(|e| Error::io("cannot read image", e))?;
+    io.read_exact_at(&mut head, 0)
+        .map_err(|e| Error::io("cannot read image", e))?;
     let mut tail = [0u8; 512];
-    let tail = if size >= 1024 && io.read_exact_at(&mut tail, size - 512).is_ok() { Some(&tail[..]) } else { None };
+    let tail = if size >= 1024 && io.read_exact_at(&mut tail, size - 512).is_ok() {
+        Some(&tail[..])
+    } else {
+        None
+    };
     let probed = detect::probe(&head, tail);
     let format = format.unwrap_or(probed);
     match format {
@@ -206,22 +241,39 @@ fn open_io(
                 None
             };
             if opts.snapshot.is_some() {
-                return Err(Error::new(ErrorKind::UnsupportedFeature, "raw images have no snapshots"));
+                return Err(Error::new(
+                    ErrorKind::UnsupportedFeature,
+                    "raw images have no snapshots",
+                ));
             }
-            Ok(Image { path: None, kind: Kind::Raw { io, size, iso } })
+            // qemu's block layer counts whole 512-byte sectors; the tail reads as zeros.
+            let size = size.div_ceil(512) * 512;
+            Ok(Image {
+                path: None,
+                kind: Kind::Raw { io, size, iso },
+            })
         }
         Format::Qcow2 => {
             let mut q = Qcow2::open(io, opts.snapshot.as_deref())?;
             attach_files(&mut q, path, opts, depth, visited)?;
-            Ok(Image { path: None, kind: Kind::Qcow2(Box::new(q)) })
+            Ok(Image {
+                path: None,
+                kind: Kind::Qcow2(Box::new(q)),
+            })
         }
         other if other.is_stream() => Err(Error::new(
             ErrorKind::UnsupportedFormat,
-            format!("recognised as {} data; compressed and archived input is not supported yet", other.name()),
+            format!(
+                "recognised as {} data; compressed and archived input is not supported yet",
+                other.name()
+            ),
         )),
         other => Err(Error::new(
             ErrorKind::UnsupportedFormat,
-            format!("recognised as {} image; this format is not supported yet", other.name()),
+            format!(
+                "recognised as {} image; this format is not supported yet",
+                other.name()
+            ),
         )),
     }
 }
@@ -230,7 +282,9 @@ fn open_io(
 fn check_stored_name(what: &str, name: &str) -> Result<()> {
     let scheme = name.split_once("://").map(|(s, _)| s);
     let is_protocol = scheme.is_some_and(|s| {
-        !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
     });
     if name.starts_with("json:") || is_protocol {
         return Err(Error::new(
@@ -239,7 +293,9 @@ fn check_stored_name(what: &str, name: &str) -> Result<()> {
         ));
     }
     if name.is_empty() || name.contains('\0') {
-        return Err(Error::corrupt(format!("{what} name is empty or contains NUL")));
+        return Err(Error::corrupt(format!(
+            "{what} name is empty or contains NUL"
+        )));
     }
     Ok(())
 }
@@ -250,7 +306,10 @@ fn resolve(base: Option<&Path>, name: &str, what: &str) -> Result<PathBuf> {
         return Ok(p.to_path_buf());
     }
     let base = base.ok_or_else(|| {
-        Error::new(ErrorKind::Denied, format!("{what} '{name}' cannot be resolved for an image without a path"))
+        Error::new(
+            ErrorKind::Denied,
+            format!("{what} '{name}' cannot be resolved for an image without a path"),
+        )
     })?;
     Ok(base.parent().unwrap_or(Path::new("")).join(p))
 }
@@ -273,7 +332,8 @@ fn attach_files(
         check_stored_name("data file", name)?;
         if !opts.metadata_only {
             let p = resolve(path, name, "data file")?;
-            let io = FileIo::open(&p).map_err(|e| Error::io("cannot open data file", e).with_path(&p))?;
+            let io = FileIo::open(&p)
+                .map_err(|e| Error::io("cannot open data file", e).with_path(&p))?;
             q.set_data_file(Arc::new(io));
         }
     }
@@ -289,18 +349,31 @@ fn attach_files(
             return Ok(());
         }
         if depth + 1 >= MAX_CHAIN_DEPTH {
-            return Err(Error::new(ErrorKind::TooLarge, format!("backing chain deeper than {MAX_CHAIN_DEPTH}")));
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!("backing chain deeper than {MAX_CHAIN_DEPTH}"),
+            ));
         }
         let fmt = match &h.backing_format {
             Some(f) => Some(Format::from_name(f).ok_or_else(|| {
-                Error::new(ErrorKind::UnsupportedFormat, format!("unknown backing file format '{f}'"))
+                Error::new(
+                    ErrorKind::UnsupportedFormat,
+                    format!("unknown backing file format '{f}'"),
+                )
             })?),
             None => None,
         };
         let p = resolve(path, name, "backing file")?;
-        let bopts = OpenOptions { snapshot: None, ..opts.clone() };
+        let bopts = OpenOptions {
+            snapshot: None,
+            ..opts.clone()
+        };
         let backing = open_path(&p, &bopts, fmt, depth + 1, visited).map_err(|e| {
-            if e.path().is_some() { e } else { e.with_path(&p) }
+            if e.path().is_some() {
+                e
+            } else {
+                e.with_path(&p)
+            }
         })?;
         q.set_backing(backing);
     }
@@ -315,9 +388,18 @@ mod tests {
     fn stored_names() {
         assert!(check_stored_name("b", "base.qcow2").is_ok());
         assert!(check_stored_name("b", "/abs/a:b.img").is_ok());
-        assert_eq!(check_stored_name("b", "json:{}").unwrap_err().kind(), ErrorKind::Denied);
-        assert_eq!(check_stored_name("b", "nbd://h/x").unwrap_err().kind(), ErrorKind::Denied);
-        assert_eq!(check_stored_name("b", "http://h/x").unwrap_err().kind(), ErrorKind::Denied);
+        assert_eq!(
+            check_stored_name("b", "json:{}").unwrap_err().kind(),
+            ErrorKind::Denied
+        );
+        assert_eq!(
+            check_stored_name("b", "nbd://h/x").unwrap_err().kind(),
+            ErrorKind::Denied
+        );
+        assert_eq!(
+            check_stored_name("b", "http://h/x").unwrap_err().kind(),
+            ErrorKind::Denied
+        );
         assert!(check_stored_name("b", "").is_err());
     }
 
@@ -327,6 +409,13 @@ mod tests {
         let img = Image::from_io(io, &OpenOptions::default()).unwrap();
         assert_eq!(img.format(), Format::Raw);
         assert_eq!(img.virtual_size(), 4096);
+        let odd: Arc<dyn BlockIo> = Arc::new(crate::io::MemIo::new(vec![5u8; 1000]));
+        let odd = Image::from_io(odd, &OpenOptions::default()).unwrap();
+        assert_eq!(odd.virtual_size(), 1024);
+        let mut t = [9u8; 48];
+        odd.read_at(&mut t, 976).unwrap();
+        assert_eq!(&t[..24], &[5u8; 24]);
+        assert_eq!(&t[24..], &[0u8; 24]);
         let mut b = [0u8; 8];
         img.read_at(&mut b, 4088).unwrap();
         assert_eq!(b, [5u8; 8]);

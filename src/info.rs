@@ -66,11 +66,20 @@ impl ImageInfo {
     /// Gather the facts of `img`, naming it `filename`.
     pub fn new(img: &Image, filename: &str) -> Result<ImageInfo> {
         let file = img.file();
-        let file_length = file.size().map_err(|e| crate::Error::io("cannot stat image", e))?;
+        // qemu reports file lengths in whole sectors.
+        let file_length = file
+            .size()
+            .map_err(|e| crate::Error::io("cannot stat image", e))?
+            .div_ceil(512)
+            * 512;
         let actual_size = file.allocated_bytes().ok().flatten();
         let mut info = ImageInfo {
             filename: filename.to_string(),
-            format: if img.qcow2().is_some() { "qcow2" } else { "raw" },
+            format: if img.qcow2().is_some() {
+                "qcow2"
+            } else {
+                "raw"
+            },
             virtual_size: img.virtual_size(),
             actual_size,
             file_length,
@@ -93,7 +102,9 @@ impl ImageInfo {
                     b.clone()
                 } else {
                     match Path::new(filename).parent() {
-                        Some(p) if !p.as_os_str().is_empty() => p.join(b).to_string_lossy().into_owned(),
+                        Some(p) if !p.as_os_str().is_empty() => {
+                            p.join(b).to_string_lossy().into_owned()
+                        }
                         _ => b.clone(),
                     }
                 }
@@ -169,7 +180,10 @@ impl ImageInfo {
                 d.insert("data-file".into(), json!(f));
                 d.insert("data-file-raw".into(), json!(q.data_file_raw));
             }
-            m.insert("format-specific".into(), json!({"type": "qcow2", "data": d}));
+            m.insert(
+                "format-specific".into(),
+                json!({"type": "qcow2", "data": d}),
+            );
         }
         if let Some(i) = &self.iso {
             m.insert(
@@ -188,7 +202,10 @@ impl ImageInfo {
         if let Some(a) = self.actual_size {
             child.insert("actual-size".into(), json!(a));
         }
-        child.insert("format-specific".into(), json!({"type": "file", "data": {}}));
+        child.insert(
+            "format-specific".into(),
+            json!({"type": "file", "data": {}}),
+        );
         child.insert("dirty-flag".into(), json!(false));
         m.insert("children".into(), json!([{"name": "file", "info": child}]));
         Value::Object(m)
@@ -199,7 +216,12 @@ impl ImageInfo {
         let mut s = String::new();
         let _ = writeln!(s, "image: {}", self.filename);
         let _ = writeln!(s, "file format: {}", self.format);
-        let _ = writeln!(s, "virtual size: {} ({} bytes)", size_to_str(self.virtual_size), self.virtual_size);
+        let _ = writeln!(
+            s,
+            "virtual size: {} ({} bytes)",
+            size_to_str(self.virtual_size),
+            self.virtual_size
+        );
         if let Some(a) = self.actual_size {
             let _ = writeln!(s, "disk size: {}", size_to_str(a));
         }
@@ -253,7 +275,12 @@ impl ImageInfo {
         s.push_str("Child node '/file':\n");
         let _ = writeln!(s, "    filename: {}", self.filename);
         s.push_str("    protocol type: file\n");
-        let _ = writeln!(s, "    file length: {} ({} bytes)", size_to_str(self.file_length), self.file_length);
+        let _ = writeln!(
+            s,
+            "    file length: {} ({} bytes)",
+            size_to_str(self.file_length),
+            self.file_length
+        );
         if let Some(a) = self.actual_size {
             let _ = writeln!(s, "    disk size: {}", size_to_str(a));
         }
@@ -270,7 +297,13 @@ pub fn size_to_str(v: u64) -> String {
         x /= 1024.0;
         i += 1;
     }
-    let digits = if x >= 100.0 { 0 } else if x >= 10.0 { 1 } else { 2 };
+    let digits = if x >= 100.0 {
+        0
+    } else if x >= 10.0 {
+        1
+    } else {
+        2
+    };
     let mut t = format!("{x:.digits$}");
     if t.contains('.') {
         t = t.trim_end_matches('0').trim_end_matches('.').to_string();
@@ -291,12 +324,19 @@ fn civil(secs: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// The snapshot table as `qemu-img snapshot -l` prints it (times in UTC).
 pub fn snapshot_table(snaps: &[Snapshot]) -> String {
-    let mut s = String::from("ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT\n");
+    let mut s = String::from(
+        "ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT\n",
+    );
     for sn in snaps {
         let ms = sn.vm_clock_nsec / 1_000_000;
         let clock = format!(
@@ -383,18 +423,34 @@ pub fn map_json(img: &Image) -> Result<String> {
 
 /// C's `%#x`: no prefix for zero.
 fn hex(v: u64) -> String {
-    if v == 0 { "0".into() } else { format!("{v:#x}") }
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
 }
 
 /// `qemu-img map` human output: data extents with their host offset and file.
 pub fn map_human(img: &Image, names: &[String]) -> Result<String> {
-    let mut s = format!("{:<16}{:<16}{:<16}{}\n", "Offset", "Length", "Mapped to", "File");
+    let mut s = format!(
+        "{:<16}{:<16}{:<16}{}\n",
+        "Offset", "Length", "Mapped to", "File"
+    );
     let mut start = 0u64;
     for e in map_extents(img)? {
         if e.data && !e.zero {
             if let Some(o) = e.offset {
-                let file = names.get(e.depth as usize).map(String::as_str).unwrap_or("");
-                let _ = writeln!(s, "{:<16}{:<16}{:<16}{file}", hex(start), hex(e.len), hex(o));
+                let file = names
+                    .get(e.depth as usize)
+                    .map(String::as_str)
+                    .unwrap_or("");
+                let _ = writeln!(
+                    s,
+                    "{:<16}{:<16}{:<16}{file}",
+                    hex(start),
+                    hex(e.len),
+                    hex(o)
+                );
             }
         }
         start += e.len;

@@ -39,13 +39,21 @@ pub fn parse_descriptor(sector: &[u8]) -> Result<Option<IsoInfo>> {
     let le16 = u16::from_le_bytes([sector[128], sector[129]]);
     let be16 = u16::from_be_bytes([sector[130], sector[131]]);
     if le32 != be32 || le16 != be16 {
-        return Err(corrupt!("ISO 9660 primary volume descriptor has inconsistent both-endian fields"));
+        return Err(corrupt!(
+            "ISO 9660 primary volume descriptor has inconsistent both-endian fields"
+        ));
     }
     if !(512..=32768).contains(&le16) || !le16.is_power_of_two() {
         return Err(corrupt!("ISO 9660 logical block size {le16} is invalid"));
     }
-    let volume_id = String::from_utf8_lossy(&sector[40..72]).trim_end_matches([' ', '\0']).to_string();
-    Ok(Some(IsoInfo { volume_id, block_size: le16, volume_space_size: le32 }))
+    let volume_id = String::from_utf8_lossy(&sector[40..72])
+        .trim_end_matches([' ', '\0'])
+        .to_string();
+    Ok(Some(IsoInfo {
+        volume_id,
+        block_size: le16,
+        volume_space_size: le32,
+    }))
 }
 
 /// Find the primary volume descriptor with `read(offset, buf)` reading 2048-byte sectors.

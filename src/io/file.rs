@@ -33,15 +33,28 @@ impl FileIo {
     /// Open `path` for reading and writing; `create` makes a missing regular file (mode 0644
     /// before the umask). Never truncates.
     pub fn open_rw(path: &Path, create: bool) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(true).create(create).mode(0o644).open(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .mode(0o644)
+            .open(path)?;
         Self::from_file(file)
     }
 
     /// Wrap an open file.
     pub fn from_file(file: File) -> io::Result<Self> {
         let block_device = file.metadata()?.file_type().is_block_device();
-        let device_size = if block_device { block_device_size(&file)? } else { 0 };
-        Ok(FileIo { file, block_device, device_size })
+        let device_size = if block_device {
+            block_device_size(&file)?
+        } else {
+            0
+        };
+        Ok(FileIo {
+            file,
+            block_device,
+            device_size,
+        })
     }
 
     /// The underlying file.
@@ -50,7 +63,8 @@ impl FileIo {
     }
 
     fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: lseek on a file descriptor we own; it touches no memory of ours.
         let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
         if r < 0 {
@@ -64,11 +78,17 @@ impl FileIo {
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let len =
+            libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: fallocate on a file descriptor we own; no memory is passed.
         let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) };
-        if r < 0 { Err(unsupported_if_not_supported(io::Error::last_os_error())) } else { Ok(()) }
+        if r < 0 {
+            Err(unsupported_if_not_supported(io::Error::last_os_error()))
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -86,12 +106,20 @@ fn block_device_size(file: &File) -> io::Result<u64> {
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at a live local.
     let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(size) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(size)
+    }
 }
 
 impl BlockIo for FileIo {
     fn size(&self) -> io::Result<u64> {
-        if self.block_device { Ok(self.device_size) } else { Ok(self.file.metadata()?.len()) }
+        if self.block_device {
+            Ok(self.device_size)
+        } else {
+            Ok(self.file.metadata()?.len())
+        }
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -117,7 +145,10 @@ impl BlockIo for FileIo {
 
     fn set_size(&self, size: u64) -> io::Result<()> {
         if self.block_device {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, "a block device cannot be resized"));
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a block device cannot be resized",
+            ));
         }
         self.file.set_len(size)
     }
@@ -168,9 +199,15 @@ impl BlockIo for FileIo {
         match self.fallocate(mode, offset, len) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Unsupported => {
-                match self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+                match self.fallocate(
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                ) {
                     Ok(()) => Ok(()),
-                    Err(e) if e.kind() == io::ErrorKind::Unsupported => write_zeroes_by_writing(self, offset, len),
+                    Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                        write_zeroes_by_writing(self, offset, len)
+                    }
                     Err(e) => Err(e),
                 }
             }

@@ -13,7 +13,9 @@ pub struct MemIo {
 impl MemIo {
     /// Wrap `data`.
     pub fn new(data: Vec<u8>) -> Self {
-        MemIo { data: RwLock::new(data) }
+        MemIo {
+            data: RwLock::new(data),
+        }
     }
 
     /// A copy of the contents.
@@ -33,7 +35,9 @@ impl BlockIo for MemIo {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let data = self.data.read().map_err(|_| poisoned())?;
-        let Ok(start) = usize::try_from(offset) else { return Ok(0) };
+        let Ok(start) = usize::try_from(offset) else {
+            return Ok(0);
+        };
         if start >= data.len() {
             return Ok(0);
         }
@@ -44,8 +48,11 @@ impl BlockIo for MemIo {
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut data = self.data.write().map_err(|_| poisoned())?;
-        let start = usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let end = start.checked_add(buf.len()).ok_or(io::ErrorKind::InvalidInput)?;
+        let start =
+            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or(io::ErrorKind::InvalidInput)?;
         if end > data.len() {
             data.resize(end, 0);
         }
@@ -54,7 +61,8 @@ impl BlockIo for MemIo {
     }
 
     fn set_size(&self, size: u64) -> io::Result<()> {
-        let size = usize::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let size =
+            usize::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         self.data.write().map_err(|_| poisoned())?.resize(size, 0);
         Ok(())
     }

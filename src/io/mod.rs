@@ -34,7 +34,10 @@ pub trait BlockIo: Send + Sync + Debug {
 
     /// Change the size (truncate or extend with a hole). Block devices cannot.
     fn set_size(&self, _size: u64) -> io::Result<()> {
-        Err(io::Error::new(io::ErrorKind::Unsupported, "cannot resize this target"))
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "cannot resize this target",
+        ))
     }
 
     /// Bytes the storage really uses (a sparse file's allocated blocks), where known.
@@ -62,7 +65,10 @@ pub trait BlockIo: Send + Sync + Debug {
 
     /// Reserve space for `offset..offset+len` without changing what it reads back.
     fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
-        Err(io::Error::new(io::ErrorKind::Unsupported, "preallocation not supported"))
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "preallocation not supported",
+        ))
     }
 
     /// Read exactly `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros
@@ -86,7 +92,10 @@ pub trait BlockIo: Send + Sync + Debug {
         while done < buf.len() {
             let n = self.read_at(&mut buf[done..], offset + done as u64)?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "unexpected end of file"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "unexpected end of file",
+                ));
             }
             done += n;
         }
@@ -95,7 +104,11 @@ pub trait BlockIo: Send + Sync + Debug {
 }
 
 /// Zero `offset..offset+len` by writing a zero buffer, in bounded pieces.
-pub fn write_zeroes_by_writing<T: BlockIo + ?Sized>(io: &T, offset: u64, len: u64) -> io::Result<()> {
+pub fn write_zeroes_by_writing<T: BlockIo + ?Sized>(
+    io: &T,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
     const PIECE: u64 = 1 << 20;
     let zeros = vec![0u8; PIECE.min(len) as usize];
     let mut done = 0;

@@ -29,10 +29,17 @@ pub(super) struct L2Cache {
 
 impl L2Cache {
     pub(super) fn new(capacity: usize) -> Self {
-        L2Cache { capacity: capacity.max(1), inner: Mutex::new(Inner::default()) }
+        L2Cache {
+            capacity: capacity.max(1),
+            inner: Mutex::new(Inner::default()),
+        }
     }
 
-    pub(super) fn get_or_load(&self, key: u64, load: impl FnOnce() -> Result<Vec<u64>>) -> Result<Option<Arc<[u64]>>> {
+    pub(super) fn get_or_load(
+        &self,
+        key: u64,
+        load: impl FnOnce() -> Result<Vec<u64>>,
+    ) -> Result<Option<Arc<[u64]>>> {
         {
             let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             g.tick += 1;
@@ -48,11 +55,21 @@ impl L2Cache {
         let tick = g.tick;
         if !g.entries.iter().any(|e| e.key == key) {
             if g.entries.len() >= self.capacity {
-                if let Some(i) = g.entries.iter().enumerate().min_by_key(|(_, e)| e.used).map(|(i, _)| i) {
+                if let Some(i) = g
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, e)| e.used)
+                    .map(|(i, _)| i)
+                {
                     g.entries.swap_remove(i);
                 }
             }
-            g.entries.push(Entry { key, table: table.clone(), used: tick });
+            g.entries.push(Entry {
+                key,
+                table: table.clone(),
+                used: tick,
+            });
         }
         Ok(Some(table))
     }

@@ -57,7 +57,12 @@ impl Batch {
             self.start = host;
             self.end = end;
         }
-        self.items.push(Item { guest, host, size, len });
+        self.items.push(Item {
+            guest,
+            host,
+            size,
+            len,
+        });
         true
     }
 }
@@ -82,12 +87,15 @@ pub(super) fn decode_batch(
 ) -> Result<()> {
     let start = batch.start;
     if start >= file_size {
-        return Err(corrupt!("compressed cluster at {start:#x} lies past end of file"));
+        return Err(corrupt!(
+            "compressed cluster at {start:#x} lies past end of file"
+        ));
     }
     let end = batch.end.min(file_size);
     SPAN.with_borrow_mut(|span| {
         span.resize((end - start) as usize, 0);
-        io.read_at_zero_padded(span, start).map_err(|e| Error::io("cannot read compressed cluster", e))?;
+        io.read_at_zero_padded(span, start)
+            .map_err(|e| Error::io("cannot read compressed cluster", e))?;
         for it in &batch.items {
             let a = (it.host - start) as usize;
             let b = (it.host + it.size).min(end).saturating_sub(start) as usize;
@@ -134,7 +142,10 @@ fn inflate(src: &[u8], dst: &mut [u8]) -> Result<()> {
         let out = d.total_out() as usize;
         match r {
             Ok(_) if out == dst.len() => Ok(()),
-            Ok(_) => Err(corrupt!("deflate data ends after {out} of {} bytes", dst.len())),
+            Ok(_) => Err(corrupt!(
+                "deflate data ends after {out} of {} bytes",
+                dst.len()
+            )),
             Err(e) => Err(corrupt!("invalid deflate data: {e}")),
         }
     })
@@ -163,7 +174,10 @@ fn unzstd(src: &[u8], dst: &mut [u8]) -> Result<()> {
             }
         }
         if out != dst.len() {
-            return Err(corrupt!("zstd data ends after {out} of {} bytes", dst.len()));
+            return Err(corrupt!(
+                "zstd data ends after {out} of {} bytes",
+                dst.len()
+            ));
         }
         Ok(())
     })
@@ -177,7 +191,8 @@ mod tests {
     #[test]
     fn deflate_and_zstd_round_trip_with_trailing_garbage() {
         let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
-        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&data).unwrap();
         let mut z = enc.finish().unwrap();
         z.extend_from_slice(&[0xAB; 300]);

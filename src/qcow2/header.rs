@@ -166,16 +166,25 @@ impl Header {
     /// if it is shorter); `file_size` is the image file's length.
     pub fn parse(head: &[u8], file_size: u64) -> Result<Header> {
         if head.len() < 72 {
-            return Err(corrupt!("file too short for a qcow2 header ({} bytes)", head.len()));
+            return Err(corrupt!(
+                "file too short for a qcow2 header ({} bytes)",
+                head.len()
+            ));
         }
         let be32 = |o: usize| BigEndian::read_u32(&head[o..o + 4]);
         let be64 = |o: usize| BigEndian::read_u64(&head[o..o + 8]);
         if be32(0) != MAGIC {
-            return Err(Error::new(ErrorKind::UnsupportedFormat, "not a qcow2 image (bad magic)"));
+            return Err(Error::new(
+                ErrorKind::UnsupportedFormat,
+                "not a qcow2 image (bad magic)",
+            ));
         }
         let version = be32(4);
         if version == 1 {
-            return Err(Error::new(ErrorKind::UnsupportedFormat, "qcow version 1 images are not supported"));
+            return Err(Error::new(
+                ErrorKind::UnsupportedFormat,
+                "qcow version 1 images are not supported",
+            ));
         }
         if version != 2 && version != 3 {
             return Err(Error::new(
@@ -225,25 +234,43 @@ impl Header {
             h.refcount_order = be32(96);
             h.header_length = be32(100);
             if h.header_length < 104 {
-                return Err(corrupt!("qcow2 header too short ({} bytes)", h.header_length));
+                return Err(corrupt!(
+                    "qcow2 header too short ({} bytes)",
+                    h.header_length
+                ));
             }
             if u64::from(h.header_length) > cluster_size {
-                return Err(corrupt!("qcow2 header length {} exceeds the cluster size", h.header_length));
+                return Err(corrupt!(
+                    "qcow2 header length {} exceeds the cluster size",
+                    h.header_length
+                ));
             }
             if h.header_length % 8 != 0 {
-                return Err(corrupt!("qcow2 header length {} is not a multiple of 8", h.header_length));
+                return Err(corrupt!(
+                    "qcow2 header length {} is not a multiple of 8",
+                    h.header_length
+                ));
             }
             if h.header_length as usize > head.len() {
-                return Err(corrupt!("qcow2 header length {} runs past end of file", h.header_length));
+                return Err(corrupt!(
+                    "qcow2 header length {} runs past end of file",
+                    h.header_length
+                ));
             }
             let ctype = if h.header_length > 104 { head[104] } else { 0 };
             let has_bit = h.incompatible_features & incompat::COMPRESSION != 0;
             h.compression_type = match (ctype, has_bit) {
                 (0, false) => CompressionType::Zlib,
                 (1, true) => CompressionType::Zstd,
-                (0, true) => return Err(corrupt!("compression type bit set but compression type is zlib")),
+                (0, true) => {
+                    return Err(corrupt!(
+                        "compression type bit set but compression type is zlib"
+                    ));
+                }
                 (t, false) => {
-                    return Err(corrupt!("compression type {t} set without the compression type feature bit"));
+                    return Err(corrupt!(
+                        "compression type {t} set without the compression type feature bit"
+                    ));
                 }
                 (t, true) => {
                     return Err(Error::new(
@@ -254,7 +281,10 @@ impl Header {
             };
         }
         if h.refcount_order > 6 {
-            return Err(corrupt!("refcount width 2^{} bits is invalid (max 64)", h.refcount_order));
+            return Err(corrupt!(
+                "refcount width 2^{} bits is invalid (max 64)",
+                h.refcount_order
+            ));
         }
         if h.extended_l2() && cluster_bits < 14 {
             return Err(corrupt!("extended L2 needs clusters of at least 16 KiB"));
@@ -262,7 +292,10 @@ impl Header {
         // Header extensions live between header_length and the backing name (or cluster end).
         let area_end = if h.backing_file_offset != 0 {
             if h.backing_file_offset > cluster_size {
-                return Err(corrupt!("invalid backing file offset {:#x}", h.backing_file_offset));
+                return Err(corrupt!(
+                    "invalid backing file offset {:#x}",
+                    h.backing_file_offset
+                ));
             }
             h.backing_file_offset
         } else {
@@ -307,10 +340,14 @@ impl Header {
         }
         let has_data_file = h.incompatible_features & incompat::DATA_FILE != 0;
         if has_data_file && h.data_file.is_none() {
-            return Err(corrupt!("external data file feature set but no data file name stored"));
+            return Err(corrupt!(
+                "external data file feature set but no data file name stored"
+            ));
         }
         if h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 && !has_data_file {
-            return Err(corrupt!("data-file-raw flag set without an external data file"));
+            return Err(corrupt!(
+                "data-file-raw flag set without an external data file"
+            ));
         }
         if h.version == 2 && h.incompatible_features != 0 {
             return Err(corrupt!("feature bits in a version 2 header"));
@@ -360,7 +397,9 @@ impl Header {
                 }
                 ext::CRYPTO => {
                     if len != 16 {
-                        return Err(corrupt!("encryption header extension has length {len} (expected 16)"));
+                        return Err(corrupt!(
+                            "encryption header extension has length {len} (expected 16)"
+                        ));
                     }
                 }
                 ext::BITMAPS => {
@@ -371,7 +410,12 @@ impl Header {
                     let reserved = BigEndian::read_u32(&data[4..8]);
                     let dir_size = BigEndian::read_u64(&data[8..16]);
                     let dir_off = BigEndian::read_u64(&data[16..24]);
-                    if nb == 0 || nb > 65535 || reserved != 0 || dir_size > (64 << 20) || dir_off % cluster_size != 0 {
+                    if nb == 0
+                        || nb > 65535
+                        || reserved != 0
+                        || dir_size > (64 << 20)
+                        || dir_off % cluster_size != 0
+                    {
                         return Err(corrupt!("invalid bitmaps extension"));
                     }
                     self.has_bitmaps = true;
@@ -390,31 +434,64 @@ impl Header {
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cluster_size;
         if rt_bytes > MAX_REFTABLE_BYTES {
-            return Err(Error::new(ErrorKind::TooLarge, "reference count table too large"));
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                "reference count table too large",
+            ));
         }
-        check_table("reference count table", self.refcount_table_offset, rt_bytes, cluster_size)?;
+        check_table(
+            "reference count table",
+            self.refcount_table_offset,
+            rt_bytes,
+            cluster_size,
+        )?;
         // L1 table.
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return Err(Error::new(ErrorKind::TooLarge, "active L1 table too large (L1 size too big)"));
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                "active L1 table too large (L1 size too big)",
+            ));
         }
-        let needed = self.l1_entries_for(self.size).ok_or_else(|| corrupt!("image size overflows"))?;
+        let needed = self
+            .l1_entries_for(self.size)
+            .ok_or_else(|| corrupt!("image size overflows"))?;
         if needed > i32::MAX as u64 || needed * 8 > MAX_L1_BYTES {
-            return Err(Error::new(ErrorKind::TooLarge, format!("image size {} is too big", self.size)));
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!("image size {} is too big", self.size),
+            ));
         }
         if u64::from(self.l1_size) < needed {
-            return Err(corrupt!("L1 table is too small ({} entries for {} needed)", self.l1_size, needed));
+            return Err(corrupt!(
+                "L1 table is too small ({} entries for {} needed)",
+                self.l1_size,
+                needed
+            ));
         }
-        check_table("active L1 table", self.l1_table_offset, l1_bytes, cluster_size)?;
+        check_table(
+            "active L1 table",
+            self.l1_table_offset,
+            l1_bytes,
+            cluster_size,
+        )?;
         if self.l1_size > 0 && self.l1_table_offset >= file_size {
-            return Err(corrupt!("active L1 table at {:#x} lies past end of file", self.l1_table_offset));
+            return Err(corrupt!(
+                "active L1 table at {:#x} lies past end of file",
+                self.l1_table_offset
+            ));
         }
         // Snapshot table.
         if self.nb_snapshots > MAX_SNAPSHOTS {
             return Err(Error::new(ErrorKind::TooLarge, "too many snapshots"));
         }
         if self.nb_snapshots > 0 {
-            check_table("snapshot table", self.snapshots_offset, u64::from(self.nb_snapshots) * 40, cluster_size)?;
+            check_table(
+                "snapshot table",
+                self.snapshots_offset,
+                u64::from(self.nb_snapshots) * 40,
+                cluster_size,
+            )?;
         }
         Ok(())
     }
@@ -427,7 +504,9 @@ pub fn check_table(what: &str, offset: u64, bytes: u64, cluster_size: u64) -> Re
     }
     match offset.checked_add(bytes) {
         Some(end) if end <= i64::MAX as u64 => Ok(()),
-        _ => Err(corrupt!("{what} at {offset:#x} with {bytes} bytes overflows")),
+        _ => Err(corrupt!(
+            "{what} at {offset:#x} with {bytes} bytes overflows"
+        )),
     }
 }
 
@@ -470,7 +549,10 @@ pub(crate) mod tests {
 
         let mut b = h.clone();
         b[23] = 22; // cluster_bits
-        assert_eq!(Header::parse(&b, 1 << 20).unwrap_err().kind(), ErrorKind::Corrupt);
+        assert_eq!(
+            Header::parse(&b, 1 << 20).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
         let mut b = h.clone();
         b[72 + 7] = 0x20; // unknown incompat bit 5
         let e = Header::parse(&b, 1 << 20).unwrap_err();
@@ -478,18 +560,33 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("bit 5"), "{e}");
         let mut b = h.clone();
         b[36..40].copy_from_slice(&0x0100_0000u32.to_be_bytes()); // 16M entries = 128 MiB
-        assert_eq!(Header::parse(&b, 1 << 20).unwrap_err().kind(), ErrorKind::TooLarge);
+        assert_eq!(
+            Header::parse(&b, 1 << 20).unwrap_err().kind(),
+            ErrorKind::TooLarge
+        );
         let mut b = h.clone();
         b[35] = 2; // LUKS
-        assert_eq!(Header::parse(&b, 1 << 20).unwrap_err().kind(), ErrorKind::UnsupportedFeature);
+        assert_eq!(
+            Header::parse(&b, 1 << 20).unwrap_err().kind(),
+            ErrorKind::UnsupportedFeature
+        );
         let mut b = h.clone();
         b[100..104].copy_from_slice(&(1u32 << 20).to_be_bytes());
-        assert_eq!(Header::parse(&b, 1 << 20).unwrap_err().kind(), ErrorKind::Corrupt);
+        assert_eq!(
+            Header::parse(&b, 1 << 20).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
         let mut b = h.clone();
         b[40..48].copy_from_slice(&0x1_0001u64.to_be_bytes()); // unaligned L1
-        assert_eq!(Header::parse(&b, 1 << 20).unwrap_err().kind(), ErrorKind::Corrupt);
+        assert_eq!(
+            Header::parse(&b, 1 << 20).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
         let mut b = h;
         b[112..120].copy_from_slice(&[0xe2, 0x79, 0x2a, 0xca, 0xff, 0, 0, 0]); // ext past cluster
-        assert_eq!(Header::parse(&b, 1 << 20).unwrap_err().kind(), ErrorKind::Corrupt);
+        assert_eq!(
+            Header::parse(&b, 1 << 20).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
     }
 }

@@ -72,9 +72,12 @@ impl Qcow2 {
         let head_len = file_size.min(1 << header::MAX_CLUSTER_BITS);
         // First read the fixed part to learn the cluster size, then exactly cluster 0.
         let mut fixed = vec![0u8; head_len.min(112) as usize];
-        io.read_exact_at(&mut fixed, 0).map_err(|e| Error::io("cannot read qcow2 header", e))?;
+        io.read_exact_at(&mut fixed, 0)
+            .map_err(|e| Error::io("cannot read qcow2 header", e))?;
         if fixed.len() < 24 {
-            return Err(corrupt!("file too short for a qcow2 header ({file_size} bytes)"));
+            return Err(corrupt!(
+                "file too short for a qcow2 header ({file_size} bytes)"
+            ));
         }
         let bits = BigEndian::read_u32(&fixed[20..24]);
         let cluster = if (header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&bits) {
@@ -83,7 +86,8 @@ impl Qcow2 {
             fixed.len() as u64
         };
         let mut head = vec![0u8; cluster.min(file_size) as usize];
-        io.read_exact_at(&mut head, 0).map_err(|e| Error::io("cannot read qcow2 header", e))?;
+        io.read_exact_at(&mut head, 0)
+            .map_err(|e| Error::io("cannot read qcow2 header", e))?;
         let header = Header::parse(&head, file_size)?;
         let snapshots = snapshot::read_table(io.as_ref(), &header)?;
         let (l1_offset, l1_size, size) = match snapshot {
@@ -92,15 +96,25 @@ impl Qcow2 {
                 let s = snapshot::find(&snapshots, spec).ok_or_else(|| {
                     Error::new(ErrorKind::NotFound, format!("snapshot '{spec}' not found"))
                 })?;
-                (s.l1_table_offset, s.l1_size, s.disk_size.unwrap_or(header.size))
+                (
+                    s.l1_table_offset,
+                    s.l1_size,
+                    s.disk_size.unwrap_or(header.size),
+                )
             }
         };
         let l1_bytes = u64::from(l1_size) * 8;
-        if l1_offset.checked_add(l1_bytes).is_none_or(|end| end > file_size) {
-            return Err(corrupt!("L1 table at {l1_offset:#x} ({l1_size} entries) runs past end of file"));
+        if l1_offset
+            .checked_add(l1_bytes)
+            .is_none_or(|end| end > file_size)
+        {
+            return Err(corrupt!(
+                "L1 table at {l1_offset:#x} ({l1_size} entries) runs past end of file"
+            ));
         }
         let mut raw = vec![0u8; l1_bytes as usize];
-        io.read_exact_at(&mut raw, l1_offset).map_err(|e| Error::io("cannot read L1 table", e))?;
+        io.read_exact_at(&mut raw, l1_offset)
+            .map_err(|e| Error::io("cannot read L1 table", e))?;
         let l1: Vec<u64> = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
         drop(raw);
         let unit_bits = if header.extended_l2() { 5 } else { 0 };
@@ -108,7 +122,11 @@ impl Qcow2 {
         let l2_cache = L2Cache::new((L2_CACHE_BYTES / table_bytes).max(2));
         let has_data_file = header.data_file.is_some();
         Ok(Qcow2 {
-            data: if has_data_file { None } else { Some(io.clone()) },
+            data: if has_data_file {
+                None
+            } else {
+                Some(io.clone())
+            },
             io,
             header,
             size,
@@ -167,9 +185,13 @@ impl Qcow2 {
     /// Load the L2 table for guest cluster index `cluster` (None: L1 says unallocated).
     fn l2_for(&self, cluster: u64) -> Result<Option<Arc<[u64]>>> {
         let l1_index = cluster / self.header.l2_entries();
-        let Some(&entry) = self.l1.get(l1_index as usize) else { return Ok(None) };
+        let Some(&entry) = self.l1.get(l1_index as usize) else {
+            return Ok(None);
+        };
         if entry & L1_RESERVED_MASK != 0 {
-            return Err(corrupt!("L1 entry {l1_index} has reserved bits set ({entry:#x})"));
+            return Err(corrupt!(
+                "L1 entry {l1_index} has reserved bits set ({entry:#x})"
+            ));
         }
         let off = entry & L1_OFFSET_MASK;
         if off == 0 {
@@ -187,7 +209,9 @@ impl Qcow2 {
         }
         self.l2_cache.get_or_load(off, || {
             let mut raw = vec![0u8; cs as usize];
-            self.io.read_at_zero_padded(&mut raw, off).map_err(|e| Error::io("cannot read L2 table", e))?;
+            self.io
+                .read_at_zero_padded(&mut raw, off)
+                .map_err(|e| Error::io("cannot read L2 table", e))?;
             Ok(raw.chunks_exact(8).map(BigEndian::read_u64).collect())
         })
     }
@@ -195,32 +219,46 @@ impl Qcow2 {
     /// Classify the unit containing guest offset `off`; returns the unit and how many units
     /// after it (within the same L2 table) the caller may look at with the same table.
     fn classify(&self, table: Option<&[u64]>, cluster: u64, sub: u64) -> Result<Unit> {
-        let Some(table) = table else { return Ok(Unit::Unallocated) };
+        let Some(table) = table else {
+            return Ok(Unit::Unallocated);
+        };
         let idx = (cluster % self.header.l2_entries()) as usize;
         let ext = self.header.extended_l2();
         let entry = table[if ext { idx * 2 } else { idx }];
         let has_data_file = self.header.data_file.is_some();
         if entry & COMPRESSED != 0 {
             if has_data_file {
-                return Err(corrupt!("compressed cluster entry found in image with external data file"));
+                return Err(corrupt!(
+                    "compressed cluster entry found in image with external data file"
+                ));
             }
             let x = 62 - (self.cluster_bits() - 8);
             let offset = entry & ((1u64 << x) - 1);
             let nsect = (entry >> x) & ((1u64 << (self.cluster_bits() - 8)) - 1);
             if offset >> 56 != 0 {
-                return Err(corrupt!("compressed cluster offset {offset:#x} out of range"));
+                return Err(corrupt!(
+                    "compressed cluster offset {offset:#x} out of range"
+                ));
             }
             let size = (nsect + 1) * 512 - (offset & 511);
             return Ok(Unit::Compressed { offset, size });
         }
-        let reserved = if ext { L2_RESERVED_MASK | ZERO } else { L2_RESERVED_MASK };
+        let reserved = if ext {
+            L2_RESERVED_MASK | ZERO
+        } else {
+            L2_RESERVED_MASK
+        };
         if entry & reserved != 0 {
-            return Err(corrupt!("L2 entry for guest cluster {cluster} has reserved bits set ({entry:#x})"));
+            return Err(corrupt!(
+                "L2 entry for guest cluster {cluster} has reserved bits set ({entry:#x})"
+            ));
         }
         let host = entry & L2_OFFSET_MASK;
         let cs = self.header.cluster_size();
         if host % cs != 0 {
-            return Err(corrupt!("data cluster offset {host:#x} is not cluster aligned"));
+            return Err(corrupt!(
+                "data cluster offset {host:#x} is not cluster aligned"
+            ));
         }
         let allocated = host != 0 || (has_data_file && entry & COPIED != 0);
         if !ext {
@@ -228,19 +266,29 @@ impl Qcow2 {
                 if self.header.version < 3 {
                     return Err(corrupt!("zero cluster entry found in pre-v3 image"));
                 }
-                return Ok(Unit::Zero { host: allocated.then_some(host) });
+                return Ok(Unit::Zero {
+                    host: allocated.then_some(host),
+                });
             }
-            return Ok(if allocated { Unit::Data { host } } else { Unit::Unallocated });
+            return Ok(if allocated {
+                Unit::Data { host }
+            } else {
+                Unit::Unallocated
+            });
         }
         let bitmap = table[idx * 2 + 1];
         let alloc = (bitmap >> sub) & 1 != 0;
         let zero = (bitmap >> (32 + sub)) & 1 != 0;
         match (alloc, zero) {
-            (true, true) => Err(corrupt!("subcluster {sub} of guest cluster {cluster} is both allocated and zero")),
-            (true, false) if !allocated => {
-                Err(corrupt!("subcluster {sub} of unallocated guest cluster {cluster} is marked allocated"))
-            }
-            (true, false) => Ok(Unit::Data { host: host + (sub << (self.cluster_bits() - 5)) }),
+            (true, true) => Err(corrupt!(
+                "subcluster {sub} of guest cluster {cluster} is both allocated and zero"
+            )),
+            (true, false) if !allocated => Err(corrupt!(
+                "subcluster {sub} of unallocated guest cluster {cluster} is marked allocated"
+            )),
+            (true, false) => Ok(Unit::Data {
+                host: host + (sub << (self.cluster_bits() - 5)),
+            }),
             (false, true) => Ok(Unit::Zero { host: None }),
             (false, false) => Ok(Unit::Unallocated),
         }
@@ -274,9 +322,8 @@ impl Qcow2 {
             let same = match (first, next) {
                 (Unit::Unallocated, Unit::Unallocated) => true,
                 (Unit::Zero { host: None }, Unit::Zero { host: None }) => true,
-                (Unit::Zero { host: Some(a) }, Unit::Zero { host: Some(b) }) | (Unit::Data { host: a }, Unit::Data { host: b }) => {
-                    b == a + len
-                }
+                (Unit::Zero { host: Some(a) }, Unit::Zero { host: Some(b) })
+                | (Unit::Data { host: a }, Unit::Data { host: b }) => b == a + len,
                 _ => false,
             };
             if !same {
@@ -298,7 +345,9 @@ impl Qcow2 {
     pub fn extent(&self, off: u64, max: u64) -> Result<Extent> {
         let max = max.min(self.size.saturating_sub(off));
         if max == 0 {
-            return Err(Error::invalid(format!("offset {off} is past the end of the image")));
+            return Err(Error::invalid(format!(
+                "offset {off} is past the end of the image"
+            )));
         }
         let (unit, len) = self.run(off, max)?;
         Ok(match unit {
@@ -308,15 +357,43 @@ impl Qcow2 {
                     e.depth += 1;
                     e
                 }
-                Some(_) => Extent { len, depth: 1, zero: true, ..Extent::default() },
-                None => Extent { len, zero: true, ..Extent::default() },
+                Some(_) => Extent {
+                    len,
+                    depth: 1,
+                    zero: true,
+                    ..Extent::default()
+                },
+                None => Extent {
+                    len,
+                    zero: true,
+                    ..Extent::default()
+                },
             },
-            Unit::Zero { host } => Extent { len, present: true, zero: true, data: host.is_some(), offset: host, ..Extent::default() },
-            Unit::Compressed { .. } => Extent { len, present: true, data: true, compressed: true, ..Extent::default() },
+            Unit::Zero { host } => Extent {
+                len,
+                present: true,
+                zero: true,
+                data: host.is_some(),
+                offset: host,
+                ..Extent::default()
+            },
+            Unit::Compressed { .. } => Extent {
+                len,
+                present: true,
+                data: true,
+                compressed: true,
+                ..Extent::default()
+            },
             Unit::Data { host } => {
                 // A data cluster over a hole of the file reads as zeros (preallocated metadata).
                 let data = self.data_io()?;
-                let mut e = Extent { len, present: true, data: true, offset: Some(host), ..Extent::default() };
+                let mut e = Extent {
+                    len,
+                    present: true,
+                    data: true,
+                    offset: Some(host),
+                    ..Extent::default()
+                };
                 match data.next_data(host) {
                     Ok(Some(r)) if r.start > host => {
                         e.zero = true;
@@ -365,7 +442,12 @@ impl Qcow2 {
         self.flush_compressed(&mut batch, buf, off)
     }
 
-    fn flush_compressed(&self, batch: &mut compressed::Batch, buf: &mut [u8], buf_off: u64) -> Result<()> {
+    fn flush_compressed(
+        &self,
+        batch: &mut compressed::Batch,
+        buf: &mut [u8],
+        buf_off: u64,
+    ) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -391,7 +473,11 @@ impl Qcow2 {
             return Ok(());
         };
         let bsize = b.virtual_size();
-        let n = if pos >= bsize { 0 } else { (bsize - pos).min(dst.len() as u64) as usize };
+        let n = if pos >= bsize {
+            0
+        } else {
+            (bsize - pos).min(dst.len() as u64) as usize
+        };
         if n > 0 {
             b.read_at(&mut dst[..n], pos)?;
         }

@@ -52,7 +52,8 @@ pub fn read_table(io: &dyn BlockIo, h: &Header) -> Result<Vec<Snapshot>> {
         if off + 40 > file_size {
             return Err(corrupt!("snapshot table entry {i} lies past end of file"));
         }
-        io.read_exact_at(&mut fixed, off).map_err(|e| Error::io("cannot read snapshot table", e))?;
+        io.read_exact_at(&mut fixed, off)
+            .map_err(|e| Error::io("cannot read snapshot table", e))?;
         let l1_table_offset = BigEndian::read_u64(&fixed[0..8]);
         let l1_size = BigEndian::read_u32(&fixed[8..12]);
         let id_len = BigEndian::read_u16(&fixed[12..14]) as u64;
@@ -63,10 +64,15 @@ pub fn read_table(io: &dyn BlockIo, h: &Header) -> Result<Vec<Snapshot>> {
         let mut vm_state_size = u64::from(BigEndian::read_u32(&fixed[32..36]));
         let extra_len = BigEndian::read_u32(&fixed[36..40]);
         if extra_len > MAX_SNAPSHOT_EXTRA {
-            return Err(Error::new(ErrorKind::TooLarge, "too much extra metadata in snapshot table entry"));
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                "too much extra metadata in snapshot table entry",
+            ));
         }
         if h.version >= 3 && extra_len < 16 {
-            return Err(corrupt!("snapshot table entry {i} has too little extra data ({extra_len} bytes)"));
+            return Err(corrupt!(
+                "snapshot table entry {i} has too little extra data ({extra_len} bytes)"
+            ));
         }
         let var_len = u64::from(extra_len) + id_len + name_len;
         let entry_len = (40 + var_len).div_ceil(8) * 8;
@@ -77,7 +83,8 @@ pub fn read_table(io: &dyn BlockIo, h: &Header) -> Result<Vec<Snapshot>> {
             return Err(corrupt!("snapshot table entry {i} lies past end of file"));
         }
         let mut var = vec![0u8; var_len as usize];
-        io.read_exact_at(&mut var, off + 40).map_err(|e| Error::io("cannot read snapshot table", e))?;
+        io.read_exact_at(&mut var, off + 40)
+            .map_err(|e| Error::io("cannot read snapshot table", e))?;
         let extra = &var[..extra_len as usize];
         let mut disk_size = None;
         let mut icount = None;
@@ -94,9 +101,17 @@ pub fn read_table(io: &dyn BlockIo, h: &Header) -> Result<Vec<Snapshot>> {
         let id = String::from_utf8_lossy(&var[id_start..id_start + id_len as usize]).into_owned();
         let name = String::from_utf8_lossy(&var[id_start + id_len as usize..]).into_owned();
         if u64::from(l1_size) * 8 > MAX_L1_BYTES {
-            return Err(Error::new(ErrorKind::TooLarge, format!("snapshot '{name}' L1 table is too large")));
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!("snapshot '{name}' L1 table is too large"),
+            ));
         }
-        check_table(&format!("snapshot '{name}' L1 table"), l1_table_offset, u64::from(l1_size) * 8, cs)?;
+        check_table(
+            &format!("snapshot '{name}' L1 table"),
+            l1_table_offset,
+            u64::from(l1_size) * 8,
+            cs,
+        )?;
         out.push(Snapshot {
             l1_table_offset,
             l1_size,
@@ -123,5 +138,8 @@ pub fn find<'a>(snaps: &'a [Snapshot], spec: &str) -> Option<&'a Snapshot> {
     if let Some(name) = spec.strip_prefix("snapshot.name=") {
         return snaps.iter().find(|s| s.name == name);
     }
-    snaps.iter().find(|s| s.id == spec).or_else(|| snaps.iter().find(|s| s.name == spec))
+    snaps
+        .iter()
+        .find(|s| s.id == spec)
+        .or_else(|| snaps.iter().find(|s| s.name == spec))
 }

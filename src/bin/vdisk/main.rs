@@ -12,7 +12,11 @@ use vdisk::info::{ImageInfo, map_human, map_json, snapshot_table};
 use vdisk::{Error, Format, Image, OpenOptions, Policy};
 
 #[derive(Parser)]
-#[command(name = "vdisk", version, about = "Inspect and convert disk images (qemu-img compatible)")]
+#[command(
+    name = "vdisk",
+    version,
+    about = "Inspect and convert disk images (qemu-img compatible)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -119,13 +123,20 @@ struct Common {
 }
 
 fn parse_format(f: Option<&str>) -> Result<Option<Format>, Error> {
-    f.map(|n| Format::from_name(n).ok_or_else(|| Error::invalid(format!("unknown file format '{n}'")))).transpose()
+    f.map(|n| {
+        Format::from_name(n).ok_or_else(|| Error::invalid(format!("unknown file format '{n}'")))
+    })
+    .transpose()
 }
 
 fn opts(format: Option<&str>, untrusted: bool) -> Result<OpenOptions, Error> {
     Ok(OpenOptions {
         format: parse_format(format)?,
-        policy: if untrusted { Policy::Untrusted } else { Policy::Trusted },
+        policy: if untrusted {
+            Policy::Untrusted
+        } else {
+            Policy::Trusted
+        },
         ..OpenOptions::default()
     })
 }
@@ -160,7 +171,11 @@ fn name_chain(img: &Image) -> Vec<String> {
     let mut names = Vec::new();
     let mut cur = Some(img);
     while let Some(i) = cur {
-        names.push(i.path().map(|p| p.display().to_string()).unwrap_or_default());
+        names.push(
+            i.path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        );
         cur = i.qcow2().and_then(|q| q.backing());
     }
     names
@@ -169,10 +184,15 @@ fn name_chain(img: &Image) -> Vec<String> {
 fn run(cli: Cli) -> Result<u8, Error> {
     let mut out = std::io::stdout().lock();
     let w = |out: &mut std::io::StdoutLock, s: &str| {
-        out.write_all(s.as_bytes()).map_err(|e| Error::io("cannot write output", e))
+        out.write_all(s.as_bytes())
+            .map_err(|e| Error::io("cannot write output", e))
     };
     match cli.cmd {
-        Cmd::Info { common, output, file } => {
+        Cmd::Info {
+            common,
+            output,
+            file,
+        } => {
             let mut o = opts(common.format.as_deref(), common.untrusted)?;
             o.metadata_only = true;
             let img = Image::open(&file, &o)?;
@@ -183,20 +203,43 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     w(&mut out, &format!("{s}\n"))?;
                 }
                 "human" => w(&mut out, &info.to_human())?,
-                o => return Err(Error::invalid(format!("--output must be human or json, not '{o}'"))),
+                o => {
+                    return Err(Error::invalid(format!(
+                        "--output must be human or json, not '{o}'"
+                    )));
+                }
             }
         }
-        Cmd::Map { common, output, file } => {
+        Cmd::Map {
+            common,
+            output,
+            file,
+        } => {
             let img = Image::open(&file, &opts(common.format.as_deref(), common.untrusted)?)?;
             let s = match output.as_str() {
                 "json" => map_json(&img),
                 "human" => map_human(&img, &name_chain(&img)),
-                o => return Err(Error::invalid(format!("--output must be human or json, not '{o}'"))),
+                o => {
+                    return Err(Error::invalid(format!(
+                        "--output must be human or json, not '{o}'"
+                    )));
+                }
             }
             .map_err(|e| e.with_path(&file))?;
             w(&mut out, &s)?;
         }
-        Cmd::Convert { src_format, out_format, sparse, progress, snapshot, workers, untrusted, src, dst, .. } => {
+        Cmd::Convert {
+            src_format,
+            out_format,
+            sparse,
+            progress,
+            snapshot,
+            workers,
+            untrusted,
+            src,
+            dst,
+            ..
+        } => {
             if Format::from_name(&out_format) != Some(Format::Raw) {
                 return Err(Error::new(
                     vdisk::ErrorKind::UnsupportedFormat,
@@ -209,7 +252,11 @@ fn run(cli: Cli) -> Result<u8, Error> {
             let min_sparse = parse_size(&sparse)?;
             let mut last = -1i64;
             let mut show = |done: u64, total: u64| {
-                let pct = if total == 0 { 10000 } else { (done as u128 * 10000 / total as u128) as i64 };
+                let pct = if total == 0 {
+                    10000
+                } else {
+                    (done as u128 * 10000 / total as u128) as i64
+                };
                 if pct != last {
                     last = pct;
                     let mut so = std::io::stdout().lock();
@@ -218,7 +265,11 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 }
                 true
             };
-            let mut co = ConvertOptions { min_sparse, threads: workers.unwrap_or(0), ..Default::default() };
+            let mut co = ConvertOptions {
+                min_sparse,
+                threads: workers.unwrap_or(0),
+                ..Default::default()
+            };
             if progress {
                 co.progress = Some(&mut show);
             }
@@ -227,10 +278,20 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 w(&mut out, "\n")?;
             }
         }
-        Cmd::Compare { fmt_a, fmt_b, strict, quiet, a, b, untrusted, .. } => {
+        Cmd::Compare {
+            fmt_a,
+            fmt_b,
+            strict,
+            quiet,
+            a,
+            b,
+            untrusted,
+            ..
+        } => {
             let ia = Image::open(&a, &opts(fmt_a.as_deref(), untrusted)?)?;
             let ib = Image::open(&b, &opts(fmt_b.as_deref(), untrusted)?)?;
-            let say = |out: &mut std::io::StdoutLock, s: &str| if quiet { Ok(()) } else { w(out, s) };
+            let say =
+                |out: &mut std::io::StdoutLock, s: &str| if quiet { Ok(()) } else { w(out, s) };
             if ia.virtual_size() != ib.virtual_size() && !strict {
                 say(&mut out, "Warning: Image size mismatch!\n")?;
             }
@@ -249,16 +310,24 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 }
             };
         }
-        Cmd::Snapshot { list, format, file, .. } => {
+        Cmd::Snapshot {
+            list, format, file, ..
+        } => {
             if !list {
                 return Err(Error::invalid("only -l (list) is supported yet"));
             }
             let mut o = opts(format.as_deref(), false)?;
             o.metadata_only = true;
             let img = Image::open(&file, &o)?;
-            let snaps = img.qcow2().map(|q| q.snapshots().to_vec()).unwrap_or_default();
+            let snaps = img
+                .qcow2()
+                .map(|q| q.snapshots().to_vec())
+                .unwrap_or_default();
             if !snaps.is_empty() {
-                w(&mut out, &format!("Snapshot list:\n{}", snapshot_table(&snaps)))?;
+                w(
+                    &mut out,
+                    &format!("Snapshot list:\n{}", snapshot_table(&snaps)),
+                )?;
             }
         }
     }

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The one test command (README, CI): installs what the tests need, then runs formatting,
+# lints, every test (unit, qemu-img oracle, malformed images, CLI) and builds the fuzz targets
+# and benches.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/deps.sh
+export CARGO_TERM_COLOR=never
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo test"
+cargo test
+echo "== benches (build only)"
+cargo bench --no-run
+echo "== fuzz targets (build and replay seeds)"
+bash scripts/fuzz-check.sh
+echo "== all checks passed"
