@@ -395,12 +395,10 @@ impl Header {
                 ext::DATA_FILE => {
                     self.data_file = Some(String::from_utf8_lossy(data).into_owned());
                 }
-                ext::CRYPTO => {
-                    if len != 16 {
-                        return Err(corrupt!(
-                            "encryption header extension has length {len} (expected 16)"
-                        ));
-                    }
+                ext::CRYPTO if len != 16 => {
+                    return Err(corrupt!(
+                        "encryption header extension has length {len} (expected 16)"
+                    ));
                 }
                 ext::BITMAPS => {
                     if len != 24 {

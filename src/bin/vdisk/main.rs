@@ -161,7 +161,7 @@ fn parse_size(s: &str) -> Result<u64, Error> {
         _ => (s, 1),
     };
     let v: f64 = num.parse().map_err(|_| bad())?;
-    if !(v >= 0.0) || v * mult as f64 > u64::MAX as f64 {
+    if v.is_nan() || v < 0.0 || v * mult as f64 > u64::MAX as f64 {
         return Err(bad());
     }
     Ok((v * mult as f64) as u64)
