@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Side-by-side timing of `vdisk convert -O raw` against `qemu-img convert -O raw` on the same
+# images, alternating the two tools (A B A B ...) so machine noise hits both alike, and
+# reporting medians, the speed ratio and peak RSS.
+#
+#   scripts/bench-compare.sh CORPUS_DIR [RUNS]
+#
+# CORPUS_DIR is made by ../shared/bench/make-corpus.sh (img.qcow2, img-deflate.qcow2,
+# img-zstd.qcow2, raw.img, overlay.qcow2); files that are missing are skipped. Outputs are
+# written next to the corpus (same filesystem) and removed after each run. The first output of
+# each tool is checked against the other with `qemu-img compare`.
+set -euo pipefail
+CORPUS=${1:?usage: bench-compare.sh CORPUS_DIR [RUNS]}
+RUNS=${2:-5}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+bash "$HERE/scripts/deps.sh"
+(cd "$HERE" && cargo build --release -q --bin vdisk)
+VDISK="$HERE/target/release/vdisk"
+OUT="$CORPUS/.bench-out"
+mkdir -p "$OUT"
+trap 'rm -rf "$OUT"' EXIT
+
+# run TOOL SRC DST -> prints "seconds peak_kib"
+run() {
+  local tool=$1 src=$2 dst=$3
+  rm -f "$dst"
+  if [ "$tool" = qemu ]; then
+    /usr/bin/time -f "%e %M" -o "$OUT/t" qemu-img convert -O raw "$src" "$dst"
+  else
+    /usr/bin/time -f "%e %M" -o "$OUT/t" "$VDISK" convert -O raw "$src" "$dst"
+  fi
+  cat "$OUT/t"
+}
+
+median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2}'; }
+
+printf '%-20s %10s %10s %8s %12s %12s\n' image qemu-img vdisk speedup qemu-RSS vdisk-RSS
+for img in img.qcow2 img-deflate.qcow2 img-zstd.qcow2 raw.img overlay.qcow2; do
+  src="$CORPUS/$img"
+  [ -e "$src" ] || continue
+  # correctness first
+  run qemu "$src" "$OUT/q.raw" >/dev/null
+  run vdisk "$src" "$OUT/v.raw" >/dev/null
+  qemu-img compare -q -f raw -F raw "$OUT/q.raw" "$OUT/v.raw" || { echo "MISMATCH on $img" >&2; exit 1; }
+  qa=$(stat -c %b "$OUT/q.raw"); va=$(stat -c %b "$OUT/v.raw")
+  rm -f "$OUT/q.raw" "$OUT/v.raw"
+  : > "$OUT/qt"; : > "$OUT/vt"; : > "$OUT/qm"; : > "$OUT/vm"
+  for _ in $(seq "$RUNS"); do
+    read -r s m < <(run qemu "$src" "$OUT/q.raw"); echo "$s" >> "$OUT/qt"; echo "$m" >> "$OUT/qm"
+    read -r s m < <(run vdisk "$src" "$OUT/v.raw"); echo "$s" >> "$OUT/vt"; echo "$m" >> "$OUT/vm"
+    rm -f "$OUT/q.raw" "$OUT/v.raw"
+  done
+  qt=$(median < "$OUT/qt"); vt=$(median < "$OUT/vt")
+  qm=$(sort -n "$OUT/qm" | tail -1); vm=$(sort -n "$OUT/vm" | tail -1)
+  ratio=$(awk -v q="$qt" -v v="$vt" 'BEGIN { if (v > 0) printf "%.2fx", q / v; else print "inf" }')
+  printf '%-20s %9ss %9ss %8s %9s KiB %9s KiB   (allocated blocks: qemu %s, vdisk %s)\n' \
+    "$img" "$qt" "$vt" "$ratio" "$qm" "$vm" "$qa" "$va"
+done
