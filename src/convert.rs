@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 /// Work unit handed to a worker, and its buffer size.
 const CHUNK: u64 = 4 << 20;
+/// Largest single read (see `copy_range`): 1 MiB measured fastest on the benchmark corpus
+/// (4 MiB pieces fall out of the CPU cache between read, scan and write; 256 KiB costs syscalls).
+const PIECE: u64 = 1 << 20;
 /// Zero detection granularity (a sector).
 const SECTOR: usize = 512;
 /// Largest `min_sparse` qemu-img accepts.
@@ -193,7 +196,7 @@ pub fn convert_to_raw(
 }
 
 fn worker(sh: &Shared<'_>) {
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = vec![0u8; PIECE as usize];
     while !sh.stop.load(Ordering::Relaxed) {
         if sh.cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
             sh.cancelled.store(true, Ordering::Relaxed);
@@ -236,11 +239,17 @@ fn copy_range(sh: &Shared<'_>, buf: &mut [u8], start: u64, end: u64) -> Result<(
             }
             len += n.len;
         }
-        let data = &mut buf[..len as usize];
-        sh.src.read_at(data, pos)?;
-        sh.read.fetch_add(len, Ordering::Relaxed);
-        write_sparse(sh, data, pos)?;
-        pos += len;
+        // Read in pieces small enough to stay in the CPU cache between the read, the zero
+        // scan and the write.
+        let stop = pos + len;
+        while pos < stop {
+            let n = (stop - pos).min(PIECE);
+            let data = &mut buf[..n as usize];
+            sh.src.read_at(data, pos)?;
+            sh.read.fetch_add(n, Ordering::Relaxed);
+            write_sparse(sh, data, pos)?;
+            pos += n;
+        }
     }
     Ok(())
 }

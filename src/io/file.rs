@@ -9,6 +9,7 @@ use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Mutex;
 
 /// `BLKGETSIZE64` = `_IOR(0x12, 114, u64)`.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -20,14 +21,23 @@ const BLKZEROOUT: libc::c_ulong = 0x127f;
 pub struct FileIo {
     file: File,
     block_device: bool,
-    /// Fixed size of a block device (a file's size is asked each time).
-    device_size: u64,
+    /// Fixed size of a block device or of a file opened read-only (asked each time otherwise).
+    fixed_size: Option<u64>,
+    /// For read-only files, the last hole/data answer `(query, data_start, data_end)`: bytes
+    /// `query..data_start` are a hole and `data_start..data_end` data. Saves the two `lseek`s
+    /// per extent that dominate block-status queries on large files.
+    last_extent: Option<Mutex<(u64, u64, u64)>>,
 }
 
 impl FileIo {
     /// Open `path` read-only.
     pub fn open(path: &Path) -> io::Result<Self> {
-        Self::from_file(File::open(path)?)
+        let mut io = Self::from_file(File::open(path)?)?;
+        if !io.block_device {
+            io.fixed_size = Some(io.file.metadata()?.len());
+            io.last_extent = Some(Mutex::new((0, 0, 0)));
+        }
+        Ok(io)
     }
 
     /// Open `path` for reading and writing; `create` makes a missing regular file (mode 0644
@@ -45,16 +55,8 @@ impl FileIo {
     /// Wrap an open file.
     pub fn from_file(file: File) -> io::Result<Self> {
         let block_device = file.metadata()?.file_type().is_block_device();
-        let device_size = if block_device {
-            block_device_size(&file)?
-        } else {
-            0
-        };
-        Ok(FileIo {
-            file,
-            block_device,
-            device_size,
-        })
+        let fixed_size = if block_device { Some(block_device_size(&file)?) } else { None };
+        Ok(FileIo { file, block_device, fixed_size, last_extent: None })
     }
 
     /// The underlying file.
@@ -115,10 +117,9 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 
 impl BlockIo for FileIo {
     fn size(&self) -> io::Result<u64> {
-        if self.block_device {
-            Ok(self.device_size)
-        } else {
-            Ok(self.file.metadata()?.len())
+        match self.fixed_size {
+            Some(s) => Ok(s),
+            None => Ok(self.file.metadata()?.len()),
         }
     }
 
@@ -144,7 +145,7 @@ impl BlockIo for FileIo {
     }
 
     fn set_size(&self, size: u64) -> io::Result<()> {
-        if self.block_device {
+        if self.fixed_size.is_some() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "a block device cannot be resized",
@@ -171,6 +172,12 @@ impl BlockIo for FileIo {
         if self.block_device {
             return Ok(Some(offset..size));
         }
+        if let Some(cache) = &self.last_extent {
+            let (q, s, e) = *cache.lock().unwrap_or_else(|p| p.into_inner());
+            if q <= offset && offset < e {
+                return Ok(Some(s.max(offset)..e));
+            }
+        }
         let start = match self.seek(offset, libc::SEEK_DATA) {
             Ok(Some(s)) => s,
             Ok(None) => return Ok(None),
@@ -178,6 +185,9 @@ impl BlockIo for FileIo {
             Err(_) => return Ok(Some(offset..size)),
         };
         let end = self.seek(start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        if let Some(cache) = &self.last_extent {
+            *cache.lock().unwrap_or_else(|p| p.into_inner()) = (offset, start, end);
+        }
         Ok((start < end).then_some(start..end))
     }
 
