@@ -33,8 +33,8 @@ pub struct OpenOptions {
     pub policy: Policy,
     /// Read this internal snapshot (by id or name) instead of the active state.
     pub snapshot: Option<String>,
-    /// Only inspect metadata (as `info` does): never open backing or data files. Reads of
-    /// ranges that would need them fail.
+    /// Only inspect metadata (as `info` does): never open backing or data files, under any
+    /// policy. Reads of ranges that would need them fail.
     pub metadata_only: bool,
 }
 
@@ -322,8 +322,10 @@ fn attach_files(
     visited: &mut Vec<PathBuf>,
 ) -> Result<()> {
     let h = q.header().clone();
+    // Metadata-only opens (info) report the names but never open them, whatever the policy.
+    let refuse = opts.policy == Policy::Untrusted && !opts.metadata_only;
     if let Some(name) = &h.data_file {
-        if opts.policy == Policy::Untrusted {
+        if refuse {
             return Err(Error::new(
                 ErrorKind::Denied,
                 format!("image uses external data file '{name}', which untrusted input may not"),
@@ -338,7 +340,7 @@ fn attach_files(
         }
     }
     if let Some(name) = &h.backing_file {
-        if opts.policy == Policy::Untrusted {
+        if refuse {
             return Err(Error::new(
                 ErrorKind::Denied,
                 format!("image has backing file '{name}', which untrusted input may not"),

@@ -12,7 +12,7 @@ use crate::io::BlockIo;
 use std::cell::RefCell;
 
 /// Most host bytes one batch reads at once.
-const MAX_SPAN: u64 = 8 << 20;
+const MAX_SPAN: u64 = 4 << 20;
 /// Largest gap between neighbouring compressed clusters still read together.
 const MAX_GAP: u64 = 64 << 10;
 

@@ -18,7 +18,7 @@ use byteorder::{BigEndian, ByteOrder};
 use cache::L2Cache;
 pub use header::{CompressionType, Header};
 pub use snapshot::Snapshot;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// L1 entry: offset bits.
 const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -32,13 +32,19 @@ const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
 const ZERO: u64 = 1;
 /// Upper bound on the L2 cache, whatever the cluster size.
-const L2_CACHE_BYTES: usize = 16 << 20;
+const L2_CACHE_BYTES: usize = 8 << 20;
+/// Refcount table entry: offset bits of the refcount block.
+const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Most refcount block bytes read to guess whether an image is preallocated (hostile images
+/// could otherwise make the guess read without end; real images need far less).
+const PREALLOC_SCAN_BYTES: u64 = 256 << 20;
 
 /// How one cluster (or subcluster, with extended L2) is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unit {
-    /// Not allocated here: read the backing file (or zeros).
-    Unallocated,
+    /// Not allocated here: read the backing file (or zeros). `host` is set for an unallocated
+    /// subcluster of an allocated cluster (extended L2), whose space qemu still reports.
+    Unallocated { host: Option<u64> },
     /// Reads as zeros; `host` is set when space stays allocated (preallocated zero cluster).
     Zero { host: Option<u64> },
     /// Guest data at `host` in the data file.
@@ -61,6 +67,8 @@ pub struct Qcow2 {
     file_size: u64,
     /// Subclusters per cluster: 32 with extended L2, else 1.
     unit_bits: u32,
+    /// qemu's guess whether the image has preallocated metadata, made on first use.
+    prealloc: OnceLock<bool>,
 }
 
 impl Qcow2 {
@@ -90,17 +98,17 @@ impl Qcow2 {
             .map_err(|e| Error::io("cannot read qcow2 header", e))?;
         let header = Header::parse(&head, file_size)?;
         let snapshots = snapshot::read_table(io.as_ref(), &header)?;
-        let (l1_offset, l1_size, size) = match snapshot {
-            None => (header.l1_table_offset, header.l1_size, header.size),
+        // A snapshot is read with the image's current virtual size, as qemu-img convert -l
+        // does (qcow2_snapshot_load_tmp swaps only the L1 table): clusters past the snapshot's
+        // own size read as zeros.
+        let size = header.size;
+        let (l1_offset, l1_size) = match snapshot {
+            None => (header.l1_table_offset, header.l1_size),
             Some(spec) => {
                 let s = snapshot::find(&snapshots, spec).ok_or_else(|| {
                     Error::new(ErrorKind::NotFound, format!("snapshot '{spec}' not found"))
                 })?;
-                (
-                    s.l1_table_offset,
-                    s.l1_size,
-                    s.disk_size.unwrap_or(header.size),
-                )
+                (s.l1_table_offset, s.l1_size)
             }
         };
         let l1_bytes = u64::from(l1_size) * 8;
@@ -136,6 +144,7 @@ impl Qcow2 {
             snapshots,
             file_size,
             unit_bits,
+            prealloc: OnceLock::new(),
         })
     }
 
@@ -164,7 +173,7 @@ impl Qcow2 {
         self.backing.as_deref()
     }
 
-    /// Virtual size of what is read (the snapshot's size when reading a snapshot).
+    /// Virtual size of the image (also when reading a snapshot, as qemu does).
     pub fn virtual_size(&self) -> u64 {
         self.size
     }
@@ -220,7 +229,7 @@ impl Qcow2 {
     /// after it (within the same L2 table) the caller may look at with the same table.
     fn classify(&self, table: Option<&[u64]>, cluster: u64, sub: u64) -> Result<Unit> {
         let Some(table) = table else {
-            return Ok(Unit::Unallocated);
+            return Ok(Unit::Unallocated { host: None });
         };
         let idx = (cluster % self.header.l2_entries()) as usize;
         let ext = self.header.extended_l2();
@@ -273,12 +282,15 @@ impl Qcow2 {
             return Ok(if allocated {
                 Unit::Data { host }
             } else {
-                Unit::Unallocated
+                Unit::Unallocated { host: None }
             });
         }
         let bitmap = table[idx * 2 + 1];
         let alloc = (bitmap >> sub) & 1 != 0;
         let zero = (bitmap >> (32 + sub)) & 1 != 0;
+        // Zero and unallocated subclusters of an allocated cluster keep their host space
+        // (qemu's ZERO_ALLOC and UNALLOCATED_ALLOC).
+        let sub_host = allocated.then_some(host + (sub << (self.cluster_bits() - 5)));
         match (alloc, zero) {
             (true, true) => Err(corrupt!(
                 "subcluster {sub} of guest cluster {cluster} is both allocated and zero"
@@ -289,8 +301,8 @@ impl Qcow2 {
             (true, false) => Ok(Unit::Data {
                 host: host + (sub << (self.cluster_bits() - 5)),
             }),
-            (false, true) => Ok(Unit::Zero { host: None }),
-            (false, false) => Ok(Unit::Unallocated),
+            (false, true) => Ok(Unit::Zero { host: sub_host }),
+            (false, false) => Ok(Unit::Unallocated { host: sub_host }),
         }
     }
 
@@ -306,10 +318,27 @@ impl Qcow2 {
         let table_end_unit = (first_unit / per_table_units + 1) * per_table_units;
         let sub_mask = (1u64 << self.unit_bits) - 1;
         if table.is_none() {
-            return Ok((Unit::Unallocated, (table_end_unit * usize_ - off).min(max)));
+            return Ok((
+                Unit::Unallocated { host: None },
+                (table_end_unit * usize_ - off).min(max),
+            ));
         }
         let first = self.classify(table.as_deref(), cluster, first_unit & sub_mask)?;
-        let in_first = usize_ - (off & (usize_ - 1));
+        let within = off & (usize_ - 1);
+        let in_first = usize_ - within;
+        // Host offsets are those of `off` itself, not of the start of its unit.
+        let first = match first {
+            Unit::Data { host } => Unit::Data {
+                host: host + within,
+            },
+            Unit::Zero { host: Some(h) } => Unit::Zero {
+                host: Some(h + within),
+            },
+            Unit::Unallocated { host: Some(h) } => Unit::Unallocated {
+                host: Some(h + within),
+            },
+            other => other,
+        };
         let mut len = in_first.min(max);
         if let Unit::Compressed { .. } = first {
             // One cluster at a time; compressed units are handled individually.
@@ -320,9 +349,10 @@ impl Qcow2 {
         while len < max && u < table_end_unit {
             let next = self.classify(table.as_deref(), u >> self.unit_bits, u & sub_mask)?;
             let same = match (first, next) {
-                (Unit::Unallocated, Unit::Unallocated) => true,
+                (Unit::Unallocated { host: None }, Unit::Unallocated { host: None }) => true,
                 (Unit::Zero { host: None }, Unit::Zero { host: None }) => true,
-                (Unit::Zero { host: Some(a) }, Unit::Zero { host: Some(b) })
+                (Unit::Unallocated { host: Some(a) }, Unit::Unallocated { host: Some(b) })
+                | (Unit::Zero { host: Some(a) }, Unit::Zero { host: Some(b) })
                 | (Unit::Data { host: a }, Unit::Data { host: b }) => b == a + len,
                 _ => false,
             };
@@ -333,6 +363,65 @@ impl Qcow2 {
             u += 1;
         }
         Ok((first, len))
+    }
+
+    /// qemu's `qcow2_detect_metadata_preallocation`: true when clearly more clusters of the
+    /// image file have a non-zero refcount than the file has allocated space for (at least
+    /// max(n * 10 / 9, n + 2) for n allocated clusters). Only for such images does qemu look
+    /// for holes of the file under data clusters when reporting block status. Errors count as
+    /// "no", as in qemu.
+    fn metadata_preallocated(&self) -> bool {
+        *self
+            .prealloc
+            .get_or_init(|| self.detect_metadata_preallocation().unwrap_or(false))
+    }
+
+    fn detect_metadata_preallocation(&self) -> Result<bool> {
+        let h = &self.header;
+        let cs = h.cluster_size();
+        let Some(real) = self.io.allocated_bytes().ok().flatten() else {
+            return Ok(false);
+        };
+        let real_clusters = real / cs;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        // qemu measures the file in whole sectors.
+        let end_cluster = (self.file_size.div_ceil(512) * 512).div_ceil(cs);
+        let bits = u64::from(h.refcount_bits());
+        let per_block = cs * 8 / bits;
+        let table_entries = u64::from(h.refcount_table_clusters) * cs / 8;
+        let needed = end_cluster.div_ceil(per_block).min(table_entries);
+        let mut table = vec![0u8; (needed * 8) as usize];
+        self.io
+            .read_at_zero_padded(&mut table, h.refcount_table_offset)
+            .map_err(|e| Error::io("cannot read refcount table", e))?;
+        let mut block = vec![0u8; cs as usize];
+        let mut budget = PREALLOC_SCAN_BYTES;
+        let mut count = 0u64;
+        for (t, entry) in table.chunks_exact(8).enumerate() {
+            let off = BigEndian::read_u64(entry) & REFT_OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            if off % cs != 0 {
+                return Err(corrupt!("refcount block offset {off:#x} is not aligned"));
+            }
+            if budget < cs {
+                return Ok(false);
+            }
+            budget -= cs;
+            self.io
+                .read_at_zero_padded(&mut block, off)
+                .map_err(|e| Error::io("cannot read refcount block", e))?;
+            let first = t as u64 * per_block;
+            let n = per_block.min(end_cluster - first) as usize;
+            count += (0..n)
+                .filter(|&j| refcount_nonzero(&block, bits, j))
+                .count() as u64;
+            if count >= threshold {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     fn data_io(&self) -> Result<&Arc<dyn BlockIo>> {
@@ -351,29 +440,27 @@ impl Qcow2 {
         }
         let (unit, len) = self.run(off, max)?;
         Ok(match unit {
-            Unit::Unallocated => match &self.backing {
+            // Beyond the end of the backing file (or without one) qemu reports zeros at this
+            // level, depth 0.
+            Unit::Unallocated { host } => match &self.backing {
                 Some(b) if off < b.virtual_size() => {
                     let mut e = b.extent(off, len.min(b.virtual_size() - off))?;
                     e.depth += 1;
                     e
                 }
-                Some(_) => Extent {
-                    len,
-                    depth: 1,
-                    zero: true,
-                    ..Extent::default()
-                },
-                None => Extent {
+                _ => Extent {
                     len,
                     zero: true,
+                    offset: host,
                     ..Extent::default()
                 },
             },
+            // qemu reports a zero cluster that keeps its allocation with its host offset,
+            // but not as data.
             Unit::Zero { host } => Extent {
                 len,
                 present: true,
                 zero: true,
-                data: host.is_some(),
                 offset: host,
                 ..Extent::default()
             },
@@ -385,7 +472,6 @@ impl Qcow2 {
                 ..Extent::default()
             },
             Unit::Data { host } => {
-                // A data cluster over a hole of the file reads as zeros (preallocated metadata).
                 let data = self.data_io()?;
                 let mut e = Extent {
                     len,
@@ -394,6 +480,12 @@ impl Qcow2 {
                     offset: Some(host),
                     ..Extent::default()
                 };
+                // A data cluster over a hole of the file reads as zeros. Like qemu, only look
+                // for such holes in images that seem to be preallocated (many more clusters
+                // referenced than the file has space for); elsewhere they are reported as data.
+                if !self.metadata_preallocated() {
+                    return Ok(e);
+                }
                 match data.next_data(host) {
                     Ok(Some(r)) if r.start > host => {
                         e.zero = true;
@@ -429,7 +521,7 @@ impl Qcow2 {
                 continue;
             }
             match unit {
-                Unit::Unallocated => self.read_backing(dst, pos)?,
+                Unit::Unallocated { .. } => self.read_backing(dst, pos)?,
                 Unit::Zero { .. } => dst.fill(0),
                 Unit::Data { host } => self
                     .data_io()?
@@ -488,5 +580,21 @@ impl Qcow2 {
     /// File length of the image file.
     pub fn file_size(&self) -> u64 {
         self.file_size
+    }
+}
+
+/// Whether entry `j` of a refcount block with `bits`-bit entries is non-zero (entries narrower
+/// than a byte are packed from the least significant bit, as qemu stores them).
+fn refcount_nonzero(block: &[u8], bits: u64, j: usize) -> bool {
+    match bits {
+        1 | 2 | 4 => {
+            let per_byte = 8 / bits as usize;
+            let shift = (j % per_byte) * bits as usize;
+            (block[j / per_byte] >> shift) & ((1u8 << bits) - 1) != 0
+        }
+        _ => {
+            let w = bits as usize / 8;
+            block[j * w..(j + 1) * w].iter().any(|&b| b != 0)
+        }
     }
 }

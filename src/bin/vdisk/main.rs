@@ -334,11 +334,20 @@ fn run(cli: Cli) -> Result<u8, Error> {
     Ok(0)
 }
 
+/// Output cut short by the reader (`vdisk map ... | head`) is not an error.
+fn is_broken_pipe(e: &Error) -> bool {
+    use std::error::Error as _;
+    e.source()
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let is_compare = matches!(cli.cmd, Cmd::Compare { .. });
     match run(cli) {
         Ok(code) => ExitCode::from(code),
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vdisk: {e}");
             // qemu-img exits 1 on errors; compare uses 2 because 1 means "different".
