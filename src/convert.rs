@@ -11,6 +11,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::Image;
 use crate::io::{BlockIo, FileIo};
+use crate::qcow2::writer::{Builder, CreateOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -94,13 +95,12 @@ pub struct Report {
     pub elapsed: Duration,
 }
 
-struct Shared<'s> {
-    src: &'s Image,
-    dst: &'s dyn BlockIo,
-    size: u64,
-    min_sparse: u64,
-    target_is_zero: bool,
+/// Work sharing between the caller's thread (progress, cancellation) and the workers.
+struct Pool {
+    threads: usize,
+    total: u64,
     next: AtomicU64,
+    end: AtomicU64,
     done: AtomicU64,
     read: AtomicU64,
     written: AtomicU64,
@@ -108,6 +108,133 @@ struct Shared<'s> {
     cancelled: AtomicBool,
     cancel: Option<CancelToken>,
     error: Mutex<Option<Error>>,
+}
+
+/// A task run on chunks: `(worker buffer, chunk start, chunk end)`.
+type Task<'t> = dyn Fn(&mut Vec<u8>, u64, u64) -> Result<()> + Sync + 't;
+
+impl Pool {
+    fn new(total: u64, opts: &ConvertOptions<'_>) -> Result<Pool> {
+        if opts.min_sparse % SECTOR as u64 != 0 || opts.min_sparse > MAX_MIN_SPARSE {
+            return Err(Error::invalid(format!(
+                "invalid sparse size {}: must be a multiple of 512 up to 16 MiB",
+                opts.min_sparse
+            )));
+        }
+        let threads = match opts.threads {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
+        }
+        .clamp(1, 64)
+        .min(total.div_ceil(CHUNK).max(1) as usize);
+        Ok(Pool {
+            threads,
+            total,
+            next: AtomicU64::new(0),
+            end: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            read: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
+            cancel: opts.cancel.clone(),
+            error: Mutex::new(None),
+        })
+    }
+
+    /// Run `task` over `start..end` in [`CHUNK`]s on the worker threads, reporting progress
+    /// from this thread. Returns the first error, or `Cancelled`.
+    fn run(
+        &self,
+        start: u64,
+        end: u64,
+        progress: &mut Option<Progress<'_>>,
+        task: &Task<'_>,
+    ) -> Result<()> {
+        self.next.store(start, Ordering::Relaxed);
+        self.end.store(end, Ordering::Relaxed);
+        std::thread::scope(|s| {
+            let (tx, rx) = mpsc::channel::<()>();
+            for _ in 0..self.threads {
+                let tx = tx.clone();
+                s.spawn(move || {
+                    self.worker(task);
+                    let _ = tx.send(());
+                });
+            }
+            drop(tx);
+            let mut finished = 0;
+            while finished < self.threads {
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(()) => finished += 1,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+                if progress
+                    .as_mut()
+                    .is_some_and(|p| !p(self.done.load(Ordering::Relaxed), self.total))
+                {
+                    self.cancelled.store(true, Ordering::Relaxed);
+                    self.stop.store(true, Ordering::Relaxed);
+                }
+            }
+        });
+        if let Some(e) = self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
+        }
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err(Error::new(ErrorKind::Cancelled, "conversion cancelled"));
+        }
+        Ok(())
+    }
+
+    fn worker(&self, task: &Task<'_>) {
+        let mut buf = Vec::new();
+        let end = self.end.load(Ordering::Relaxed);
+        while !self.stop.load(Ordering::Relaxed) {
+            if self.cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
+                self.cancelled.store(true, Ordering::Relaxed);
+                self.stop.store(true, Ordering::Relaxed);
+                break;
+            }
+            let start = self.next.fetch_add(CHUNK, Ordering::Relaxed);
+            if start >= end {
+                break;
+            }
+            let stop = (start + CHUNK).min(end);
+            if let Err(e) = task(&mut buf, start, stop) {
+                let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+                if slot.is_none() {
+                    *slot = Some(e);
+                }
+                self.stop.store(true, Ordering::Relaxed);
+                break;
+            }
+            self.done.fetch_add(stop - start, Ordering::Relaxed);
+        }
+    }
+
+    fn report(&self, t0: Instant, progress: &mut Option<Progress<'_>>) -> Report {
+        if let Some(p) = progress.as_mut() {
+            p(self.total, self.total);
+        }
+        Report {
+            virtual_size: self.total,
+            bytes_read: self.read.load(Ordering::Relaxed),
+            bytes_written: self.written.load(Ordering::Relaxed),
+            elapsed: t0.elapsed(),
+        }
+    }
+}
+
+struct Shared<'s> {
+    src: &'s Image,
+    dst: &'s dyn BlockIo,
+    min_sparse: u64,
+    target_is_zero: bool,
+    pool: &'s Pool,
 }
 
 /// Copy the whole virtual disk of `src` into `dst` as raw bytes. `target_is_zero` says `dst`
@@ -120,104 +247,20 @@ pub fn convert_to_raw(
     opts: &mut ConvertOptions<'_>,
 ) -> Result<Report> {
     let t0 = Instant::now();
-    if opts.min_sparse % SECTOR as u64 != 0 || opts.min_sparse > MAX_MIN_SPARSE {
-        return Err(Error::invalid(format!(
-            "invalid sparse size {}: must be a multiple of 512 up to 16 MiB",
-            opts.min_sparse
-        )));
-    }
     let size = src.virtual_size();
-    let threads = match opts.threads {
-        0 => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        n => n,
-    }
-    .clamp(1, 64)
-    .min(size.div_ceil(CHUNK).max(1) as usize);
+    let pool = Pool::new(size, opts)?;
     let sh = Shared {
         src,
         dst,
-        size,
         min_sparse: opts.min_sparse,
         target_is_zero,
-        next: AtomicU64::new(0),
-        done: AtomicU64::new(0),
-        read: AtomicU64::new(0),
-        written: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-        cancelled: AtomicBool::new(false),
-        cancel: opts.cancel.clone(),
-        error: Mutex::new(None),
+        pool: &pool,
     };
-    std::thread::scope(|s| {
-        let (tx, rx) = mpsc::channel::<()>();
-        for _ in 0..threads {
-            let tx = tx.clone();
-            let sh = &sh;
-            s.spawn(move || {
-                worker(sh);
-                let _ = tx.send(());
-            });
-        }
-        drop(tx);
-        let mut finished = 0;
-        while finished < threads {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(()) => finished += 1,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-            if opts
-                .progress
-                .as_mut()
-                .is_some_and(|p| !p(sh.done.load(Ordering::Relaxed), size))
-            {
-                sh.cancelled.store(true, Ordering::Relaxed);
-                sh.stop.store(true, Ordering::Relaxed);
-            }
-        }
-    });
-    if let Some(e) = sh.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        return Err(e);
-    }
-    if sh.cancelled.load(Ordering::Relaxed) {
-        return Err(Error::new(ErrorKind::Cancelled, "conversion cancelled"));
-    }
-    if let Some(p) = opts.progress.as_mut() {
-        p(size, size);
-    }
-    Ok(Report {
-        virtual_size: size,
-        bytes_read: sh.read.load(Ordering::Relaxed),
-        bytes_written: sh.written.load(Ordering::Relaxed),
-        elapsed: t0.elapsed(),
-    })
-}
-
-fn worker(sh: &Shared<'_>) {
-    let mut buf = vec![0u8; PIECE as usize];
-    while !sh.stop.load(Ordering::Relaxed) {
-        if sh.cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
-            sh.cancelled.store(true, Ordering::Relaxed);
-            sh.stop.store(true, Ordering::Relaxed);
-            break;
-        }
-        let start = sh.next.fetch_add(CHUNK, Ordering::Relaxed);
-        if start >= sh.size {
-            break;
-        }
-        let end = (start + CHUNK).min(sh.size);
-        if let Err(e) = copy_range(sh, &mut buf, start, end) {
-            let mut slot = sh.error.lock().unwrap_or_else(|p| p.into_inner());
-            if slot.is_none() {
-                *slot = Some(e);
-            }
-            sh.stop.store(true, Ordering::Relaxed);
-            break;
-        }
-        sh.done.fetch_add(end - start, Ordering::Relaxed);
-    }
+    pool.run(0, size, &mut opts.progress, &|buf, start, end| {
+        buf.resize(PIECE as usize, 0);
+        copy_range(&sh, buf, start, end)
+    })?;
+    Ok(pool.report(t0, &mut opts.progress))
 }
 
 fn copy_range(sh: &Shared<'_>, buf: &mut [u8], start: u64, end: u64) -> Result<()> {
@@ -246,7 +289,7 @@ fn copy_range(sh: &Shared<'_>, buf: &mut [u8], start: u64, end: u64) -> Result<(
             let n = (stop - pos).min(PIECE);
             let data = &mut buf[..n as usize];
             sh.src.read_at(data, pos)?;
-            sh.read.fetch_add(n, Ordering::Relaxed);
+            sh.pool.read.fetch_add(n, Ordering::Relaxed);
             write_sparse(sh, data, pos)?;
             pos += n;
         }
@@ -259,7 +302,7 @@ fn zero_range(sh: &Shared<'_>, pos: u64, len: u64) -> Result<()> {
         // Fully allocate: write the zeros as data.
         crate::io::write_zeroes_by_writing(sh.dst, pos, len)
             .map_err(|e| Error::io("write failed", e))?;
-        sh.written.fetch_add(len, Ordering::Relaxed);
+        sh.pool.written.fetch_add(len, Ordering::Relaxed);
     } else if !sh.target_is_zero {
         sh.dst
             .write_zeroes(pos, len)
@@ -281,7 +324,7 @@ fn write_sparse(sh: &Shared<'_>, data: &[u8], pos: u64) -> Result<()> {
             sh.dst
                 .write_all_at(&data[a..b], pos + a as u64)
                 .map_err(|e| Error::io("write failed", e))?;
-            sh.written.fetch_add((b - a) as u64, Ordering::Relaxed);
+            sh.pool.written.fetch_add((b - a) as u64, Ordering::Relaxed);
         }
         Ok(())
     };
@@ -313,6 +356,232 @@ fn write_sparse(sh: &Shared<'_>, data: &[u8], pos: u64) -> Result<()> {
         i = j;
     }
     write(data_start, data.len())
+}
+
+/// Write the whole virtual disk of `src` as a new qcow2 image into the empty `dst`.
+///
+/// Clusters that read as zeros are left unallocated (all clusters are allocated with
+/// `min_sparse == 0`); with `compress`, each non-zero cluster is compressed on the worker
+/// threads and stored uncompressed when that does not make it smaller. The disk is built in
+/// stretches of at least 64 MiB whose L2 tables are placed before their data, so memory holds
+/// one stretch's tables whatever the image size.
+pub fn convert_to_qcow2(
+    src: &Image,
+    dst: &dyn BlockIo,
+    target: &CreateOptions,
+    compress: bool,
+    opts: &mut ConvertOptions<'_>,
+) -> Result<Report> {
+    let t0 = Instant::now();
+    if target.prealloc != crate::qcow2::writer::Prealloc::Off && compress {
+        return Err(Error::invalid(
+            "compression and preallocation cannot be combined",
+        ));
+    }
+    let b = Builder::new(dst, src.virtual_size(), target)?;
+    let size = src.virtual_size();
+    let cov = b.l2_coverage();
+    let stretch = (64u64 << 20).div_ceil(cov).max(1) * cov;
+    let pool = Pool::new(size, opts)?;
+    let min_sparse = opts.min_sparse;
+    let mut s = 0;
+    while s < size {
+        let e = (s + stretch).min(size);
+        let mut tables: Vec<u64> = Vec::new();
+        let mut pos = s;
+        while pos < e {
+            let x = src.extent(pos, e - pos)?;
+            if !x.zero || min_sparse == 0 || target.prealloc != crate::qcow2::writer::Prealloc::Off
+            {
+                for i in pos / cov..=(pos + x.len - 1) / cov {
+                    if tables.last() != Some(&i) {
+                        tables.push(i);
+                    }
+                }
+            }
+            pos += x.len;
+        }
+        b.begin_tables(&tables)?;
+        if tables.is_empty() {
+            pool.done.fetch_add(e - s, Ordering::Relaxed);
+        } else {
+            pool.run(s, e, &mut opts.progress, &|buf, start, end| {
+                qcow2_chunk(src, &b, &pool, compress, min_sparse, buf, start, end)
+            })?;
+        }
+        s = e;
+    }
+    b.finish()?;
+    let r = pool.report(t0, &mut opts.progress);
+    Ok(r)
+}
+
+/// Convert one chunk (cluster aligned start) into the qcow2 builder.
+#[allow(clippy::too_many_arguments)]
+fn qcow2_chunk(
+    src: &Image,
+    b: &Builder<'_>,
+    pool: &Pool,
+    compress: bool,
+    min_sparse: u64,
+    buf: &mut Vec<u8>,
+    start: u64,
+    end: u64,
+) -> Result<()> {
+    let cs = b.cluster_size();
+    let size = src.virtual_size();
+    let piece = PIECE.max(cs);
+    let map_all = b.options().prealloc != crate::qcow2::writer::Prealloc::Off;
+    let mut pos = start;
+    let mut done_until = start;
+    while pos < end {
+        let x = src.extent(pos, end - pos)?;
+        if x.zero && min_sparse != 0 && !map_all {
+            pos += x.len;
+            continue;
+        }
+        // Whole clusters around this extent and the non-zero ones right after it.
+        let mut stop = pos + x.len;
+        while stop < end && stop - pos < piece {
+            let n = src.extent(stop, end - stop)?;
+            if n.zero && min_sparse != 0 && !map_all {
+                break;
+            }
+            stop += n.len;
+        }
+        let first = (pos / cs * cs).max(done_until);
+        let last = stop.div_ceil(cs) * cs;
+        let mut p = first;
+        while p < last {
+            let n = (last - p).min(piece);
+            buf.resize(n as usize, 0);
+            let readable = (size.min(p + n) - p) as usize;
+            src.read_at(&mut buf[..readable], p)?;
+            buf[readable..].fill(0);
+            pool.read.fetch_add(readable as u64, Ordering::Relaxed);
+            store_clusters(b, pool, compress, min_sparse, map_all, buf, p)?;
+            p += n;
+        }
+        done_until = last;
+        pos = stop.max(pos + 1);
+    }
+    Ok(())
+}
+
+thread_local! {
+    static PACKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Hand whole clusters `data` (guest offset `guest`) to the builder: zero clusters skipped,
+/// runs of plain clusters written together, compressed ones packed in one batch.
+#[allow(clippy::too_many_arguments)]
+fn store_clusters(
+    b: &Builder<'_>,
+    pool: &Pool,
+    compress: bool,
+    min_sparse: u64,
+    map_all: bool,
+    data: &[u8],
+    guest: u64,
+) -> Result<()> {
+    let cs = b.cluster_size() as usize;
+    let ctype = b.options().compression;
+    let keep = |c: &[u8]| min_sparse == 0 || !is_zero_block(c);
+    if !compress {
+        // Class of each cluster: 2 write, 1 map without writing (preallocated zeros), 0 skip.
+        let class = |c: &[u8]| {
+            if keep(c) {
+                2
+            } else if map_all {
+                1
+            } else {
+                0
+            }
+        };
+        let mut run: Option<(usize, u8)> = None;
+        for k in 0..=data.len() / cs {
+            let c = data.get(k * cs..(k + 1) * cs).map_or(3, class);
+            if let Some((r, rc)) = run {
+                if rc == c {
+                    continue;
+                }
+                let g = guest + (r * cs) as u64;
+                if rc == 2 {
+                    b.write_clusters(g, &data[r * cs..k * cs])?;
+                    pool.written
+                        .fetch_add(((k - r) * cs) as u64, Ordering::Relaxed);
+                } else if rc == 1 {
+                    b.map_clusters(g, (k - r) as u64)?;
+                }
+            }
+            run = (c != 0 && c != 3).then_some((k, c));
+        }
+        return Ok(());
+    }
+    PACKED.with_borrow_mut(|packed| {
+        packed.clear();
+        let mut spans: Vec<(u64, usize, usize)> = Vec::new();
+        let mut scratch = vec![0u8; 2 * cs];
+        for (k, c) in data.chunks(cs).enumerate() {
+            if !keep(c) {
+                continue;
+            }
+            let g = guest + (k * cs) as u64;
+            match crate::qcow2::compressed::encode(ctype, c, &mut scratch) {
+                Some(n) => {
+                    spans.push((g, packed.len(), n));
+                    packed.extend_from_slice(&scratch[..n]);
+                }
+                None => b.write_clusters(g, c)?,
+            }
+            pool.written.fetch_add(cs as u64, Ordering::Relaxed);
+        }
+        let items: Vec<(u64, &[u8])> = spans
+            .iter()
+            .map(|&(g, a, n)| (g, &packed[a..a + n]))
+            .collect();
+        b.write_compressed(&items)
+    })
+}
+
+fn is_zero_block(b: &[u8]) -> bool {
+    b.chunks(SECTOR).all(is_zero)
+}
+
+/// The format of a conversion's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Raw bytes.
+    Raw,
+    /// A new qcow2 image with these options, compressed or not.
+    Qcow2 {
+        /// Creation options.
+        options: CreateOptions,
+        /// Compress clusters (`-c`).
+        compress: bool,
+    },
+}
+
+/// Convert `src` to a new image of format `target` at `dst` (raw also onto a block device).
+/// A file target is written under a temporary name and renamed into place when complete.
+pub fn convert_path(
+    src: &Image,
+    dst: &Path,
+    target: &Target,
+    opts: &mut ConvertOptions<'_>,
+) -> Result<Report> {
+    match target {
+        Target::Raw => convert_to_raw_path(src, dst, opts),
+        Target::Qcow2 { options, compress } => {
+            let tmp = TempTarget::create(dst)?;
+            let r = convert_to_qcow2(src, &tmp.io, options, *compress, opts)
+                .map_err(|e| e.with_path(dst))?;
+            crate::qcow2::writer::preallocate_data(&tmp.io, options.prealloc)
+                .map_err(|e| e.with_path(dst))?;
+            tmp.commit()?;
+            Ok(r)
+        }
+    }
 }
 
 /// Convert `src` to a raw file or block device at `dst`.

@@ -256,13 +256,14 @@ impl ImageInfo {
                 let _ = writeln!(s, "    lazy refcounts: {}", q.lazy_refcounts);
             }
             let _ = writeln!(s, "    refcount bits: {}", q.refcount_bits);
-            if q.compat != "0.10" {
-                let _ = writeln!(s, "    corrupt: {}", q.corrupt);
-                let _ = writeln!(s, "    extended l2: {}", q.extended_l2);
-            }
+            // qemu-img prints the data file before the corrupt and extended L2 flags.
             if let Some(f) = &q.data_file {
                 let _ = writeln!(s, "    data file: {f}");
                 let _ = writeln!(s, "    data file raw: {}", q.data_file_raw);
+            }
+            if q.compat != "0.10" {
+                let _ = writeln!(s, "    corrupt: {}", q.corrupt);
+                let _ = writeln!(s, "    extended l2: {}", q.extended_l2);
             }
         }
         if let Some(i) = &self.iso {

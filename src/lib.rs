@@ -25,6 +25,7 @@
 
 pub mod compare;
 pub mod convert;
+pub mod create;
 pub mod detect;
 pub mod error;
 pub mod image;

@@ -55,8 +55,17 @@ impl FileIo {
     /// Wrap an open file.
     pub fn from_file(file: File) -> io::Result<Self> {
         let block_device = file.metadata()?.file_type().is_block_device();
-        let fixed_size = if block_device { Some(block_device_size(&file)?) } else { None };
-        Ok(FileIo { file, block_device, fixed_size, last_extent: None })
+        let fixed_size = if block_device {
+            Some(block_device_size(&file)?)
+        } else {
+            None
+        };
+        Ok(FileIo {
+            file,
+            block_device,
+            fixed_size,
+            last_extent: None,
+        })
     }
 
     /// The underlying file.

@@ -73,6 +73,8 @@ thread_local! {
     static INFLATE: RefCell<Option<flate2::Decompress>> = const { RefCell::new(None) };
     static LIBDEFLATE: RefCell<Option<libdeflater::Decompressor>> = const { RefCell::new(None) };
     static ZSTD: RefCell<Option<zstd::zstd_safe::DCtx<'static>>> = const { RefCell::new(None) };
+    static DEFLATE: RefCell<Option<flate2::Compress>> = const { RefCell::new(None) };
+    static ZSTD_C: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
 }
 
 /// Read the batch's host span once and decode every cluster into `buf` (whose first byte is
@@ -127,6 +129,37 @@ pub(super) fn decode_batch(
     })
 }
 
+/// Compress one cluster for storage: raw deflate with a 4 KiB window at zlib's default level
+/// (qemu inflates with a 4 KiB window, so a larger one would be unreadable there), or one zstd
+/// frame at level 3. Returns the compressed length, or `None` when the result would not be
+/// smaller than the cluster (qemu then stores the cluster uncompressed). `dst` must hold at
+/// least twice `src.len()` bytes: compressors are given room for their worst case, because
+/// some fail badly when cut short.
+pub fn encode(ctype: CompressionType, src: &[u8], dst: &mut [u8]) -> Option<usize> {
+    if dst.len() < src.len() * 2 {
+        return None;
+    }
+    let n = match ctype {
+        CompressionType::Zlib => DEFLATE.with_borrow_mut(|slot| {
+            let c = slot.get_or_insert_with(|| {
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12)
+            });
+            c.reset();
+            match c.compress(src, dst, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) => Some(c.total_out() as usize),
+                _ => None,
+            }
+        }),
+        CompressionType::Zstd => ZSTD_C.with_borrow_mut(|slot| {
+            if slot.is_none() {
+                *slot = zstd::bulk::Compressor::new(3).ok();
+            }
+            slot.as_mut()?.compress_to_buffer(src, dst).ok()
+        }),
+    }?;
+    (n < src.len()).then_some(n)
+}
+
 /// Decode one compressed cluster from `src` into all of `dst`.
 pub fn decode(ctype: CompressionType, src: &[u8], dst: &mut [u8]) -> Result<()> {
     match ctype {
@@ -140,7 +173,8 @@ fn inflate(src: &[u8], dst: &mut [u8]) -> Result<()> {
     // properly terminated stream, so anything it rejects gets a second chance below (qemu also
     // accepts a stream that fills the cluster without its end marker).
     let fast = LIBDEFLATE.with_borrow_mut(|slot| {
-        slot.get_or_insert_with(libdeflater::Decompressor::new).deflate_decompress(src, dst)
+        slot.get_or_insert_with(libdeflater::Decompressor::new)
+            .deflate_decompress(src, dst)
     });
     if fast.is_ok_and(|n| n == dst.len()) {
         return Ok(());
@@ -218,5 +252,29 @@ mod tests {
         let short = zstd::bulk::compress(&data[..1000], 3).unwrap();
         assert!(decode(CompressionType::Zstd, &short, &mut out).is_err());
         assert!(decode(CompressionType::Zlib, &[1, 2, 3], &mut out).is_err());
+    }
+
+    #[test]
+    fn encode_round_trips_and_refuses_incompressible() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 13) as u8).collect();
+        let mut c = vec![0u8; 2 * 65536];
+        let mut out = vec![0u8; 65536];
+        for t in [CompressionType::Zlib, CompressionType::Zstd] {
+            let n = encode(t, &data, &mut c).unwrap();
+            assert!(n < 65535);
+            decode(t, &c[..n], &mut out).unwrap();
+            assert_eq!(out, data);
+        }
+        let mut x: u64 = 1;
+        let noise: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert_eq!(encode(CompressionType::Zlib, &noise, &mut c), None);
+        assert_eq!(encode(CompressionType::Zstd, &noise, &mut c), None);
     }
 }

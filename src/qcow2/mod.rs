@@ -8,9 +8,10 @@
 pub mod header;
 pub mod refcount;
 pub mod snapshot;
+pub mod writer;
 
 mod cache;
-mod compressed;
+pub mod compressed;
 
 use crate::error::{Error, ErrorKind, Result, corrupt};
 use crate::image::{Extent, Image};

@@ -27,7 +27,10 @@ pub struct Geometry {
 impl Geometry {
     /// From a parsed header.
     pub fn of(h: &Header) -> Geometry {
-        Geometry { cluster_bits: h.cluster_bits, refcount_order: h.refcount_order }
+        Geometry {
+            cluster_bits: h.cluster_bits,
+            refcount_order: h.refcount_order,
+        }
     }
 
     /// Cluster size in bytes.
@@ -43,7 +46,11 @@ impl Geometry {
     /// Largest refcount the width can hold.
     pub fn max_refcount(&self) -> u64 {
         let bits = 1u32 << self.refcount_order;
-        if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 }
+        if bits == 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        }
     }
 
     /// Read entry `i` of a refcount block.
@@ -88,12 +95,18 @@ impl OnDisk {
     pub fn load(io: &dyn BlockIo, h: &Header) -> Result<OnDisk> {
         let bytes = u64::from(h.refcount_table_clusters) << h.cluster_bits;
         if bytes > MAX_REFTABLE_BYTES {
-            return Err(Error::new(ErrorKind::TooLarge, "reference count table too large"));
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                "reference count table too large",
+            ));
         }
         let mut raw = vec![0u8; bytes as usize];
         io.read_at_zero_padded(&mut raw, h.refcount_table_offset)
             .map_err(|e| Error::io("cannot read refcount table", e))?;
-        Ok(OnDisk { geo: Geometry::of(h), table: raw.chunks_exact(8).map(BigEndian::read_u64).collect() })
+        Ok(OnDisk {
+            geo: Geometry::of(h),
+            table: raw.chunks_exact(8).map(BigEndian::read_u64).collect(),
+        })
     }
 
     /// The refcount table entries (refblock offsets, 0 = none).
@@ -105,10 +118,14 @@ impl OnDisk {
     pub fn block_offset(&self, i: usize) -> Result<u64> {
         let e = self.table.get(i).copied().unwrap_or(0);
         if e & !REFTABLE_OFFSET_MASK != 0 {
-            return Err(corrupt!("refcount table entry {i} has reserved bits set ({e:#x})"));
+            return Err(corrupt!(
+                "refcount table entry {i} has reserved bits set ({e:#x})"
+            ));
         }
         if e % self.geo.cluster_size() != 0 {
-            return Err(corrupt!("refcount block offset {e:#x} is not cluster aligned"));
+            return Err(corrupt!(
+                "refcount block offset {e:#x} is not cluster aligned"
+            ));
         }
         Ok(e)
     }
@@ -123,7 +140,8 @@ impl OnDisk {
             if off == 0 {
                 continue;
             }
-            io.read_at_zero_padded(&mut block, off).map_err(|e| Error::io("cannot read refcount block", e))?;
+            io.read_at_zero_padded(&mut block, off)
+                .map_err(|e| Error::io("cannot read refcount block", e))?;
             for j in 0..per {
                 let v = self.geo.get(&block, j);
                 if v != 0 {
@@ -172,7 +190,10 @@ pub fn write_structures(
         table = nt;
     }
     if table * cs > MAX_REFTABLE_BYTES {
-        return Err(Error::new(ErrorKind::TooLarge, "image too large for a refcount table"));
+        return Err(Error::new(
+            ErrorKind::TooLarge,
+            "image too large for a refcount table",
+        ));
     }
     let blocks_at = start;
     let table_at = start + blocks;
@@ -194,7 +215,10 @@ pub fn write_structures(
             if v > geo.max_refcount() {
                 return Err(Error::new(
                     ErrorKind::TooLarge,
-                    format!("refcount {v} of cluster {c} exceeds the {}-bit refcount width", 1 << geo.refcount_order),
+                    format!(
+                        "refcount {v} of cluster {c} exceeds the {}-bit refcount width",
+                        1 << geo.refcount_order
+                    ),
                 ));
             }
             if v != 0 {
@@ -206,12 +230,18 @@ pub fn write_structures(
         // is left out really covers only free clusters.
         if any {
             let off = (blocks_at + b) * cs;
-            io.write_all_at(&block, off).map_err(|e| Error::io("cannot write refcount block", e))?;
+            io.write_all_at(&block, off)
+                .map_err(|e| Error::io("cannot write refcount block", e))?;
             BigEndian::write_u64(&mut entries[(b * 8) as usize..(b * 8 + 8) as usize], off);
         }
     }
-    io.write_all_at(&entries, table_at * cs).map_err(|e| Error::io("cannot write refcount table", e))?;
-    Ok(Placement { table_offset: table_at * cs, table_clusters: table as u32, end_cluster: end })
+    io.write_all_at(&entries, table_at * cs)
+        .map_err(|e| Error::io("cannot write refcount table", e))?;
+    Ok(Placement {
+        table_offset: table_at * cs,
+        table_clusters: table as u32,
+        end_cluster: end,
+    })
 }
 
 #[cfg(test)]
@@ -222,26 +252,39 @@ mod tests {
     #[test]
     fn every_width_round_trips() {
         for order in 0..=6 {
-            let g = Geometry { cluster_bits: 9, refcount_order: order };
+            let g = Geometry {
+                cluster_bits: 9,
+                refcount_order: order,
+            };
             let mut b = vec![0u8; 512];
             let n = g.entries_per_block();
             for i in 0..n {
                 g.set(&mut b, i, (i * 7 + 1) & g.max_refcount());
             }
             for i in 0..n {
-                assert_eq!(g.get(&b, i), (i * 7 + 1) & g.max_refcount(), "order {order} entry {i}");
+                assert_eq!(
+                    g.get(&b, i),
+                    (i * 7 + 1) & g.max_refcount(),
+                    "order {order} entry {i}"
+                );
             }
         }
     }
 
     #[test]
     fn structures_count_themselves() {
-        let g = Geometry { cluster_bits: 9, refcount_order: 4 };
+        let g = Geometry {
+            cluster_bits: 9,
+            refcount_order: 4,
+        };
         let io = MemIo::default();
         // 300 used clusters of refcount 1, structures at 300.
         let p = write_structures(&io, g, 300, 300, |_| 1).unwrap();
         let data = io.to_vec();
-        let table: Vec<u64> = data[(p.table_offset as usize)..].chunks_exact(8).map(BigEndian::read_u64).collect();
+        let table: Vec<u64> = data[(p.table_offset as usize)..]
+            .chunks_exact(8)
+            .map(BigEndian::read_u64)
+            .collect();
         let per = g.entries_per_block();
         let mut counted = 0;
         for (i, &off) in table.iter().enumerate() {
@@ -257,6 +300,18 @@ mod tests {
             }
         }
         assert_eq!(counted, p.end_cluster);
-        assert!(write_structures(&io, Geometry { cluster_bits: 9, refcount_order: 0 }, 2, 2, |_| 2).is_err());
+        assert!(
+            write_structures(
+                &io,
+                Geometry {
+                    cluster_bits: 9,
+                    refcount_order: 0
+                },
+                2,
+                2,
+                |_| 2
+            )
+            .is_err()
+        );
     }
 }

@@ -7,8 +7,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vdisk::compare::{Comparison, compare};
-use vdisk::convert::{ConvertOptions, convert_to_raw_path};
+use vdisk::convert::{ConvertOptions, Target, convert_path};
 use vdisk::info::{ImageInfo, map_human, map_json, snapshot_table};
+use vdisk::qcow2::writer::CreateOptions;
 use vdisk::{Error, Format, Image, OpenOptions, Policy};
 
 #[derive(Parser)]
@@ -58,6 +59,13 @@ enum Cmd {
         /// Quiet (accepted for qemu-img compatibility).
         #[arg(short = 'q')]
         quiet: bool,
+        /// Compress the output (qcow2): zlib or zstd, as -o compression_type says.
+        #[arg(short = 'c')]
+        compress: bool,
+        /// Output options, qemu-img style (cluster_size=64k,compat=1.1,refcount_bits=16,
+        /// compression_type=zstd,extended_l2=on,lazy_refcounts=on,preallocation=metadata).
+        #[arg(short = 'o', action = clap::ArgAction::Append)]
+        options: Vec<String>,
         /// Convert internal snapshot (id, name, snapshot.id=ID or snapshot.name=NAME).
         #[arg(short = 'l')]
         snapshot: Option<String>,
@@ -75,6 +83,29 @@ enum Cmd {
         untrusted: bool,
         src: PathBuf,
         dst: PathBuf,
+    },
+    /// Create a new, empty image.
+    Create {
+        /// Format: raw or qcow2.
+        #[arg(short = 'f', default_value = "raw")]
+        format: String,
+        /// Options, qemu-img style (see convert -o; raw: preallocation=off|falloc|full).
+        #[arg(short = 'o', action = clap::ArgAction::Append)]
+        options: Vec<String>,
+        /// Backing file (qcow2).
+        #[arg(short = 'b')]
+        backing: Option<String>,
+        /// Backing file format.
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
+        /// Do not open the backing file (its size must then be given).
+        #[arg(short = 'u')]
+        unsafe_backing: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        file: PathBuf,
+        /// Size with an optional k/M/G/T suffix (default: the backing file's size).
+        size: Option<String>,
     },
     /// Compare the guest contents of two images (exit 0 same, 1 different, 2 error).
     Compare {
@@ -233,6 +264,8 @@ fn run(cli: Cli) -> Result<u8, Error> {
             out_format,
             sparse,
             progress,
+            compress,
+            options,
             snapshot,
             workers,
             untrusted,
@@ -240,12 +273,36 @@ fn run(cli: Cli) -> Result<u8, Error> {
             dst,
             ..
         } => {
-            if Format::from_name(&out_format) != Some(Format::Raw) {
-                return Err(Error::new(
-                    vdisk::ErrorKind::UnsupportedFormat,
-                    format!("output format '{out_format}' is not supported yet (raw only)"),
-                ));
-            }
+            let target = match Format::from_name(&out_format) {
+                Some(Format::Raw) => {
+                    if compress {
+                        return Err(Error::invalid(
+                            "compression is only supported for qcow2 output",
+                        ));
+                    }
+                    let mut co = CreateOptions::default();
+                    for o in &options {
+                        co.apply(o)?;
+                    }
+                    Target::Raw
+                }
+                Some(Format::Qcow2) => {
+                    let mut co = CreateOptions::default();
+                    for o in &options {
+                        co.apply(o)?;
+                    }
+                    Target::Qcow2 {
+                        options: co,
+                        compress,
+                    }
+                }
+                _ => {
+                    return Err(Error::new(
+                        vdisk::ErrorKind::UnsupportedFormat,
+                        format!("output format '{out_format}' is not supported (raw and qcow2)"),
+                    ));
+                }
+            };
             let mut o = opts(src_format.as_deref(), untrusted)?;
             o.snapshot = snapshot;
             let img = Image::open(&src, &o)?;
@@ -273,10 +330,56 @@ fn run(cli: Cli) -> Result<u8, Error> {
             if progress {
                 co.progress = Some(&mut show);
             }
-            convert_to_raw_path(&img, &dst, &mut co).map_err(|e| e.with_path(&src))?;
+            convert_path(&img, &dst, &target, &mut co).map_err(|e| e.with_path(&src))?;
             if progress {
                 w(&mut out, "\n")?;
             }
+        }
+        Cmd::Create {
+            format,
+            options,
+            backing,
+            backing_format,
+            unsafe_backing,
+            file,
+            size,
+            ..
+        } => {
+            let fmt = parse_format(Some(&format))?.unwrap_or(Format::Raw);
+            let mut co = CreateOptions::default();
+            for o in &options {
+                co.apply(o)?;
+            }
+            if let Some(b) = backing {
+                let bf = backing_format
+                    .or_else(|| co.backing.as_ref().map(|x| x.1.clone()))
+                    .unwrap_or_default();
+                co.backing = Some((b, bf));
+            }
+            if fmt != Format::Qcow2 && co.backing.is_some() {
+                return Err(Error::invalid("backing files are only supported for qcow2"));
+            }
+            let bytes = match size {
+                Some(s) => parse_size(&s)?,
+                None => match &co.backing {
+                    Some((b, bf)) if !unsafe_backing => {
+                        let p = std::path::Path::new(b);
+                        let p = if p.is_absolute() {
+                            p.to_path_buf()
+                        } else {
+                            file.parent().unwrap_or(std::path::Path::new("")).join(p)
+                        };
+                        let o = OpenOptions {
+                            format: parse_format(Some(bf))?,
+                            metadata_only: true,
+                            ..OpenOptions::default()
+                        };
+                        Image::open(&p, &o)?.virtual_size()
+                    }
+                    _ => return Err(Error::invalid("image creation requires a size parameter")),
+                },
+            };
+            vdisk::create::create(&file, fmt, bytes, &co)?;
         }
         Cmd::Compare {
             fmt_a,
