@@ -27,6 +27,7 @@ pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod detect;
+pub mod edit;
 pub mod error;
 pub mod image;
 pub mod info;

@@ -6,6 +6,7 @@
 //! held in memory (at most 32 MiB, qemu's limit); L2 tables go through a bounded cache.
 
 pub mod header;
+pub mod model;
 pub mod refcount;
 pub mod snapshot;
 pub mod writer;

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use vdisk::compare::{Comparison, compare};
 use vdisk::convert::{ConvertOptions, Target, convert_path};
-use vdisk::info::{ImageInfo, map_human, map_json, snapshot_table};
-use vdisk::qcow2::writer::CreateOptions;
+use vdisk::edit::SnapshotOp;
+use vdisk::info::{ImageInfo, snapshot_table, write_map_human, write_map_json};
+use vdisk::qcow2::writer::{CreateOptions, Prealloc};
 use vdisk::{Error, Format, Image, OpenOptions, Policy};
 
 #[derive(Parser)]
@@ -84,6 +85,8 @@ enum Cmd {
         src: PathBuf,
         dst: PathBuf,
     },
+    /// Change the virtual size of an image.
+    Resize(ResizeArgs),
     /// Create a new, empty image.
     Create {
         /// Format: raw or qcow2.
@@ -132,12 +135,42 @@ enum Cmd {
         /// List snapshots.
         #[arg(short = 'l')]
         list: bool,
+        /// Create a snapshot named NAME.
+        #[arg(short = 'c', value_name = "NAME")]
+        create: Option<String>,
+        /// Revert the disk to snapshot NAME (id or name).
+        #[arg(short = 'a', value_name = "NAME")]
+        apply: Option<String>,
+        /// Delete snapshot NAME (id or name).
+        #[arg(short = 'd', value_name = "NAME")]
+        delete: Option<String>,
+        #[arg(short = 'q')]
+        quiet: bool,
         #[arg(short = 'f')]
         format: Option<String>,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         file: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct ResizeArgs {
+    /// Allow shrinking (data past the new end is lost).
+    #[arg(long)]
+    shrink: bool,
+    /// Preallocate the new area: off, metadata (qcow2), falloc or full.
+    #[arg(long, default_value = "off")]
+    preallocation: String,
+    /// Image format (detected when omitted).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    #[arg(short = 'q')]
+    quiet: bool,
+    file: PathBuf,
+    /// New size, or +SIZE / -SIZE relative to the current one.
+    #[arg(allow_hyphen_values = true)]
+    size: String,
 }
 
 #[derive(Args)]
@@ -247,9 +280,11 @@ fn run(cli: Cli) -> Result<u8, Error> {
             file,
         } => {
             let img = Image::open(&file, &opts(common.format.as_deref(), common.untrusted)?)?;
-            let s = match output.as_str() {
-                "json" => map_json(&img),
-                "human" => map_human(&img, &name_chain(&img)),
+            // Streamed as found: a hostile image can describe hundreds of millions of extents.
+            let mut bw = std::io::BufWriter::new(&mut out);
+            match output.as_str() {
+                "json" => write_map_json(&img, &mut bw),
+                "human" => write_map_human(&img, &name_chain(&img), &mut bw),
                 o => {
                     return Err(Error::invalid(format!(
                         "--output must be human or json, not '{o}'"
@@ -257,7 +292,8 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 }
             }
             .map_err(|e| e.with_path(&file))?;
-            w(&mut out, &s)?;
+            bw.flush()
+                .map_err(|e| Error::io("cannot write output", e))?;
         }
         Cmd::Convert {
             src_format,
@@ -413,11 +449,44 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 }
             };
         }
+        Cmd::Resize(a) => {
+            let mode = Prealloc::from_name(&a.preallocation).ok_or_else(|| {
+                Error::invalid(format!("invalid preallocation mode '{}'", a.preallocation))
+            })?;
+            let change = vdisk::edit::SizeChange::parse(&a.size)?;
+            vdisk::edit::resize(
+                &a.file,
+                parse_format(a.format.as_deref())?,
+                change,
+                a.shrink,
+                mode,
+            )?;
+            if !a.quiet {
+                w(&mut out, "Image resized.\n")?;
+            }
+        }
         Cmd::Snapshot {
-            list, format, file, ..
+            list,
+            create,
+            apply,
+            delete,
+            format,
+            file,
+            ..
         } => {
-            if !list {
-                return Err(Error::invalid("only -l (list) is supported yet"));
+            let op = match (create, apply, delete) {
+                (Some(n), None, None) => Some(SnapshotOp::Create(n)),
+                (None, Some(n), None) => Some(SnapshotOp::Apply(n)),
+                (None, None, Some(n)) => Some(SnapshotOp::Delete(n)),
+                (None, None, None) => None,
+                _ => return Err(Error::invalid("give only one of -l, -c, -a, -d")),
+            };
+            if let Some(op) = op {
+                if list {
+                    return Err(Error::invalid("give only one of -l, -c, -a, -d"));
+                }
+                vdisk::edit::snapshot(&file, &op)?;
+                return Ok(0);
             }
             let mut o = opts(format.as_deref(), false)?;
             o.metadata_only = true;

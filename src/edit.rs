@@ -1,0 +1,204 @@
+//! In-place edits of existing images: resize (raw and qcow2), internal snapshots (create,
+//! apply, delete) and refcount repair. qcow2 edits go through [`crate::qcow2::model::Model`],
+//! which never overwrites live metadata, so a crash leaves the old image or the new one.
+
+use crate::detect::{self, Format};
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::{BlockIo, FileIo};
+use crate::qcow2::model::Model;
+use crate::qcow2::writer::Prealloc;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A size change as `qemu-img resize` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeChange {
+    /// Set the size.
+    To(u64),
+    /// Grow by this much.
+    Grow(u64),
+    /// Shrink by this much.
+    Shrink(u64),
+}
+
+impl SizeChange {
+    /// Parse `SIZE`, `+SIZE` or `-SIZE` (qemu-img suffixes).
+    pub fn parse(s: &str) -> Result<SizeChange> {
+        use crate::qcow2::writer::parse_qemu_size as p;
+        Ok(match s.as_bytes().first() {
+            Some(b'+') => SizeChange::Grow(p(&s[1..])?),
+            Some(b'-') => SizeChange::Shrink(p(&s[1..])?),
+            _ => SizeChange::To(p(s)?),
+        })
+    }
+
+    fn apply(self, old: u64) -> Result<u64> {
+        match self {
+            SizeChange::To(n) => Ok(n),
+            SizeChange::Grow(n) => old
+                .checked_add(n)
+                .ok_or_else(|| Error::invalid("size overflows")),
+            SizeChange::Shrink(n) => old
+                .checked_sub(n)
+                .ok_or_else(|| Error::invalid("image size cannot be negative")),
+        }
+    }
+}
+
+fn open_rw(path: &Path, format: Option<Format>) -> Result<(Arc<FileIo>, Format)> {
+    let io = FileIo::open_rw(path, false)
+        .map_err(|e| Error::io("cannot open image for writing", e).with_path(path))?;
+    let fmt = match format {
+        Some(f) => f,
+        None => {
+            let size = io
+                .size()
+                .map_err(|e| Error::io("cannot stat image", e).with_path(path))?;
+            let mut head = vec![0u8; (detect::PROBE_LEN as u64).min(size) as usize];
+            io.read_exact_at(&mut head, 0)
+                .map_err(|e| Error::io("cannot read image", e).with_path(path))?;
+            match detect::probe(&head, None) {
+                Format::Iso => Format::Raw,
+                f => f,
+            }
+        }
+    };
+    Ok((Arc::new(io), fmt))
+}
+
+/// Resize the image at `path`. Shrinking needs `allow_shrink`. The new area is preallocated as
+/// `prealloc` asks (raw: off, falloc, full; qcow2 also metadata); returns the mode applied.
+pub fn resize(
+    path: &Path,
+    format: Option<Format>,
+    change: SizeChange,
+    allow_shrink: bool,
+    prealloc: Prealloc,
+) -> Result<Prealloc> {
+    let (io, fmt) = open_rw(path, format)?;
+    let r = match fmt {
+        Format::Raw => {
+            let old = io.size().map_err(|e| Error::io("cannot stat image", e))?;
+            let new = change.apply(old)?;
+            if new < old && !allow_shrink {
+                return Err(Error::invalid(
+                    "use the --shrink option to perform a shrink operation",
+                )
+                .with_path(path));
+            }
+            if prealloc == Prealloc::Metadata {
+                return Err(Error::invalid(
+                    "raw images support preallocation off, falloc and full only",
+                )
+                .with_path(path));
+            }
+            io.set_size(new)
+                .map_err(|e| Error::io("cannot resize", e))?;
+            prealloc_range(io.as_ref(), old, new.saturating_sub(old), prealloc)
+        }
+        Format::Qcow2 => {
+            let mut m = Model::load(io.clone())?;
+            let old = m.size();
+            let new = change.apply(old)?;
+            if new < old && !allow_shrink {
+                return Err(Error::invalid(
+                    "use the --shrink option to perform a shrink operation",
+                )
+                .with_path(path));
+            }
+            m.resize(new, prealloc != Prealloc::Off && new > old)?;
+            let ranges = m.commit()?;
+            let mut applied = prealloc;
+            for (s, l) in ranges {
+                applied = prealloc_range(io.as_ref(), s, l, prealloc)?;
+            }
+            Ok(applied)
+        }
+        other => Err(Error::new(
+            ErrorKind::UnsupportedFormat,
+            format!("cannot resize {} images", other.name()),
+        )),
+    };
+    r.map_err(|e| e.with_path(path))
+}
+
+fn prealloc_range(io: &dyn BlockIo, off: u64, len: u64, mode: Prealloc) -> Result<Prealloc> {
+    if len == 0 {
+        return Ok(mode);
+    }
+    match mode {
+        Prealloc::Off | Prealloc::Metadata => Ok(mode),
+        Prealloc::Falloc => match io.allocate(off, len) {
+            Ok(()) => Ok(Prealloc::Falloc),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                prealloc_range(io, off, len, Prealloc::Full)
+            }
+            Err(e) => Err(Error::io("cannot preallocate", e)),
+        },
+        Prealloc::Full => {
+            crate::io::write_zeroes_by_writing(io, off, len)
+                .map_err(|e| Error::io("cannot preallocate", e))?;
+            Ok(Prealloc::Full)
+        }
+    }
+}
+
+/// What `snapshot` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotOp {
+    /// Create a snapshot of the current state with this name.
+    Create(String),
+    /// Revert the disk to this snapshot (id or name).
+    Apply(String),
+    /// Delete this snapshot (id or name).
+    Delete(String),
+}
+
+/// Create, apply or delete an internal snapshot of the qcow2 image at `path`.
+pub fn snapshot(path: &Path, op: &SnapshotOp) -> Result<()> {
+    let (io, fmt) = open_rw(path, None)?;
+    if fmt != Format::Qcow2 {
+        return Err(Error::new(
+            ErrorKind::UnsupportedFeature,
+            "only qcow2 images have internal snapshots",
+        )
+        .with_path(path));
+    }
+    let r = (|| {
+        let mut m = Model::load(io)?;
+        match op {
+            SnapshotOp::Create(n) => m.snapshot_create(n)?,
+            SnapshotOp::Apply(n) => m.snapshot_apply(n)?,
+            SnapshotOp::Delete(n) => m.snapshot_delete(n)?,
+        }
+        m.commit().map(|_| ())
+    })();
+    r.map_err(|e| e.with_path(path))
+}
+
+/// Rewrite the refcount structures of the qcow2 image at `path` from its mapping metadata
+/// (the repair `check -r leaks|all` performs; also clears the dirty bit).
+pub fn rebuild_refcounts(path: &Path) -> Result<()> {
+    let (io, fmt) = open_rw(path, Some(Format::Qcow2))?;
+    debug_assert_eq!(fmt, Format::Qcow2);
+    Model::load(io)
+        .and_then(|m| m.commit().map(|_| ()))
+        .map_err(|e| e.with_path(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_changes() {
+        assert_eq!(SizeChange::parse("+1G").unwrap(), SizeChange::Grow(1 << 30));
+        assert_eq!(SizeChange::parse("-512").unwrap(), SizeChange::Shrink(512));
+        assert_eq!(SizeChange::parse("10M").unwrap(), SizeChange::To(10 << 20));
+        assert_eq!(
+            SizeChange::Shrink(10).apply(5).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+        assert!(SizeChange::parse("+x").is_err());
+    }
+}

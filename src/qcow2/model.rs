@@ -1,0 +1,545 @@
+//! In-place changes to existing qcow2 images (resize, internal snapshots, refcount repair),
+//! done crash-safely by shadow rewriting.
+//!
+//! The image's whole mapping metadata (active L1, snapshot L1s, every L2 table, the snapshot
+//! table) is loaded into a [`Model`] and changed in memory. [`Model::commit`] then writes the
+//! changed metadata to fresh clusters past the end of the file, followed by a complete new set
+//! of refcount structures computed from it (so `COPIED` flags and refcounts always agree), and
+//! finally switches the header to the new tables with one small write. Data clusters never move
+//! and old metadata is never overwritten: a crash at any instant leaves either the old image or
+//! the new one, and at worst unreferenced clusters with refcount 0 (not even leaks).
+//!
+//! Memory is proportional to the metadata (1/8192 of the virtual size with 64 KiB clusters).
+
+use super::header::{Header, incompat};
+use super::refcount::{self, Geometry};
+use super::snapshot::{self, Snapshot};
+use crate::error::{Error, ErrorKind, Result, corrupt};
+use crate::io::BlockIo;
+use byteorder::{BigEndian, ByteOrder};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+const COPIED: u64 = 1 << 63;
+const COMPRESSED: u64 = 1 << 62;
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Host clusters a model may track (bounds the refcount array: 2^28 clusters = 16 TiB at 64 KiB).
+const MAX_HOST_CLUSTERS: u64 = 1 << 28;
+
+/// One L1 table: per index, the id of its L2 table in [`Model`]'s table list.
+type L1 = Vec<Option<usize>>;
+
+/// An image's mapping metadata, loaded for modification.
+#[derive(Debug)]
+pub struct Model {
+    io: Arc<dyn BlockIo>,
+    header: Header,
+    geo: Geometry,
+    file_clusters: u64,
+    /// Distinct L2 tables, raw entries with `COPIED` cleared (kept for data-file images).
+    tables: Vec<Vec<u64>>,
+    active: L1,
+    snapshots: Vec<(Snapshot, L1)>,
+    size: u64,
+    /// Newly allocated data clusters (guest cluster index) from metadata preallocation.
+    new_data: Vec<u64>,
+}
+
+impl Model {
+    /// Load every mapping table of the qcow2 image in `io` (which must be writable for
+    /// [`Model::commit`]). Images with bitmaps or marked corrupt are refused.
+    pub fn load(io: Arc<dyn BlockIo>) -> Result<Model> {
+        let file_size = io.size().map_err(|e| Error::io("cannot stat image", e))?;
+        let mut head = vec![0u8; file_size.min(2 << 20) as usize];
+        io.read_exact_at(&mut head, 0)
+            .map_err(|e| Error::io("cannot read header", e))?;
+        let header = Header::parse(&head, file_size)?;
+        if header.has_bitmaps {
+            return Err(Error::new(
+                ErrorKind::UnsupportedFeature,
+                "images with persistent bitmaps cannot be modified yet",
+            ));
+        }
+        if header.incompatible_features & incompat::CORRUPT != 0 {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                "image is marked corrupt; it can be opened read-only or repaired with check -r all",
+            ));
+        }
+        let geo = Geometry::of(&header);
+        let cs = geo.cluster_size();
+        let file_clusters = file_size.div_ceil(cs);
+        if file_clusters > MAX_HOST_CLUSTERS {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                "image file too large to modify",
+            ));
+        }
+        let snaps = snapshot::read_table(io.as_ref(), &header)?;
+        let mut m = Model {
+            io,
+            size: header.size,
+            geo,
+            file_clusters,
+            tables: Vec::new(),
+            active: Vec::new(),
+            snapshots: Vec::new(),
+            header,
+            new_data: Vec::new(),
+        };
+        let mut by_offset = HashMap::new();
+        m.active = m.load_l1(m.header.l1_table_offset, m.header.l1_size, &mut by_offset)?;
+        for s in snaps {
+            let l1 = m.load_l1(s.l1_table_offset, s.l1_size, &mut by_offset)?;
+            m.snapshots.push((s, l1));
+        }
+        Ok(m)
+    }
+
+    fn load_l1(&mut self, offset: u64, entries: u32, seen: &mut HashMap<u64, usize>) -> Result<L1> {
+        let cs = self.geo.cluster_size();
+        let file_size = self.file_clusters * cs;
+        let bytes = u64::from(entries) * 8;
+        if offset.checked_add(bytes).is_none_or(|e| e > file_size) {
+            return Err(corrupt!("L1 table at {offset:#x} runs past end of file"));
+        }
+        let mut raw = vec![0u8; bytes as usize];
+        self.io
+            .read_exact_at(&mut raw, offset)
+            .map_err(|e| Error::io("cannot read L1 table", e))?;
+        let has_data_file = self.header.data_file.is_some();
+        let ext = self.header.extended_l2();
+        let mut l1 = Vec::with_capacity(entries as usize);
+        for (i, e) in raw.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
+            if e & 0x7f00_0000_0000_01ff != 0 {
+                return Err(corrupt!("L1 entry {i} has reserved bits set ({e:#x})"));
+            }
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                l1.push(None);
+                continue;
+            }
+            if off % cs != 0 || off >= file_size || off < cs {
+                return Err(corrupt!("L2 table offset {off:#x} is invalid"));
+            }
+            if let Some(&id) = seen.get(&off) {
+                l1.push(Some(id));
+                continue;
+            }
+            let mut t = vec![0u8; cs as usize];
+            self.io
+                .read_at_zero_padded(&mut t, off)
+                .map_err(|e| Error::io("cannot read L2 table", e))?;
+            let mut entries: Vec<u64> = t.chunks_exact(8).map(BigEndian::read_u64).collect();
+            let step = if ext { 2 } else { 1 };
+            for k in (0..entries.len()).step_by(step) {
+                let v = entries[k];
+                if v & COMPRESSED == 0 {
+                    let host = v & OFFSET_MASK;
+                    if host % cs != 0 || (!has_data_file && host != 0 && host >= file_size) {
+                        return Err(corrupt!("L2 entry {:#x} points outside the image", v));
+                    }
+                    if !has_data_file {
+                        entries[k] = v & !COPIED;
+                    }
+                }
+            }
+            let id = self.tables.len();
+            self.tables.push(entries);
+            seen.insert(off, id);
+            l1.push(Some(id));
+        }
+        Ok(l1)
+    }
+
+    /// Virtual size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The snapshots.
+    pub fn snapshots(&self) -> impl Iterator<Item = &Snapshot> {
+        self.snapshots.iter().map(|s| &s.0)
+    }
+
+    fn l2_coverage(&self) -> u64 {
+        self.geo.cluster_size()
+            * (self.geo.cluster_size() / if self.header.extended_l2() { 16 } else { 8 })
+    }
+
+    /// Change the virtual size. Growing adds unallocated space (or, with `map_new`, newly
+    /// mapped clusters whose data reads as zeros, for metadata preallocation); shrinking drops
+    /// the mappings past the new end from the active state.
+    pub fn resize(&mut self, new_size: u64, map_new: bool) -> Result<()> {
+        if new_size % 512 != 0 {
+            return Err(Error::invalid("the new size must be a multiple of 512"));
+        }
+        let cov = self.l2_coverage();
+        let cs = self.geo.cluster_size();
+        let needed = new_size.div_ceil(cov);
+        if needed * 8 > super::header::MAX_L1_BYTES {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                "new size is too big for this cluster size",
+            ));
+        }
+        let old = self.size;
+        if new_size < old {
+            self.active.truncate(needed as usize);
+            // Clear the entries past the end in the last table (a private copy of it).
+            if new_size % cov != 0 {
+                if let Some(Some(id)) = self.active.last().copied() {
+                    let mut t = self.tables[id].clone();
+                    let per_entry = if self.header.extended_l2() { 2 } else { 1 };
+                    let first = (new_size % cov).div_ceil(cs) as usize;
+                    for v in &mut t[first * per_entry..] {
+                        *v = 0;
+                    }
+                    self.tables.push(t);
+                    let last = self.active.len() - 1;
+                    self.active[last] = Some(self.tables.len() - 1);
+                }
+            }
+        } else {
+            self.active
+                .resize(needed.max(self.active.len() as u64) as usize, None);
+            if map_new {
+                let first = old.div_ceil(cs);
+                let last = new_size.div_ceil(cs);
+                self.new_data.extend(first..last);
+            }
+        }
+        self.size = new_size;
+        Ok(())
+    }
+
+    /// Add a snapshot of the active state named `name` (ids are numbered like qemu's).
+    pub fn snapshot_create(&mut self, name: &str) -> Result<()> {
+        if name.is_empty() || name.len() > 65535 {
+            return Err(Error::invalid("snapshot name must be 1 to 65535 bytes"));
+        }
+        if self.snapshots.iter().any(|s| s.0.name == name) {
+            return Err(Error::invalid(format!("snapshot '{name}' already exists")));
+        }
+        if self.snapshots.len() >= super::header::MAX_SNAPSHOTS as usize {
+            return Err(Error::new(ErrorKind::TooLarge, "too many snapshots"));
+        }
+        if self.header.data_file.is_some() {
+            return Err(Error::new(
+                ErrorKind::UnsupportedFeature,
+                "images with an external data file cannot have internal snapshots",
+            ));
+        }
+        let id = self
+            .snapshots
+            .iter()
+            .filter_map(|s| s.0.id.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let sn = Snapshot {
+            l1_table_offset: 0,
+            l1_size: self.active.len() as u32,
+            id: id.to_string(),
+            name: name.to_string(),
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_nanos(),
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: Some(self.size),
+            icount: Some(0),
+        };
+        self.snapshots.push((sn, self.active.clone()));
+        Ok(())
+    }
+
+    fn find(&self, spec: &str) -> Result<usize> {
+        self.snapshots
+            .iter()
+            .position(|s| s.0.id == spec)
+            .or_else(|| self.snapshots.iter().position(|s| s.0.name == spec))
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("snapshot '{spec}' not found")))
+    }
+
+    /// Make snapshot `spec` (id or name) the active state.
+    pub fn snapshot_apply(&mut self, spec: &str) -> Result<()> {
+        let i = self.find(spec)?;
+        let (sn, l1) = &self.snapshots[i];
+        self.active = l1.clone();
+        self.size = sn.disk_size.unwrap_or(self.size);
+        let needed = self.size.div_ceil(self.l2_coverage()) as usize;
+        if self.active.len() < needed {
+            self.active.resize(needed, None);
+        }
+        Ok(())
+    }
+
+    /// Remove snapshot `spec` (id or name).
+    pub fn snapshot_delete(&mut self, spec: &str) -> Result<()> {
+        let i = self.find(spec)?;
+        self.snapshots.remove(i);
+        Ok(())
+    }
+
+    /// Write the changed metadata and fresh refcounts past the end of the file, then switch the
+    /// header. Returns the host ranges of newly mapped data clusters (for falloc/full
+    /// preallocation by the caller).
+    pub fn commit(mut self) -> Result<Vec<(u64, u64)>> {
+        let cs = self.geo.cluster_size();
+        let ext = self.header.extended_l2();
+        let has_data_file = self.header.data_file.is_some();
+        let step = if ext { 2 } else { 1 };
+        // Which tables are referenced, and how often (one per L1 that names them).
+        let mut table_refs = vec![0u64; self.tables.len()];
+        for l1 in std::iter::once(&self.active).chain(self.snapshots.iter().map(|s| &s.1)) {
+            for id in l1.iter().flatten() {
+                table_refs[*id] += 1;
+            }
+        }
+        // Metadata preallocation: give each new guest cluster a slot in a private table.
+        let per_table = cs / (8 * step as u64);
+        let mut slots: Vec<(usize, usize)> = Vec::new();
+        for g in std::mem::take(&mut self.new_data) {
+            let l1i = (g / per_table) as usize;
+            let k = ((g % per_table) as usize) * step;
+            let id = match self.active[l1i] {
+                Some(id) if table_refs[id] == 1 => id,
+                old => {
+                    let t = match old {
+                        Some(id) => {
+                            table_refs[id] -= 1;
+                            self.tables[id].clone()
+                        }
+                        None => vec![0u64; (cs / 8) as usize],
+                    };
+                    self.tables.push(t);
+                    table_refs.push(1);
+                    self.active[l1i] = Some(self.tables.len() - 1);
+                    self.tables.len() - 1
+                }
+            };
+            slots.push((id, k));
+        }
+        // Place new metadata, then new data, from the current end of file on.
+        let mut next = self.file_clusters;
+        let mut alloc = |n: u64| {
+            let at = next;
+            next += n;
+            at
+        };
+        let l1_clusters = |len: usize| ((len as u64) * 8).div_ceil(cs).max(1);
+        let snap_l1_at: Vec<u64> = self
+            .snapshots
+            .iter()
+            .map(|s| alloc(l1_clusters(s.1.len())))
+            .collect();
+        let active_l1_at = alloc(l1_clusters(self.active.len()));
+        let table_at: Vec<u64> = table_refs
+            .iter()
+            .map(|&r| if r > 0 { alloc(1) } else { 0 })
+            .collect();
+        let mut new_ranges: Vec<(u64, u64)> = Vec::new();
+        for (id, k) in slots {
+            let host = alloc(1) * cs;
+            self.tables[id][k] = host;
+            if ext {
+                self.tables[id][k + 1] = 0xffff_ffff;
+            }
+            match new_ranges.last_mut() {
+                Some((s, l)) if *s + *l == host => *l += cs,
+                _ => new_ranges.push((host, cs)),
+            }
+        }
+        let snap_table_bytes: u64 = self.snapshots.iter().map(|s| entry_len(&s.0)).sum();
+        let snap_table_at = if self.snapshots.is_empty() {
+            0
+        } else {
+            alloc(snap_table_bytes.div_ceil(cs))
+        };
+        let used = next;
+        // Data refcounts: one per (L1, L2 entry) path.
+        let mut data_refs = vec![0u32; used as usize];
+        for l1 in std::iter::once(&self.active).chain(self.snapshots.iter().map(|s| &s.1)) {
+            for id in l1.iter().flatten() {
+                let t = &self.tables[*id];
+                for k in (0..t.len()).step_by(step) {
+                    let v = t[k];
+                    if has_data_file && v & COMPRESSED == 0 {
+                        continue;
+                    }
+                    for c in host_clusters(v, self.geo.cluster_bits) {
+                        let slot = data_refs
+                            .get_mut(c as usize)
+                            .ok_or_else(|| corrupt!("L2 entry {v:#x} points past end of file"))?;
+                        *slot += 1;
+                    }
+                }
+            }
+        }
+        // Write L2 tables with COPIED where the data's refcount is exactly 1.
+        let mut buf = vec![0u8; cs as usize];
+        for (id, t) in self.tables.iter().enumerate() {
+            if table_refs[id] == 0 {
+                continue;
+            }
+            for (k, &v) in t.iter().enumerate() {
+                let mut v = v;
+                if k % step == 0 && !has_data_file && v & COMPRESSED == 0 && v & OFFSET_MASK != 0 {
+                    let c = (v & OFFSET_MASK) / cs;
+                    if data_refs[c as usize] == 1 {
+                        v |= COPIED;
+                    }
+                }
+                BigEndian::write_u64(&mut buf[k * 8..], v);
+            }
+            self.io
+                .write_all_at(&buf, table_at[id] * cs)
+                .map_err(|e| Error::io("cannot write L2 table", e))?;
+        }
+        let write_l1 = |l1: &L1, at: u64, active: bool| -> Result<()> {
+            let mut b = vec![0u8; l1.len() * 8];
+            for (i, e) in l1.iter().enumerate() {
+                if let Some(id) = e {
+                    let mut v = table_at[*id] * cs;
+                    if active && table_refs[*id] == 1 {
+                        v |= COPIED;
+                    }
+                    BigEndian::write_u64(&mut b[i * 8..], v);
+                }
+            }
+            self.io
+                .write_all_at(&b, at * cs)
+                .map_err(|e| Error::io("cannot write L1 table", e))
+        };
+        for (s, at) in self.snapshots.iter_mut().zip(&snap_l1_at) {
+            write_l1(&s.1, *at, false)?;
+            s.0.l1_table_offset = at * cs;
+            s.0.l1_size = s.1.len() as u32;
+        }
+        write_l1(&self.active, active_l1_at, true)?;
+        if !self.snapshots.is_empty() {
+            let mut t = Vec::with_capacity(snap_table_bytes as usize);
+            for (s, _) in &self.snapshots {
+                encode_entry(s, &mut t);
+            }
+            self.io
+                .write_all_at(&t, snap_table_at * cs)
+                .map_err(|e| Error::io("cannot write snapshot table", e))?;
+        }
+        // Refcounts: header, metadata just written, data paths.
+        // Metadata refcounts: the header, each L1 and the snapshot table once, each L2 table
+        // once per L1 naming it.
+        data_refs[0] += 1;
+        let l1s = snap_l1_at
+            .iter()
+            .zip(self.snapshots.iter().map(|s| s.1.len()));
+        for (at, len) in l1s.chain([(&active_l1_at, self.active.len())]) {
+            for c in *at..*at + l1_clusters(len) {
+                data_refs[c as usize] += 1;
+            }
+        }
+        for (id, &r) in table_refs.iter().enumerate() {
+            if r > 0 {
+                data_refs[table_at[id] as usize] += r as u32;
+            }
+        }
+        if !self.snapshots.is_empty() {
+            for c in snap_table_at..snap_table_at + snap_table_bytes.div_ceil(cs) {
+                data_refs[c as usize] += 1;
+            }
+        }
+        let placement = refcount::write_structures(self.io.as_ref(), self.geo, used, used, |c| {
+            u64::from(data_refs[c as usize])
+        })?;
+        self.io
+            .flush()
+            .map_err(|e| Error::io("cannot flush image", e))?;
+        // Commit: one write of the header fields that changed.
+        let v3 = self.header.version >= 3;
+        let mut h = vec![0u8; if v3 { 72 } else { 48 }];
+        BigEndian::write_u64(&mut h[0..], self.size);
+        BigEndian::write_u32(&mut h[8..], self.header.crypt_method);
+        BigEndian::write_u32(&mut h[12..], self.active.len() as u32);
+        BigEndian::write_u64(&mut h[16..], active_l1_at * cs);
+        BigEndian::write_u64(&mut h[24..], placement.table_offset);
+        BigEndian::write_u32(&mut h[32..], placement.table_clusters);
+        BigEndian::write_u32(&mut h[36..], self.snapshots.len() as u32);
+        BigEndian::write_u64(
+            &mut h[40..],
+            if self.snapshots.is_empty() {
+                0
+            } else {
+                snap_table_at * cs
+            },
+        );
+        if v3 {
+            // Refcounts are exact now: the image is clean. Unknown autoclear bits are dropped.
+            BigEndian::write_u64(
+                &mut h[48..],
+                self.header.incompatible_features & !incompat::DIRTY,
+            );
+            BigEndian::write_u64(&mut h[56..], self.header.compatible_features);
+            BigEndian::write_u64(
+                &mut h[64..],
+                self.header.autoclear_features & super::header::AUTOCLEAR_DATA_FILE_RAW,
+            );
+        }
+        self.io
+            .write_all_at(&h, 24)
+            .map_err(|e| Error::io("cannot write header", e))?;
+        self.io
+            .flush()
+            .map_err(|e| Error::io("cannot flush image", e))?;
+        Ok(new_ranges)
+    }
+}
+
+/// Host clusters an L2 entry's data occupies (none for unallocated entries).
+fn host_clusters(v: u64, cluster_bits: u32) -> std::ops::Range<u64> {
+    if v & COMPRESSED != 0 {
+        let x = 62 - (cluster_bits - 8);
+        let off = v & ((1u64 << x) - 1);
+        let nsect = (v >> x) & ((1u64 << (cluster_bits - 8)) - 1);
+        let end = (off & !511) + (nsect + 1) * 512;
+        return (off >> cluster_bits)..((end - 1) >> cluster_bits) + 1;
+    }
+    let host = v & OFFSET_MASK;
+    if host == 0 {
+        0..0
+    } else {
+        (host >> cluster_bits)..(host >> cluster_bits) + 1
+    }
+}
+
+fn entry_len(s: &Snapshot) -> u64 {
+    (40 + 24 + s.id.len() as u64 + s.name.len() as u64).div_ceil(8) * 8
+}
+
+fn encode_entry(s: &Snapshot, out: &mut Vec<u8>) {
+    let start = out.len();
+    let mut f = [0u8; 40];
+    BigEndian::write_u64(&mut f[0..], s.l1_table_offset);
+    BigEndian::write_u32(&mut f[8..], s.l1_size);
+    BigEndian::write_u16(&mut f[12..], s.id.len() as u16);
+    BigEndian::write_u16(&mut f[14..], s.name.len() as u16);
+    BigEndian::write_u32(&mut f[16..], s.date_sec);
+    BigEndian::write_u32(&mut f[20..], s.date_nsec);
+    BigEndian::write_u64(&mut f[24..], s.vm_clock_nsec);
+    BigEndian::write_u32(
+        &mut f[32..],
+        s.vm_state_size.min(u64::from(u32::MAX)) as u32,
+    );
+    BigEndian::write_u32(&mut f[36..], 24);
+    out.extend_from_slice(&f);
+    let mut extra = [0u8; 24];
+    BigEndian::write_u64(&mut extra[0..], s.vm_state_size);
+    BigEndian::write_u64(&mut extra[8..], s.disk_size.unwrap_or(0));
+    BigEndian::write_u64(&mut extra[16..], s.icount.unwrap_or(u64::MAX));
+    out.extend_from_slice(&extra);
+    out.extend_from_slice(s.id.as_bytes());
+    out.extend_from_slice(s.name.as_bytes());
+    out.resize(start + entry_len(s) as usize, 0);
+}
