@@ -39,6 +39,23 @@ pub fn create(path: &Path, format: Format, size: u64, opts: &CreateOptions) -> R
     Ok(applied)
 }
 
+/// Preallocate the holes of the existing file at `path` (`falloc` falling back to `full`),
+/// e.g. after a raw conversion with `-o preallocation=`. Returns the mode applied.
+pub fn preallocate_file(path: &Path, mode: Prealloc) -> Result<Prealloc> {
+    if mode == Prealloc::Off {
+        return Ok(mode);
+    }
+    if mode == Prealloc::Metadata {
+        return Err(
+            Error::invalid("raw images support preallocation off, falloc and full only")
+                .with_path(path),
+        );
+    }
+    let io = crate::io::FileIo::open_rw(path, false)
+        .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+    writer::preallocate_data(&io, mode).map_err(|e| e.with_path(path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

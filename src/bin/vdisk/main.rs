@@ -309,6 +309,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             dst,
             ..
         } => {
+            let mut raw_prealloc = Prealloc::Off;
             let target = match Format::from_name(&out_format) {
                 Some(Format::Raw) => {
                     if compress {
@@ -320,6 +321,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     for o in &options {
                         co.apply(o)?;
                     }
+                    raw_prealloc = co.prealloc;
                     Target::Raw
                 }
                 Some(Format::Qcow2) => {
@@ -367,6 +369,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 co.progress = Some(&mut show);
             }
             convert_path(&img, &dst, &target, &mut co).map_err(|e| e.with_path(&src))?;
+            vdisk::create::preallocate_file(&dst, raw_prealloc)?;
             if progress {
                 w(&mut out, "\n")?;
             }
