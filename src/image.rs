@@ -140,10 +140,25 @@ impl Image {
             Kind::Raw { io, size, .. } => raw_extent(io.as_ref(), *size, offset, max),
             Kind::Qcow2(q) => q.extent(offset, max),
         }
+        .map_err(|e| self.name_in(e))
     }
 
     /// Read guest bytes at `offset`; the range must lie within the virtual size.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_at_inner(buf, offset).map_err(|e| self.name_in(e))
+    }
+
+    /// Errors found while reading name the image they were found in (a backing file's own
+    /// errors keep its name), so callers such as convert never have to guess which file of a
+    /// chain is broken.
+    fn name_in(&self, e: Error) -> Error {
+        match &self.path {
+            Some(p) => e.with_path(p),
+            None => e,
+        }
+    }
+
+    fn read_at_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match &self.kind {
             Kind::Raw { io, size, .. } => {
                 if offset

@@ -365,46 +365,71 @@ pub fn snapshot_table(snaps: &[Snapshot]) -> String {
     s
 }
 
-/// The merged extent list of `qemu-img map`, with the file each extent's depth refers to.
-pub fn map_extents(img: &Image) -> Result<Vec<Extent>> {
+/// Walk the merged extent list of `qemu-img map` in guest order, calling `f(start, extent)`
+/// for each. Memory stays constant however many extents there are (a small hostile image can
+/// describe hundreds of millions), so output can be streamed as qemu-img does.
+pub fn for_each_map_extent(
+    img: &Image,
+    mut f: impl FnMut(u64, &Extent) -> Result<()>,
+) -> Result<()> {
     let size = img.virtual_size();
-    let mut out: Vec<(u64, Extent)> = Vec::new();
+    let mut cur: Option<(u64, Extent)> = None;
     let mut pos = 0;
     while pos < size {
         let e = img.extent(pos, size - pos)?;
-        let merged = match out.last_mut() {
-            Some((start, last))
-                if last.depth == e.depth
-                    && last.present == e.present
-                    && last.zero == e.zero
-                    && last.data == e.data
-                    && last.compressed == e.compressed
-                    && match (last.offset, e.offset) {
-                        (Some(a), Some(b)) => a + last.len == b,
-                        (None, None) => true,
-                        _ => false,
-                    } =>
-            {
-                let _ = start;
-                last.len += e.len;
-                true
+        match &mut cur {
+            Some((_, last)) if mergeable(last, &e) => last.len += e.len,
+            _ => {
+                if let Some((start, last)) = cur.replace((pos, e)) {
+                    f(start, &last)?;
+                }
             }
-            _ => false,
-        };
-        if !merged {
-            out.push((pos, e));
         }
         pos += e.len;
     }
-    Ok(out.into_iter().map(|(_, e)| e).collect())
+    if let Some((start, last)) = cur {
+        f(start, &last)?;
+    }
+    Ok(())
 }
 
-/// `qemu-img map --output=json`, byte for byte.
-pub fn map_json(img: &Image) -> Result<String> {
-    let mut s = String::from("[");
-    let mut start = 0u64;
-    for (i, e) in map_extents(img)?.iter().enumerate() {
-        if i > 0 {
+/// Whether `e` continues `last` in qemu-img map's merged output.
+fn mergeable(last: &Extent, e: &Extent) -> bool {
+    last.depth == e.depth
+        && last.present == e.present
+        && last.zero == e.zero
+        && last.data == e.data
+        && last.compressed == e.compressed
+        && match (last.offset, e.offset) {
+            (Some(a), Some(b)) => a.checked_add(last.len) == Some(b),
+            (None, None) => true,
+            _ => false,
+        }
+}
+
+/// The merged extent list of `qemu-img map`, with the file each extent's depth refers to.
+/// Holds every extent in memory: for untrusted images prefer [`for_each_map_extent`].
+pub fn map_extents(img: &Image) -> Result<Vec<Extent>> {
+    let mut out = Vec::new();
+    for_each_map_extent(img, |_, e| {
+        out.push(*e);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+fn write_out(out: &mut dyn std::io::Write, s: &str) -> Result<()> {
+    out.write_all(s.as_bytes())
+        .map_err(|e| crate::Error::io("cannot write output", e))
+}
+
+/// `qemu-img map --output=json`, byte for byte, written to `out` as the extents are found.
+pub fn write_map_json(img: &Image, out: &mut dyn std::io::Write) -> Result<()> {
+    write_out(out, "[")?;
+    let mut s = String::new();
+    for_each_map_extent(img, |start, e| {
+        s.clear();
+        if start > 0 {
             s.push_str(",\n");
         }
         let _ = write!(
@@ -416,10 +441,16 @@ pub fn map_json(img: &Image) -> Result<String> {
             let _ = write!(s, ", \"offset\": {o}");
         }
         s.push('}');
-        start += e.len;
-    }
-    s.push_str("]\n");
-    Ok(s)
+        write_out(out, &s)
+    })?;
+    write_out(out, "]\n")
+}
+
+/// `qemu-img map --output=json`, byte for byte.
+pub fn map_json(img: &Image) -> Result<String> {
+    let mut v = Vec::new();
+    write_map_json(img, &mut v)?;
+    Ok(String::from_utf8_lossy(&v).into_owned())
 }
 
 /// C's `%#x`: no prefix for zero.
@@ -431,32 +462,39 @@ fn hex(v: u64) -> String {
     }
 }
 
+/// `qemu-img map` human output (data extents with their host offset and file), written to
+/// `out` as the extents are found.
+pub fn write_map_human(img: &Image, names: &[String], out: &mut dyn std::io::Write) -> Result<()> {
+    write_out(
+        out,
+        &format!(
+            "{:<16}{:<16}{:<16}{}\n",
+            "Offset", "Length", "Mapped to", "File"
+        ),
+    )?;
+    for_each_map_extent(img, |start, e| {
+        if !e.data || e.zero {
+            return Ok(());
+        }
+        let Some(o) = e.offset else {
+            return Ok(());
+        };
+        let file = names
+            .get(e.depth as usize)
+            .map(String::as_str)
+            .unwrap_or("");
+        write_out(
+            out,
+            &format!("{:<16}{:<16}{:<16}{file}\n", hex(start), hex(e.len), hex(o)),
+        )
+    })
+}
+
 /// `qemu-img map` human output: data extents with their host offset and file.
 pub fn map_human(img: &Image, names: &[String]) -> Result<String> {
-    let mut s = format!(
-        "{:<16}{:<16}{:<16}{}\n",
-        "Offset", "Length", "Mapped to", "File"
-    );
-    let mut start = 0u64;
-    for e in map_extents(img)? {
-        if e.data && !e.zero {
-            if let Some(o) = e.offset {
-                let file = names
-                    .get(e.depth as usize)
-                    .map(String::as_str)
-                    .unwrap_or("");
-                let _ = writeln!(
-                    s,
-                    "{:<16}{:<16}{:<16}{file}",
-                    hex(start),
-                    hex(e.len),
-                    hex(o)
-                );
-            }
-        }
-        start += e.len;
-    }
-    Ok(s)
+    let mut v = Vec::new();
+    write_map_human(img, names, &mut v)?;
+    Ok(String::from_utf8_lossy(&v).into_owned())
 }
 
 #[cfg(test)]

@@ -36,14 +36,15 @@ pub struct Snapshot {
 
 /// Read and validate the snapshot table described by `h`.
 pub fn read_table(io: &dyn BlockIo, h: &Header) -> Result<Vec<Snapshot>> {
-    let mut out = Vec::new();
     if h.nb_snapshots == 0 {
-        return Ok(out);
+        return Ok(Vec::new());
     }
     let cs = h.cluster_size();
     let file_size = io.size().map_err(|e| Error::io("cannot stat image", e))?;
+    // First pass: only the fixed part of each entry, so a table beyond the limits is refused
+    // before its variable parts (up to 64 MiB of ids and names) are read into memory.
+    let mut entries: Vec<(u64, [u8; 40])> = Vec::with_capacity(h.nb_snapshots as usize);
     let mut off = h.snapshots_offset;
-    let mut fixed = [0u8; 40];
     for i in 0..h.nb_snapshots {
         let used = off - h.snapshots_offset;
         if used + 40 > MAX_TABLE_BYTES {
@@ -52,16 +53,9 @@ pub fn read_table(io: &dyn BlockIo, h: &Header) -> Result<Vec<Snapshot>> {
         if off + 40 > file_size {
             return Err(corrupt!("snapshot table entry {i} lies past end of file"));
         }
+        let mut fixed = [0u8; 40];
         io.read_exact_at(&mut fixed, off)
             .map_err(|e| Error::io("cannot read snapshot table", e))?;
-        let l1_table_offset = BigEndian::read_u64(&fixed[0..8]);
-        let l1_size = BigEndian::read_u32(&fixed[8..12]);
-        let id_len = BigEndian::read_u16(&fixed[12..14]) as u64;
-        let name_len = BigEndian::read_u16(&fixed[14..16]) as u64;
-        let date_sec = BigEndian::read_u32(&fixed[16..20]);
-        let date_nsec = BigEndian::read_u32(&fixed[20..24]);
-        let vm_clock_nsec = BigEndian::read_u64(&fixed[24..32]);
-        let mut vm_state_size = u64::from(BigEndian::read_u32(&fixed[32..36]));
         let extra_len = BigEndian::read_u32(&fixed[36..40]);
         if extra_len > MAX_SNAPSHOT_EXTRA {
             return Err(Error::new(
@@ -74,7 +68,7 @@ pub fn read_table(io: &dyn BlockIo, h: &Header) -> Result<Vec<Snapshot>> {
                 "snapshot table entry {i} has too little extra data ({extra_len} bytes)"
             ));
         }
-        let var_len = u64::from(extra_len) + id_len + name_len;
+        let var_len = var_len(&fixed);
         let entry_len = (40 + var_len).div_ceil(8) * 8;
         if used + entry_len > MAX_TABLE_BYTES {
             return Err(Error::new(ErrorKind::TooLarge, "snapshot table is too big"));
@@ -82,7 +76,20 @@ pub fn read_table(io: &dyn BlockIo, h: &Header) -> Result<Vec<Snapshot>> {
         if off + 40 + var_len > file_size {
             return Err(corrupt!("snapshot table entry {i} lies past end of file"));
         }
-        let mut var = vec![0u8; var_len as usize];
+        entries.push((off, fixed));
+        off += entry_len;
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for (off, fixed) in entries {
+        let l1_table_offset = BigEndian::read_u64(&fixed[0..8]);
+        let l1_size = BigEndian::read_u32(&fixed[8..12]);
+        let id_len = BigEndian::read_u16(&fixed[12..14]) as u64;
+        let date_sec = BigEndian::read_u32(&fixed[16..20]);
+        let date_nsec = BigEndian::read_u32(&fixed[20..24]);
+        let vm_clock_nsec = BigEndian::read_u64(&fixed[24..32]);
+        let mut vm_state_size = u64::from(BigEndian::read_u32(&fixed[32..36]));
+        let extra_len = BigEndian::read_u32(&fixed[36..40]);
+        let mut var = vec![0u8; var_len(&fixed) as usize];
         io.read_exact_at(&mut var, off + 40)
             .map_err(|e| Error::io("cannot read snapshot table", e))?;
         let extra = &var[..extra_len as usize];
@@ -124,9 +131,15 @@ pub fn read_table(io: &dyn BlockIo, h: &Header) -> Result<Vec<Snapshot>> {
             disk_size,
             icount,
         });
-        off += entry_len;
     }
     Ok(out)
+}
+
+/// Length of an entry's extra data, id and name (after its 40 fixed bytes).
+fn var_len(fixed: &[u8; 40]) -> u64 {
+    u64::from(BigEndian::read_u32(&fixed[36..40]))
+        + u64::from(BigEndian::read_u16(&fixed[12..14]))
+        + u64::from(BigEndian::read_u16(&fixed[14..16]))
 }
 
 /// Find a snapshot by id or by name, as `qemu-img convert -l` does (`snapshot.id=` and
