@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Regenerate the seed corpus in fuzz/seeds/<target>/ (committed; run this only to refresh it).
+# Needs qemu-img, qemu-io, xorriso, gzip, xz, zstd and python3. Every seed stays under 64 KiB:
+# small virtual sizes and small clusters.
+set -euo pipefail
+cd "$(dirname "$0")"
+t=$(mktemp -d)
+trap 'rm -rf "$t"' EXIT
+q=seeds/qcow2_read
+p=seeds/probe
+i=seeds/iso_info
+mkdir -p "$q" "$p" "$i"
+
+io() { qemu-io -f qcow2 "$@" >/dev/null; }
+
+# v3, 512 B clusters: data, a zeroed range, a discarded range.
+qemu-img create -q -f qcow2 -o cluster_size=512 "$t/v3.qcow2" 64k
+io -c 'write -P 0xab 0 4k' -c 'write -P 0x11 8k 1536' -c 'write -z 16k 2k' \
+   -c 'write -P 0x22 20k 1k' -c 'discard 20k 512' "$t/v3.qcow2"
+cp "$t/v3.qcow2" "$q/v3-512.qcow2"
+
+# v2 (compat=0.10), 1 KiB clusters, odd virtual size.
+qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=1024 "$t/v2.qcow2" 40000
+io -c 'write -P 0x5a 1k 3k' -c 'write -P 0x01 30k 2k' "$t/v2.qcow2"
+cp "$t/v2.qcow2" "$q/v2-1k.qcow2"
+
+# Compressed clusters, deflate and zstd, 4 KiB clusters (half compressible data).
+python3 - "$t/src.raw" <<'PY'
+import sys
+b = bytearray(48 * 1024)
+for k in range(0, 24 * 1024):
+    b[k] = (k * 7 // 13) & 0xff
+b[30000:30100] = bytes(range(100))
+open(sys.argv[1], "wb").write(bytes(b))
+PY
+qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=4096 "$t/src.raw" "$q/zlib-4k.qcow2"
+qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=4096,compression_type=zstd \
+  "$t/src.raw" "$q/zstd-4k.qcow2"
+
+# Internal snapshot, refcount_bits=2, lazy refcounts.
+qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=2,lazy_refcounts=on "$t/snap.qcow2" 16k
+io -c 'write -P 0x33 0 2k' "$t/snap.qcow2"
+qemu-img snapshot -c first "$t/snap.qcow2"
+io -c 'write -P 0x44 1k 2k' "$t/snap.qcow2"
+cp "$t/snap.qcow2" "$q/snapshot-512.qcow2"
+
+# Backing file and external data file (refused under the untrusted policy: header parsing).
+qemu-img create -q -f qcow2 -o cluster_size=512 "$t/base.qcow2" 8k
+qemu-img create -q -f qcow2 -o cluster_size=512 -b base.qcow2 -F qcow2 "$t/overlay.qcow2"
+cp "$t/overlay.qcow2" "$q/backing-512.qcow2"
+qemu-img create -q -f qcow2 -o cluster_size=512,data_file=data.raw "$t/df.qcow2" 8k
+cp "$t/df.qcow2" "$q/datafile-512.qcow2"
+
+# Extended L2 (needs 16 KiB clusters): made by qemu, then repacked into 4 clusters
+# (header, L1, L2, data) so the seed stays small; the refcount table is never read.
+qemu-img create -q -f qcow2 -o cluster_size=16k,extended_l2=on "$t/ext.qcow2" 1M
+io -c 'write -P 0x77 0 4k' -c 'write -z 16k 16k' -c 'write -z 36k 1k' -c 'write -P 0x78 8k 512' \
+  "$t/ext.qcow2"
+python3 - "$t/ext.qcow2" "$q/extl2-16k.qcow2" <<'PY'
+import struct, sys
+src = open(sys.argv[1], "rb").read()
+C = 16384
+l1_off = struct.unpack(">Q", src[40:48])[0]
+l1 = struct.unpack(">Q", src[l1_off:l1_off + 8])[0]
+l2_off = l1 & 0x00ffffffffffff00 & ~0x1ff
+l2 = bytearray(src[l2_off:l2_off + C])
+out = bytearray(src[:C])
+# Data clusters move to 3*C, 4*C, ...; the L2 entries are rewritten to match.
+data = bytearray()
+for k in range(C // 16):
+    e = struct.unpack(">Q", l2[16 * k:16 * k + 8])[0]
+    host = e & 0x00fffffffffffe00
+    if host:
+        new = 3 * C + len(data)
+        data += src[host:host + C].ljust(C, b"\0")
+        struct.pack_into(">Q", l2, 16 * k, (e & ~0x00fffffffffffe00) | new)
+struct.pack_into(">Q", out, 40, C)      # L1 at cluster 1
+struct.pack_into(">Q", out, 48, C)      # refcount table offset (valid, never read)
+l1c = bytearray(C)
+struct.pack_into(">Q", l1c, 0, (1 << 63) | 2 * C)
+img = out + l1c + l2 + data.rstrip(b"\0")
+open(sys.argv[2], "wb").write(img)
+PY
+
+# probe: the first bytes of each recognised format.
+head -c 512 "$q/v3-512.qcow2" >"$p/qcow2"
+printf 'QFI\xfb\0\0\0\x01' >"$p/qcow1"
+printf 'hello' | gzip -c >"$p/gzip"
+printf 'hello' | xz -c >"$p/xz"
+printf 'hello' | zstd -q -c >"$p/zstd"
+printf 'KDMV\1\0\0\0' >"$p/vmdk"
+printf '# Disk DescriptorFile\n' >"$p/vmdk-desc"
+python3 - "$p" <<'PY'
+import sys
+d = sys.argv[1]
+b = bytearray(0x48); b[0x40:0x44] = b"\x7f\x10\xda\xbe"; open(d + "/vdi", "wb").write(b)
+open(d + "/vhd", "wb").write(b"conectix" + bytes(504))
+open(d + "/vhdx", "wb").write(b"vhdxfile" + bytes(8))
+b = bytearray(1536); b[1024:1032] = b"conectix"; open(d + "/vhd-fixed", "wb").write(b)
+b = bytearray(512); b[0x101:0x106] = b"ustar"; open(d + "/tar", "wb").write(b)
+b = bytearray(0x8006); b[0x8001:0x8006] = b"CD001"; open(d + "/iso", "wb").write(b)
+PY
+
+# iso_info: the descriptors of a real cidata ISO from sector 16 on (the fuzz target puts its
+# input at sector 16), cut before the file data.
+mkdir -p "$t/iso"
+printf 'instance-id: x\n' >"$t/iso/meta-data"
+printf '#cloud-config\n' >"$t/iso/user-data"
+xorriso -as mkisofs -quiet -V cidata -J -R -o "$t/seed.iso" "$t/iso" 2>/dev/null
+dd if="$t/seed.iso" of="$i/cidata" bs=2048 skip=16 count=8 status=none
+dd if="$t/seed.iso" of="$i/pvd-only" bs=2048 skip=16 count=1 status=none
+
+ls -l seeds/*/ | awk '$5 > 65536 { print "seed too large: " $0; bad=1 } END { exit bad }'
