@@ -48,7 +48,8 @@ cp "$t/snap.qcow2" "$q/snapshot-512.qcow2"
 qemu-img create -q -f qcow2 -o cluster_size=512 "$t/base.qcow2" 8k
 qemu-img create -q -f qcow2 -o cluster_size=512 -b base.qcow2 -F qcow2 "$t/overlay.qcow2"
 cp "$t/overlay.qcow2" "$q/backing-512.qcow2"
-qemu-img create -q -f qcow2 -o cluster_size=512,data_file=data.raw "$t/df.qcow2" 8k
+# (qemu-img creates the data file relative to the current directory: make it in $t.)
+(cd "$t" && qemu-img create -q -f qcow2 -o cluster_size=512,data_file=data.raw df.qcow2 8k)
 cp "$t/df.qcow2" "$q/datafile-512.qcow2"
 
 # Extended L2 (needs 16 KiB clusters): made by qemu, then repacked into 4 clusters
