@@ -34,6 +34,7 @@ pub mod info;
 pub mod io;
 pub mod iso;
 pub mod qcow2;
+pub mod sizing;
 
 pub use convert::{CancelToken, ConvertOptions, Report};
 pub use detect::Format;
