@@ -35,6 +35,7 @@ pub mod io;
 pub mod iso;
 pub mod qcow2;
 pub mod sizing;
+pub mod stream;
 
 pub use convert::{CancelToken, ConvertOptions, Report};
 pub use detect::Format;
