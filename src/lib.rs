@@ -23,6 +23,7 @@
 //! # Ok::<(), vdisk::Error>(())
 //! ```
 
+pub mod archive;
 pub mod compare;
 pub mod convert;
 pub mod create;
@@ -31,6 +32,7 @@ pub mod edit;
 pub mod error;
 pub mod image;
 pub mod info;
+pub mod ingest;
 pub mod io;
 pub mod iso;
 pub mod qcow2;

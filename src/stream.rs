@@ -10,7 +10,7 @@ use crate::error::{Error, ErrorKind, Result};
 use std::io::{self, BufRead, BufReader, Read};
 
 /// A boxed byte stream.
-pub type Stream = Box<dyn Read + Send>;
+pub type Stream<'a> = Box<dyn Read + 'a>;
 
 /// Memory the threaded xz decoder may use before it falls back to a single thread.
 pub const XZ_THREADED_MEMLIMIT: u64 = 256 << 20;
@@ -26,7 +26,7 @@ fn read_up_to(r: &mut dyn Read, n: usize) -> io::Result<Vec<u8>> {
 
 /// Peek at the first bytes of `r` and classify them; returns the format and a stream that
 /// still yields every byte.
-pub fn sniff(mut r: Stream) -> Result<(Format, Stream)> {
+pub fn sniff<'a>(mut r: Stream<'a>) -> Result<(Format, Stream<'a>)> {
     let head =
         read_up_to(&mut r, detect::PROBE_LEN).map_err(|e| Error::io("cannot read input", e))?;
     let fmt = detect::probe(&head, None);
@@ -34,7 +34,7 @@ pub fn sniff(mut r: Stream) -> Result<(Format, Stream)> {
 }
 
 /// Wrap `r` in the decoder for `fmt` (gzip, xz or zstd).
-pub fn decoder(fmt: Format, r: Stream, threads: u32) -> Result<Stream> {
+pub fn decoder<'a>(fmt: Format, r: Stream<'a>, threads: u32) -> Result<Stream<'a>> {
     Ok(match fmt {
         Format::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(
             BufReader::with_capacity(1 << 20, r),
@@ -58,7 +58,7 @@ pub fn decoder(fmt: Format, r: Stream, threads: u32) -> Result<Stream> {
 
 /// Unwrap compression layers (each kind at most once) and return the formats found, outermost
 /// first, the inner format and its stream.
-pub fn unwrap_layers(r: Stream, threads: u32) -> Result<(Vec<Format>, Format, Stream)> {
+pub fn unwrap_layers<'a>(r: Stream<'a>, threads: u32) -> Result<(Vec<Format>, Format, Stream<'a>)> {
     let mut layers = Vec::new();
     let (mut fmt, mut s) = sniff(r)?;
     while matches!(fmt, Format::Gzip | Format::Xz | Format::Zstd) && !layers.contains(&fmt) {
@@ -71,7 +71,7 @@ pub fn unwrap_layers(r: Stream, threads: u32) -> Result<(Vec<Format>, Format, St
 
 /// xz decoder for concatenated streams, each decoded by liblzma's threaded decoder (blocks of
 /// multi-block files in parallel), with stream padding skipped between streams.
-struct MultiXz<R: BufRead + Send> {
+struct MultiXz<R: BufRead> {
     inner: Option<liblzma::bufread::XzDecoder<R>>,
     threads: u32,
 }
@@ -85,7 +85,7 @@ fn xz_stream(threads: u32) -> Result<liblzma::stream::Stream> {
         .map_err(|e| Error::new(ErrorKind::Io, format!("cannot start xz decoder: {e}")))
 }
 
-impl<R: BufRead + Send> MultiXz<R> {
+impl<R: BufRead> MultiXz<R> {
     fn new(r: R, threads: u32) -> Result<Self> {
         Ok(MultiXz {
             inner: Some(liblzma::bufread::XzDecoder::new_stream(
@@ -97,7 +97,7 @@ impl<R: BufRead + Send> MultiXz<R> {
     }
 }
 
-impl<R: BufRead + Send> Read for MultiXz<R> {
+impl<R: BufRead> Read for MultiXz<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let Some(d) = self.inner.as_mut() else {

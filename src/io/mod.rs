@@ -9,7 +9,7 @@
 mod file;
 mod mem;
 
-pub use file::FileIo;
+pub use file::{FileIo, free_space};
 pub use mem::MemIo;
 
 use std::fmt::Debug;
