@@ -378,6 +378,13 @@ pub fn convert_to_qcow2(
             "compression and preallocation cannot be combined",
         ));
     }
+    // Zero ranges are left unallocated, so they would read from a backing file.
+    if target.backing.is_some() {
+        return Err(Error::new(
+            ErrorKind::UnsupportedFeature,
+            "convert cannot give its output a backing file",
+        ));
+    }
     let b = Builder::new(dst, src.virtual_size(), target)?;
     let size = src.virtual_size();
     let cov = b.l2_coverage();

@@ -8,7 +8,8 @@ use crate::io::BlockIo;
 use crate::qcow2::writer::{self, CreateOptions, Prealloc};
 use std::path::Path;
 
-/// Create an image of `size` bytes at `path` (replacing any file there). For raw images only
+/// Create an image of `size` bytes (rounded up to whole sectors, as qemu-img does) at `path`
+/// (replacing any file there). For raw images only
 /// `opts.prealloc` is used (`metadata` is refused, as by qemu-img). Returns the preallocation
 /// actually applied (`falloc` falls back to `full` where the filesystem refuses).
 pub fn create(path: &Path, format: Format, size: u64, opts: &CreateOptions) -> Result<Prealloc> {
@@ -21,6 +22,10 @@ pub fn create(path: &Path, format: Format, size: u64, opts: &CreateOptions) -> R
                 )
                 .with_path(path));
             }
+            // Whole sectors, as qemu-img creates them.
+            let size = size
+                .checked_next_multiple_of(512)
+                .ok_or_else(|| Error::invalid("image size too large").with_path(path))?;
             tmp.io
                 .set_size(size)
                 .map_err(|e| Error::io("cannot size image", e).with_path(path))?;

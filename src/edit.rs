@@ -4,6 +4,7 @@
 
 use crate::detect::{self, Format};
 use crate::error::{Error, ErrorKind, Result};
+use crate::image::{Image, OpenOptions};
 use crate::io::{BlockIo, FileIo};
 use crate::qcow2::model::Model;
 use crate::qcow2::writer::Prealloc;
@@ -80,12 +81,7 @@ pub fn resize(
         Format::Raw => {
             let old = io.size().map_err(|e| Error::io("cannot stat image", e))?;
             let new = change.apply(old)?;
-            if new < old && !allow_shrink {
-                return Err(Error::invalid(
-                    "use the --shrink option to perform a shrink operation",
-                )
-                .with_path(path));
-            }
+            check_shrink(old, new, allow_shrink, prealloc).map_err(|e| e.with_path(path))?;
             if prealloc == Prealloc::Metadata {
                 return Err(Error::invalid(
                     "raw images support preallocation off, falloc and full only",
@@ -100,13 +96,20 @@ pub fn resize(
             let mut m = Model::load(io.clone())?;
             let old = m.size();
             let new = change.apply(old)?;
-            if new < old && !allow_shrink {
-                return Err(Error::invalid(
-                    "use the --shrink option to perform a shrink operation",
-                )
-                .with_path(path));
-            }
+            check_shrink(old, new, allow_shrink, prealloc).map_err(|e| e.with_path(path))?;
             m.resize(new, prealloc != Prealloc::Off && new > old)?;
+            if new > old && m.has_backing() {
+                // As qemu does: where the backing file reaches into the new area it must not
+                // show through, so that area reads as zeros.
+                let img = Image::open(path, &OpenOptions::default())?;
+                let backing = img.qcow2().and_then(|q| q.backing());
+                if backing.is_some_and(|b| b.virtual_size() > old) {
+                    let start = old / m.cluster_size() * m.cluster_size();
+                    let mut head = vec![0u8; (old - start) as usize];
+                    img.read_at(&mut head, start)?;
+                    m.zero_grown(old, head)?;
+                }
+            }
             let ranges = m.commit()?;
             let mut applied = prealloc;
             for (s, l) in ranges {
@@ -120,6 +123,21 @@ pub fn resize(
         )),
     };
     r.map_err(|e| e.with_path(path))
+}
+
+/// qemu-img's checks of a size change, in its order.
+fn check_shrink(old: u64, new: u64, allow_shrink: bool, prealloc: Prealloc) -> Result<()> {
+    if new <= old && prealloc != Prealloc::Off {
+        return Err(Error::invalid(
+            "preallocation can only be used for growing images",
+        ));
+    }
+    if new < old && !allow_shrink {
+        return Err(Error::invalid(
+            "use the --shrink option to perform a shrink operation",
+        ));
+    }
+    Ok(())
 }
 
 fn prealloc_range(io: &dyn BlockIo, off: u64, len: u64, mode: Prealloc) -> Result<Prealloc> {

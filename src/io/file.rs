@@ -242,6 +242,25 @@ impl BlockIo for FileIo {
     }
 }
 
+/// Bytes available to an unprivileged user on the filesystem holding `path` (`statvfs`:
+/// `f_bavail * f_frsize`), as CDI measures a filesystem volume.
+pub fn free_space(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path that outlives the call; `st` is a live, writable
+    // statvfs the kernel fills in.
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::useless_conversion)] // the field types differ between targets
+    let (avail, frsize) = (u64::from(st.f_bavail), u64::from(st.f_frsize));
+    Ok(avail.saturating_mul(frsize))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,21 +281,4 @@ mod tests {
         assert_eq!(f.size().unwrap(), 8 << 20);
         assert!(!f.is_block_device());
     }
-}
-
-/// Bytes available to an unprivileged user on the filesystem holding `path` (`statvfs`:
-/// `f_bavail * f_frsize`), as CDI measures a filesystem volume.
-pub fn free_space(path: &Path) -> io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated path that outlives the call; `st` is a live, writable
-    // statvfs the kernel fills in.
-    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
 }

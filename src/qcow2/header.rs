@@ -165,6 +165,17 @@ impl Header {
     /// Parse and validate cluster 0. `head` is the first cluster of the file (or the whole file,
     /// if it is shorter); `file_size` is the image file's length.
     pub fn parse(head: &[u8], file_size: u64) -> Result<Header> {
+        Self::parse_mode(head, file_size, false)
+    }
+
+    /// Like [`Header::parse`], but with qemu's leniency for images opened to be checked: a
+    /// refcount table of zero clusters and an active L1 table past the end of the file are
+    /// accepted (the check reports them).
+    pub fn parse_for_check(head: &[u8], file_size: u64) -> Result<Header> {
+        Self::parse_mode(head, file_size, true)
+    }
+
+    fn parse_mode(head: &[u8], file_size: u64, check: bool) -> Result<Header> {
         if head.len() < 72 {
             return Err(corrupt!(
                 "file too short for a qcow2 header ({} bytes)",
@@ -245,7 +256,8 @@ impl Header {
                     h.header_length
                 ));
             }
-            if h.header_length % 8 != 0 {
+            // qemu itself does not insist (the spec does); its check accepts such images.
+            if h.header_length % 8 != 0 && !check {
                 return Err(corrupt!(
                     "qcow2 header length {} is not a multiple of 8",
                     h.header_length
@@ -352,7 +364,7 @@ impl Header {
         if h.version == 2 && h.incompatible_features != 0 {
             return Err(corrupt!("feature bits in a version 2 header"));
         }
-        h.validate_tables(cluster_size, file_size)?;
+        h.validate_tables(cluster_size, file_size, check)?;
         Ok(h)
     }
 
@@ -363,11 +375,12 @@ impl Header {
             let typ = BigEndian::read_u32(&head[off..off + 4]);
             let len = BigEndian::read_u32(&head[off + 4..off + 8]) as usize;
             off += 8;
-            if typ == ext::END {
-                return Ok(());
-            }
+            // qemu checks the length of every extension, the end marker's too.
             if len > end - off {
                 return Err(corrupt!("header extension {typ:#x} too large"));
+            }
+            if typ == ext::END {
+                return Ok(());
             }
             if seen.contains(&typ) && typ != ext::END {
                 return Err(corrupt!("duplicate header extension {typ:#x}"));
@@ -425,9 +438,9 @@ impl Header {
         Ok(())
     }
 
-    fn validate_tables(&self, cluster_size: u64, file_size: u64) -> Result<()> {
+    fn validate_tables(&self, cluster_size: u64, file_size: u64, check: bool) -> Result<()> {
         // Refcount table: not needed to read, but a bad one marks a hostile image.
-        if self.refcount_table_clusters == 0 {
+        if self.refcount_table_clusters == 0 && !check {
             return Err(corrupt!("image does not contain a reference count table"));
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cluster_size;
@@ -473,7 +486,7 @@ impl Header {
             l1_bytes,
             cluster_size,
         )?;
-        if self.l1_size > 0 && self.l1_table_offset >= file_size {
+        if self.l1_size > 0 && self.l1_table_offset >= file_size && !check {
             return Err(corrupt!(
                 "active L1 table at {:#x} lies past end of file",
                 self.l1_table_offset

@@ -43,6 +43,11 @@ pub struct Model {
     size: u64,
     /// Newly allocated data clusters (guest cluster index) from metadata preallocation.
     new_data: Vec<u64>,
+    /// Guest clusters from this index to the end read as zeros in the active state (a grown
+    /// area that must hide the backing file).
+    zero_from: Option<u64>,
+    /// A guest cluster given a new data cluster with these contents in the active state.
+    rewrite: Option<(u64, Vec<u8>)>,
 }
 
 impl Model {
@@ -86,6 +91,8 @@ impl Model {
             snapshots: Vec::new(),
             header,
             new_data: Vec::new(),
+            zero_from: None,
+            rewrite: None,
         };
         let mut by_offset = HashMap::new();
         m.active = m.load_l1(m.header.l1_table_offset, m.header.l1_size, &mut by_offset)?;
@@ -157,6 +164,16 @@ impl Model {
         self.size
     }
 
+    /// Cluster size.
+    pub fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    /// Whether the image names a backing file.
+    pub fn has_backing(&self) -> bool {
+        self.header.backing_file.is_some()
+    }
+
     /// The snapshots.
     pub fn snapshots(&self) -> impl Iterator<Item = &Snapshot> {
         self.snapshots.iter().map(|s| &s.0)
@@ -184,6 +201,13 @@ impl Model {
             ));
         }
         let old = self.size;
+        // qemu refuses too: older readers take a v2 snapshot's size from the image's.
+        if self.header.version < 3 && !self.snapshots.is_empty() && new_size != old {
+            return Err(Error::new(
+                ErrorKind::UnsupportedFeature,
+                "cannot resize a version 2 image that has snapshots",
+            ));
+        }
         if new_size < old {
             self.active.truncate(needed as usize);
             // Clear the entries past the end in the last table (a private copy of it).
@@ -211,6 +235,51 @@ impl Model {
         }
         self.size = new_size;
         Ok(())
+    }
+
+    /// After a grow from `old_size`, make the added area read as zeros where the backing file
+    /// would otherwise show through (qemu does the same). Whole clusters become zero clusters;
+    /// the cluster holding `old_size`, when it is not cluster aligned, gets a new data cluster
+    /// holding `head` (the guest bytes from its start up to `old_size`) and then zeros.
+    pub fn zero_grown(&mut self, old_size: u64, head: Vec<u8>) -> Result<()> {
+        if self.header.version < 3 {
+            return Err(Error::new(
+                ErrorKind::UnsupportedFeature,
+                "cannot zero the new area of a version 2 image: its backing file would show through",
+            ));
+        }
+        let cs = self.geo.cluster_size();
+        if old_size >= self.size || head.len() as u64 != old_size % cs {
+            return Err(Error::invalid(
+                "the grown area and its head do not match the image",
+            ));
+        }
+        if !head.is_empty() {
+            self.rewrite = Some((old_size / cs, head));
+        }
+        self.zero_from = Some(old_size.div_ceil(cs));
+        Ok(())
+    }
+
+    /// The active L2 table for L1 index `l1i`, made private to the active state (copied when
+    /// shared with a snapshot, created when missing); `table_refs` counts the users of each.
+    fn private_table(&mut self, l1i: usize, table_refs: &mut Vec<u64>) -> usize {
+        match self.active[l1i] {
+            Some(id) if table_refs[id] == 1 => id,
+            old => {
+                let t = match old {
+                    Some(id) => {
+                        table_refs[id] -= 1;
+                        self.tables[id].clone()
+                    }
+                    None => vec![0u64; (self.geo.cluster_size() / 8) as usize],
+                };
+                self.tables.push(t);
+                table_refs.push(1);
+                self.active[l1i] = Some(self.tables.len() - 1);
+                self.tables.len() - 1
+            }
+        }
     }
 
     /// Add a snapshot of the active state named `name` (ids are numbered like qemu's).
@@ -303,25 +372,22 @@ impl Model {
         let per_table = cs / (8 * step as u64);
         let mut slots: Vec<(usize, usize)> = Vec::new();
         for g in std::mem::take(&mut self.new_data) {
-            let l1i = (g / per_table) as usize;
-            let k = ((g % per_table) as usize) * step;
-            let id = match self.active[l1i] {
-                Some(id) if table_refs[id] == 1 => id,
-                old => {
-                    let t = match old {
-                        Some(id) => {
-                            table_refs[id] -= 1;
-                            self.tables[id].clone()
-                        }
-                        None => vec![0u64; (cs / 8) as usize],
-                    };
-                    self.tables.push(t);
-                    table_refs.push(1);
-                    self.active[l1i] = Some(self.tables.len() - 1);
-                    self.tables.len() - 1
-                }
-            };
-            slots.push((id, k));
+            let id = self.private_table((g / per_table) as usize, &mut table_refs);
+            slots.push((id, ((g % per_table) as usize) * step));
+        }
+        let rewrite = match self.rewrite.take() {
+            Some((g, data)) => {
+                let id = self.private_table((g / per_table) as usize, &mut table_refs);
+                Some((id, ((g % per_table) as usize) * step, data))
+            }
+            None => None,
+        };
+        let mut zeroed: Vec<(usize, usize)> = Vec::new();
+        if let Some(first) = self.zero_from.take() {
+            for g in first..self.size.div_ceil(cs) {
+                let id = self.private_table((g / per_table) as usize, &mut table_refs);
+                zeroed.push((id, ((g % per_table) as usize) * step));
+            }
         }
         // Place new metadata, then new data, from the current end of file on.
         let mut next = self.file_clusters;
@@ -346,11 +412,31 @@ impl Model {
             let host = alloc(1) * cs;
             self.tables[id][k] = host;
             if ext {
-                self.tables[id][k + 1] = 0xffff_ffff;
+                // Allocated, subclusters unallocated: reads as zeros (as qemu preallocates).
+                self.tables[id][k + 1] = 0;
             }
             match new_ranges.last_mut() {
                 Some((s, l)) if *s + *l == host => *l += cs,
                 _ => new_ranges.push((host, cs)),
+            }
+        }
+        // Zero clusters keep any host cluster (preallocation) and read as zeros.
+        for (id, k) in zeroed {
+            if ext {
+                self.tables[id][k + 1] = 0xffff_ffff_0000_0000;
+            } else {
+                self.tables[id][k] |= 1;
+            }
+        }
+        if let Some((id, k, mut data)) = rewrite {
+            let host = alloc(1) * cs;
+            data.resize(cs as usize, 0);
+            self.io
+                .write_all_at(&data, host)
+                .map_err(|e| Error::io("cannot write data", e))?;
+            self.tables[id][k] = host;
+            if ext {
+                self.tables[id][k + 1] = 0xffff_ffff;
             }
         }
         let snap_table_bytes: u64 = self.snapshots.iter().map(|s| entry_len(&s.0)).sum();

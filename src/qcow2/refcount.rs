@@ -167,7 +167,8 @@ pub struct Placement {
 /// Write a refcount table and blocks covering clusters `0..used_clusters` plus the structures
 /// themselves, placed from cluster `start` on (`start >= used_clusters`). `refcount(c)` gives
 /// the refcount of cluster `c < used_clusters`; clusters between `used_clusters` and `start`
-/// are free. Refblocks covering only zeros are left out.
+/// are free. Every refblock is written, even one covering only free clusters: its own cluster
+/// is counted, so leaving it out would leak that cluster.
 pub fn write_structures(
     io: &dyn BlockIo,
     geo: Geometry,
@@ -202,7 +203,6 @@ pub fn write_structures(
     let mut block = vec![0u8; cs as usize];
     for b in 0..blocks {
         block.fill(0);
-        let mut any = false;
         for j in 0..per {
             let c = b * per + j;
             let v = if c < used_clusters {
@@ -223,17 +223,12 @@ pub fn write_structures(
             }
             if v != 0 {
                 geo.set(&mut block, j, v);
-                any = true;
             }
         }
-        // The block for the structures' own clusters is never empty, so every block that
-        // is left out really covers only free clusters.
-        if any {
-            let off = (blocks_at + b) * cs;
-            io.write_all_at(&block, off)
-                .map_err(|e| Error::io("cannot write refcount block", e))?;
-            BigEndian::write_u64(&mut entries[(b * 8) as usize..(b * 8 + 8) as usize], off);
-        }
+        let off = (blocks_at + b) * cs;
+        io.write_all_at(&block, off)
+            .map_err(|e| Error::io("cannot write refcount block", e))?;
+        BigEndian::write_u64(&mut entries[(b * 8) as usize..(b * 8 + 8) as usize], off);
     }
     io.write_all_at(&entries, table_at * cs)
         .map_err(|e| Error::io("cannot write refcount table", e))?;
@@ -269,6 +264,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn blocks_over_free_clusters_are_written() {
+        // 256 clusters per block; clusters 256..512 are free, so their block holds only
+        // zeros, but its own cluster is counted: it must be in the table, or it leaks.
+        let g = Geometry {
+            cluster_bits: 9,
+            refcount_order: 4,
+        };
+        let io = MemIo::default();
+        let p =
+            write_structures(&io, g, 600, 600, |c| u64::from(!(256..512).contains(&c))).unwrap();
+        assert_eq!(p.end_cluster, 604);
+        let data = io.to_vec();
+        let at = p.table_offset as usize;
+        let table: Vec<u64> = data[at..at + 24]
+            .chunks_exact(8)
+            .map(BigEndian::read_u64)
+            .collect();
+        assert_eq!(table, [600 * 512, 601 * 512, 602 * 512]);
     }
 
     #[test]

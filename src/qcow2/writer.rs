@@ -219,6 +219,13 @@ impl CreateOptions {
                     "use of backing file requires explicit backing format",
                 ));
             }
+            // Preallocated clusters would hide the backing file; only extended L2 entries can
+            // leave them unallocated (qemu refuses the same).
+            if self.prealloc != Prealloc::Off && !self.extended_l2 {
+                return Err(Error::invalid(
+                    "backing file and preallocation can only be used at the same time if extended_l2 is on",
+                ));
+            }
         }
         Ok(())
     }
@@ -554,19 +561,19 @@ impl<'a> Builder<'a> {
     }
 
     /// Map `n` guest clusters from cluster-aligned `guest` to newly allocated, consecutive host
-    /// clusters and return the first host offset. The caller writes the data (or not, for
-    /// metadata preallocation: unwritten space reads as zeros).
+    /// clusters and return the first host offset, for preallocation: nothing is written and the
+    /// clusters read as zeros. With extended L2 entries their subclusters stay unallocated, as
+    /// qemu leaves them (they read as zeros, or from a backing file).
     pub fn map_clusters(&self, guest: u64, n: u64) -> Result<u64> {
+        self.alloc_clusters(guest, n, 0)
+    }
+
+    fn alloc_clusters(&self, guest: u64, n: u64, bitmap: u64) -> Result<u64> {
         let cs = self.cluster_size();
         let mut st = self.lock();
         let off = st.alloc.clusters(n);
         for k in 0..n {
-            self.set_entry(
-                &mut st,
-                guest + k * cs,
-                (off + k * cs) | COPIED,
-                0xffff_ffff,
-            )?;
+            self.set_entry(&mut st, guest + k * cs, (off + k * cs) | COPIED, bitmap)?;
         }
         Ok(off)
     }
@@ -576,7 +583,7 @@ impl<'a> Builder<'a> {
     pub fn write_clusters(&self, guest: u64, data: &[u8]) -> Result<()> {
         let cs = self.cluster_size();
         let n = (data.len() as u64).div_ceil(cs);
-        let off = self.map_clusters(guest, n)?;
+        let off = self.alloc_clusters(guest, n, 0xffff_ffff)?;
         self.io
             .write_all_at(data, off)
             .map_err(|e| Error::io("cannot write data", e))?;

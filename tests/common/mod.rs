@@ -635,3 +635,112 @@ fn last_nonzero(p: &Path) -> Option<u64> {
     let data = fs::read(p).unwrap();
     data.iter().rposition(|&b| b != 0).map(|i| i as u64)
 }
+
+/// A small seeded PRNG (splitmix64) for property tests: same seed, same sequence.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        assert!(n > 0, "Rng::below(0)");
+        self.next_u64() % n
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// True with probability `percent`/100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    /// One of `items`.
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+impl Env {
+    /// `qemu-img check --output=json -f qcow2 file`: the image must be clean (exit 0, no
+    /// corruptions, no leaks, no check errors). Returns the report.
+    pub fn check_clean(&self, file: &str) -> Value {
+        let o = self.qemu_img_any(&["check", "--output=json", "-f", "qcow2", file]);
+        let r = json(&o);
+        for k in [
+            "corruptions",
+            "leaks",
+            "check-errors",
+            "corruptions-fixed",
+            "leaks-fixed",
+        ] {
+            assert_eq!(
+                r.get(k).map_or(Some(0), Value::as_u64),
+                Some(0),
+                "{file}: qemu-img check reports {k}:\n{r:#}\nstderr: {}",
+                stderr(&o)
+            );
+        }
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{file}: qemu-img check exit status\n{r:#}\nstderr: {}",
+            stderr(&o)
+        );
+        r
+    }
+
+    /// `qemu-img info --output=json` of `file` in format `fmt`.
+    pub fn info(&self, file: &str, fmt: &str) -> Value {
+        json(&self.qemu_img(&["info", "--output=json", "-f", fmt, file]))
+    }
+
+    /// `qemu-img map --output=json` of `file` in format `fmt`.
+    pub fn map(&self, file: &str, fmt: &str) -> Vec<Value> {
+        json(&self.qemu_img(&["map", "--output=json", "-f", fmt, file]))
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// `qemu-img compare` must find the guest contents of `a` and `b` identical.
+    pub fn assert_same(&self, a: &str, fa: &str, b: &str, fb: &str) {
+        let o = self.qemu_img_any(&["compare", "-f", fa, "-F", fb, a, b]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "qemu-img compare {a} ({fa}) {b} ({fb}): {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+    }
+}
+
+impl Env {
+    /// Write `data` at `off` of file `name` (created if needed; the rest stays a hole).
+    pub fn write_bytes(&self, name: &str, off: u64, data: &[u8]) {
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.path(name))
+            .unwrap();
+        f.write_all_at(data, off).unwrap();
+    }
+}
