@@ -663,6 +663,8 @@ struct QcowStream<'a, 's> {
     prev: Vec<u8>,
     /// Decompression buffer.
     out: Vec<u8>,
+    /// Refcount blocks still ahead in the stream.
+    refblocks: std::collections::HashSet<u64>,
 }
 
 impl<'a, 's> QcowStream<'a, 's> {
@@ -725,6 +727,7 @@ impl<'a, 's> QcowStream<'a, 's> {
             spill,
             prev: Vec::new(),
             out: Vec::new(),
+            refblocks: std::collections::HashSet::new(),
             header,
         };
         if q.header.l1_table_offset < cs && l1_bytes > 0 {
@@ -789,6 +792,23 @@ impl<'a, 's> QcowStream<'a, 's> {
             if self.l1_raw.len() as u64 == l1_bytes {
                 self.parse_l1(sink)?;
             }
+        }
+        // Refcount structures are not needed to read the image: recognise them so they are
+        // never held back as possible data (the refcount table lists every refcount block).
+        let rt = self.header.refcount_table_offset;
+        let rt_end =
+            rt + (u64::from(self.header.refcount_table_clusters) << self.header.cluster_bits);
+        if pos >= rt && pos < rt_end {
+            for e in c.chunks_exact(8).map(BigEndian::read_u64) {
+                let off = e & 0xffff_ffff_ffff_fe00;
+                if off > pos && off % self.cs == 0 && self.refblocks.len() < MAX_PENDING {
+                    self.refblocks.insert(off);
+                }
+            }
+            claimed = true;
+        }
+        if self.refblocks.remove(&pos) {
+            claimed = true;
         }
         if let Some(l1i) = self.l2_pending.remove(&pos) {
             self.parse_l2(c, l1i, sink)?;

@@ -87,6 +87,11 @@ enum Cmd {
     },
     /// Change the virtual size of an image.
     Resize(ResizeArgs),
+    /// Import a disk image or archive from a file or standard input onto a volume target,
+    /// streaming (no scratch space), with CDI's sizing rules.
+    Import(ImportArgs),
+    /// Print the volume size to request for an image (and the usable size of a volume).
+    Measure(MeasureArgs),
     /// Create a new, empty image.
     Create {
         /// Format: raw or qcow2.
@@ -152,6 +157,67 @@ enum Cmd {
         force_share: bool,
         file: PathBuf,
     },
+    /// Check a qcow2 image's consistency (exit 0 clean, 1 check failed, 2 corrupt, 3 leaks).
+    Check {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Output format: human or json.
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        /// Quiet: no summary on stdout (problems are still listed on stderr).
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// kubevirt (a disk image) or archive (a tar unpacked into TARGET).
+    #[arg(long, default_value = "kubevirt")]
+    content_type: String,
+    /// Requested volume size (Kubernetes quantity, e.g. 10Gi): caps the disk and its expansion.
+    #[arg(long)]
+    size: Option<String>,
+    /// Filesystem overhead fraction (0, 1 or 0.NNN).
+    #[arg(long, default_value = "0.06")]
+    filesystem_overhead: String,
+    /// Preallocate the disk.
+    #[arg(long)]
+    preallocation: bool,
+    /// Accepted for clarity: streams are always untrusted (no backing or data files).
+    #[arg(long)]
+    untrusted: bool,
+    /// Memory for qcow2 data that arrives before its tables, in MiB.
+    #[arg(long, default_value = "32")]
+    memory_budget: u64,
+    /// Refuse such images instead of spilling to a temporary file on the target volume.
+    #[arg(long)]
+    no_spill: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Source file, or - for standard input.
+    src: PathBuf,
+    /// Disk file, block device, or directory (archives).
+    target: PathBuf,
+}
+
+#[derive(Args)]
+struct MeasureArgs {
+    /// Filesystem overhead fraction.
+    #[arg(long, default_value = "0.06")]
+    filesystem_overhead: String,
+    /// A volume size (Kubernetes quantity): also print the usable size it gives.
+    #[arg(long)]
+    size: Option<String>,
+    /// human or json.
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+    /// Image to measure (its virtual size is the requested size).
+    image: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -452,6 +518,148 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 }
             };
         }
+        Cmd::Import(a) => {
+            use vdisk::ingest::{ContentType, ImportOptions, ImportTarget, import};
+            let content = match a.content_type.as_str() {
+                "kubevirt" => ContentType::Kubevirt,
+                "archive" => ContentType::Archive,
+                o => return Err(Error::invalid(format!("unknown content type '{o}'"))),
+            };
+            let target = if content == ContentType::Archive {
+                ImportTarget::Directory(a.target.clone())
+            } else if std::fs::metadata(&a.target).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_block_device()
+            }) {
+                ImportTarget::Device(a.target.clone())
+            } else {
+                ImportTarget::File(a.target.clone())
+            };
+            let (src, input_size): (vdisk::stream::Stream<'_>, Option<u64>) =
+                if a.src.as_os_str() == "-" {
+                    (Box::new(std::io::stdin().lock()), None)
+                } else {
+                    let f = std::fs::File::open(&a.src)
+                        .map_err(|e| Error::io("cannot open source", e).with_path(&a.src))?;
+                    let len = f.metadata().ok().map(|m| m.len());
+                    (Box::new(f), len)
+                };
+            let log = |m: &str| eprintln!("vdisk: {m}");
+            let mut show = |read: u64, total: Option<u64>| {
+                if let Some(t) = total.filter(|&t| t > 0) {
+                    let pct = (read as u128 * 10000 / t as u128).min(10000) as u64;
+                    print!("    ({}.{:02}/100%)\r", pct / 100, pct % 100);
+                } else {
+                    print!("    {} MiB\r", read >> 20);
+                }
+                let _ = std::io::stdout().flush();
+                true
+            };
+            let mut o = ImportOptions {
+                content,
+                overhead: vdisk::sizing::parse_overhead(&a.filesystem_overhead)?,
+                requested_size: a
+                    .size
+                    .as_deref()
+                    .map(vdisk::sizing::parse_quantity)
+                    .transpose()?,
+                preallocate: a.preallocation,
+                memory_budget: a.memory_budget << 20,
+                allow_spill: !a.no_spill,
+                input_size,
+                log: Some(&log),
+                ..ImportOptions::default()
+            };
+            if a.progress {
+                o.progress = Some(&mut show);
+            }
+            let r = import(src, &target, &mut o)?;
+            if a.progress {
+                w(&mut out, "\n")?;
+            }
+            let layers: Vec<&str> = r.layers.iter().map(|f| f.name()).collect();
+            eprintln!(
+                "vdisk: imported {} ({}{}) : {} bytes read, {} written, virtual size {}, disk size {}{}",
+                a.src.display(),
+                if layers.is_empty() {
+                    String::new()
+                } else {
+                    format!("{} > ", layers.join(" > "))
+                },
+                r.format.map(|f| f.name()).unwrap_or("?"),
+                r.bytes_read,
+                r.bytes_written,
+                r.virtual_size,
+                r.disk_size,
+                if r.preallocation_applied {
+                    ", preallocated"
+                } else {
+                    ""
+                }
+            );
+        }
+        Cmd::Measure(a) => {
+            let o = vdisk::sizing::parse_overhead(&a.filesystem_overhead)?;
+            let virtual_size = match &a.image {
+                Some(p) => {
+                    let op = OpenOptions {
+                        metadata_only: true,
+                        ..OpenOptions::default()
+                    };
+                    Some(Image::open(p, &op)?.virtual_size())
+                }
+                None => None,
+            };
+            let pvc = a
+                .size
+                .as_deref()
+                .map(vdisk::sizing::parse_quantity)
+                .transpose()?;
+            if virtual_size.is_none() && pvc.is_none() {
+                return Err(Error::invalid("give an image, --size, or both"));
+            }
+            let required = virtual_size.map(|v| vdisk::sizing::required_space(o, v));
+            let usable = pvc.map(|p| vdisk::sizing::usable_space(o, p));
+            match a.output.as_str() {
+                "json" => {
+                    let mut m = serde_json::Map::new();
+                    m.insert("filesystem-overhead".into(), serde_json::json!(o));
+                    if let Some(v) = virtual_size {
+                        m.insert("virtual-size".into(), serde_json::json!(v));
+                    }
+                    if let Some(r) = required {
+                        m.insert("required-pvc-size".into(), serde_json::json!(r));
+                    }
+                    if let Some(p) = pvc {
+                        m.insert("pvc-size".into(), serde_json::json!(p));
+                    }
+                    if let Some(u) = usable {
+                        m.insert("usable-size".into(), serde_json::json!(u));
+                    }
+                    let s = serde_json::to_string_pretty(&serde_json::Value::Object(m))
+                        .unwrap_or_default();
+                    w(&mut out, &format!("{s}\n"))?;
+                }
+                "human" => {
+                    let mut s = String::new();
+                    if let Some(v) = virtual_size {
+                        s += &format!("virtual size: {v}\n");
+                    }
+                    if let Some(r) = required {
+                        s += &format!("required pvc size: {r}\n");
+                    }
+                    if let Some(u) = usable {
+                        s += &format!("usable size: {u}\n");
+                    }
+                    w(&mut out, &s)?;
+                }
+                o => {
+                    return Err(Error::invalid(format!(
+                        "--output must be human or json, not '{o}'"
+                    )));
+                }
+            }
+        }
         Cmd::Resize(a) => {
             let mode = Prealloc::from_name(&a.preallocation).ok_or_else(|| {
                 Error::invalid(format!("invalid preallocation mode '{}'", a.preallocation))
@@ -504,6 +712,39 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     &format!("Snapshot list:\n{}", snapshot_table(&snaps)),
                 )?;
             }
+        }
+        Cmd::Check {
+            format,
+            output,
+            quiet,
+            file,
+            ..
+        } => {
+            use vdisk::qcow2::check::{Checked, check_path};
+            if output != "human" && output != "json" {
+                return Err(Error::invalid(format!(
+                    "--output must be human or json, not '{output}'"
+                )));
+            }
+            let fmt = parse_format(format.as_deref())?;
+            let r = match check_path(&file, fmt, &mut |m: &str| eprintln!("{m}"))? {
+                Checked::Qcow2(r) => r,
+                Checked::NoCheck(_) => {
+                    eprintln!("vdisk: This image format does not support checks");
+                    return Ok(63);
+                }
+            };
+            if !quiet {
+                let s = match output.as_str() {
+                    "json" => r.to_json(&file.display().to_string()),
+                    _ => r.to_human(),
+                };
+                w(&mut out, &s)?;
+            }
+            if r.check_errors > 0 {
+                eprintln!("vdisk: Check failed");
+            }
+            return Ok(r.exit_code());
         }
     }
     Ok(0)

@@ -1,0 +1,562 @@
+//! Streaming ingest (`vdisk import` and `vdisk::ingest::import`): every kind of stream goes
+//! through a pipe (`cat | vdisk import -`), is checked against its source with `qemu-img
+//! compare`, and bad streams must fail clearly without leaving a disk that looks complete.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tool(name: &str) {
+    common::require_tool(name, "--version");
+}
+
+fn sh(script: &str) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("run sh")
+}
+
+fn ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn vdisk() -> &'static str {
+    env!("CARGO_BIN_EXE_vdisk")
+}
+
+struct Dir(tempfile::TempDir);
+
+impl Dir {
+    fn new() -> Dir {
+        tool("qemu-img");
+        tool("qemu-io");
+        Dir(tempfile::tempdir().unwrap())
+    }
+    fn p(&self, n: &str) -> PathBuf {
+        self.0.path().join(n)
+    }
+    fn s(&self, n: &str) -> String {
+        self.p(n).display().to_string()
+    }
+}
+
+/// A raw source with random, compressible, zero and hole extents, of `size` bytes.
+fn make_raw(path: &Path, size: u64, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut pos = 0u64;
+    while pos < size {
+        let len = ((next() % 96) + 1) * 4096;
+        let len = len.min(size - pos);
+        match next() % 4 {
+            0 => {
+                let b: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                f.write_all_at(&b, pos).unwrap();
+            }
+            1 => {
+                let b: Vec<u8> = (0..len)
+                    .map(|i| b"stream ingest "[(i % 14) as usize])
+                    .collect();
+                f.write_all_at(&b, pos).unwrap();
+            }
+            2 => f.write_all_at(&vec![0u8; len as usize], pos).unwrap(),
+            _ => {}
+        }
+        pos += len;
+    }
+}
+
+fn compare(a: &str, b: &str) {
+    let o = Command::new("qemu-img")
+        .args(["compare", a, b])
+        .output()
+        .unwrap();
+    ok(&o, &format!("qemu-img compare {a} {b}"));
+}
+
+fn import_pipe(src: &str, dst: &str, extra: &str) -> Output {
+    sh(&format!(
+        "cat '{src}' | '{}' import {extra} - '{dst}'",
+        vdisk()
+    ))
+}
+
+#[test]
+fn every_qcow2_variant_streams_through_a_pipe() {
+    let d = Dir::new();
+    make_raw(&d.p("src.raw"), 24 << 20, 11);
+    let variants: &[(&str, &[&str])] = &[
+        ("plain", &[]),
+        ("c512", &["-o", "cluster_size=512"]),
+        ("c2m", &["-o", "cluster_size=2M"]),
+        ("v2", &["-o", "compat=0.10"]),
+        ("zlib", &["-c"]),
+        ("zstd", &["-c", "-o", "compression_type=zstd"]),
+        ("xl2", &["-o", "extended_l2=on,cluster_size=64k"]),
+        (
+            "xl2zstd",
+            &["-c", "-o", "extended_l2=on,compression_type=zstd"],
+        ),
+        ("refbits1", &["-o", "refcount_bits=1"]),
+    ];
+    for (name, args) in variants {
+        let img = d.s(&format!("{name}.qcow2"));
+        let mut c = Command::new("qemu-img");
+        c.args(["convert", "-f", "raw", "-O", "qcow2"])
+            .args(*args)
+            .arg(d.p("src.raw"))
+            .arg(&img);
+        ok(&c.output().unwrap(), "qemu-img convert");
+        let dst = d.s(&format!("{name}.img"));
+        ok(&import_pipe(&img, &dst, ""), &format!("import {name}"));
+        compare(&img, &dst);
+        // Stays sparse: never more allocated than the raw source.
+        let (a, b) = (
+            std::fs::metadata(&dst).unwrap(),
+            std::fs::metadata(d.p("src.raw")).unwrap(),
+        );
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            a.blocks() <= b.blocks() + 8,
+            "{name}: import allocates {} blocks, source {}",
+            a.blocks(),
+            b.blocks()
+        );
+    }
+    // qemu-io-written images: zero clusters, discards, partial subclusters.
+    let img = d.s("io.qcow2");
+    ok(
+        &Command::new("qemu-img")
+            .args(["create", "-f", "qcow2", "-o", "extended_l2=on", &img, "20M"])
+            .output()
+            .unwrap(),
+        "create",
+    );
+    ok(
+        &Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 1 0 3M",
+                "-c",
+                "write -z 1M 4k",
+                "-c",
+                "discard 2M 64k",
+                "-c",
+                "write -P 9 19M 1k",
+            ])
+            .arg(&img)
+            .output()
+            .unwrap(),
+        "qemu-io",
+    );
+    ok(&import_pipe(&img, &d.s("io.img"), ""), "import io");
+    compare(&img, &d.s("io.img"));
+}
+
+#[test]
+fn data_before_its_tables_is_spilled_or_refused() {
+    let d = Dir::new();
+    // Data past the first L2 table's 512 MiB: qemu-img -c writes it before that table.
+    make_raw(&d.p("src.raw"), 8 << 20, 5);
+    make_raw(&d.p("tail.raw"), 8 << 20, 6);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.p("src.raw"))
+            .unwrap();
+        f.write_all_at(&std::fs::read(d.p("tail.raw")).unwrap(), 600 << 20)
+            .unwrap();
+    }
+    let img = d.s("c.qcow2");
+    ok(
+        &Command::new("qemu-img")
+            .args(["convert", "-c", "-O", "qcow2"])
+            .arg(d.p("src.raw"))
+            .arg(&img)
+            .output()
+            .unwrap(),
+        "convert -c",
+    );
+    // Budget 0 and no spill: compressed images (data before L2) are refused clearly.
+    let o = import_pipe(&img, &d.s("refused.img"), "--memory-budget 0 --no-spill");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("before the tables that map it"), "{err}");
+    assert!(
+        !d.p("refused.img").exists(),
+        "a refused import must leave no disk"
+    );
+    // Budget 0 with spilling: a temporary file is used and said so.
+    let o = import_pipe(&img, &d.s("spilled.img"), "--memory-budget 0");
+    ok(&o, "spilled import");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("spilling"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    compare(&img, &d.s("spilled.img"));
+    let leftovers: Vec<_> = std::fs::read_dir(d.0.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".vdisk-spill"))
+        .collect();
+    assert!(leftovers.is_empty(), "spill file left behind");
+    // Plain qemu-img output needs no budget at all.
+    let plain = d.s("p.qcow2");
+    ok(
+        &Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(d.p("src.raw"))
+            .arg(&plain)
+            .output()
+            .unwrap(),
+        "convert",
+    );
+    ok(
+        &import_pipe(&plain, &d.s("p.img"), "--memory-budget 0 --no-spill"),
+        "plain with no budget",
+    );
+    compare(&plain, &d.s("p.img"));
+}
+
+#[test]
+fn compressed_streams_and_tar_wrapped_disks() {
+    let d = Dir::new();
+    tool("xz");
+    tool("zstd");
+    make_raw(&d.p("src.raw"), 16 << 20, 9);
+    let raw = d.s("src.raw");
+    ok(
+        &sh(&format!(
+            "gzip -c '{raw}' > '{raw}.gz' && xz -T2 --block-size=1MiB -c '{raw}' > '{raw}.xz' && zstd -q -c '{raw}' > '{raw}.zst'"
+        )),
+        "compress",
+    );
+    for ext in ["gz", "xz", "zst"] {
+        let dst = d.s(&format!("out-{ext}.img"));
+        ok(&import_pipe(&format!("{raw}.{ext}"), &dst, ""), ext);
+        let o = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw", &raw, &dst])
+            .output()
+            .unwrap();
+        ok(&o, ext);
+    }
+    // qcow2 inside xz inside nothing else; and a tar holding a gzipped qcow2.
+    let q = d.s("d.qcow2");
+    ok(
+        &Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2", &raw, &q])
+            .output()
+            .unwrap(),
+        "convert",
+    );
+    ok(
+        &sh(&format!(
+            "xz -c '{q}' > '{q}.xz' && mkdir -p '{0}/t/disk' && gzip -c '{q}' > '{0}/t/disk/disk.qcow2.gz' && tar -C '{0}/t' -cf '{0}/disk.tar' disk",
+            d.0.path().display()
+        )),
+        "pack",
+    );
+    ok(
+        &import_pipe(&format!("{q}.xz"), &d.s("qx.img"), ""),
+        "qcow2.xz",
+    );
+    compare(&q, &d.s("qx.img"));
+    ok(&import_pipe(&d.s("disk.tar"), &d.s("tar.img"), ""), "tar");
+    compare(&q, &d.s("tar.img"));
+}
+
+#[test]
+fn sizing_expansion_and_preallocation_follow_cdi() {
+    let d = Dir::new();
+    make_raw(&d.p("src.raw"), 8 << 20, 3);
+    let src = d.s("src.raw");
+    // 100Mi requested, overhead 0.06: usable = RoundDown(ceil(100Mi / 1.06), 1Mi) = 94 MiB.
+    let o = sh(&format!(
+        "'{}' import --size 100Mi --filesystem-overhead 0.06 '{src}' '{}'",
+        vdisk(),
+        d.s("a.img")
+    ));
+    ok(&o, "import");
+    let m = std::fs::metadata(d.p("a.img")).unwrap();
+    assert_eq!(m.len(), 94 << 20);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(m.permissions().mode() & 0o777, 0o660);
+    let o = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", &src, &d.s("a.img")])
+        .output()
+        .unwrap();
+    ok(&o, "compare expanded");
+    // Preallocation: the whole disk is allocated.
+    let o = sh(&format!(
+        "'{}' import --preallocation --size 20Mi --filesystem-overhead 0 '{src}' '{}'",
+        vdisk(),
+        d.s("p.img")
+    ));
+    ok(&o, "import prealloc");
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(d.p("p.img")).unwrap();
+    assert_eq!(m.len(), 20 << 20);
+    assert!(
+        m.blocks() * 512 >= 20 << 20,
+        "preallocated disk has {} bytes allocated",
+        m.blocks() * 512
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("preallocated"));
+    // measure agrees with CDI's worked numbers.
+    let o = Command::new(vdisk())
+        .args(["measure", "--size", "11381663335", "--output=json"])
+        .output()
+        .unwrap();
+    ok(&o, "measure");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["usable-size"], 10737418240u64);
+    let q = d.s("m.qcow2");
+    ok(
+        &Command::new("qemu-img")
+            .args(["create", "-f", "qcow2", &q, "10G"])
+            .output()
+            .unwrap(),
+        "create",
+    );
+    let o = Command::new(vdisk())
+        .args(["measure", "--output=json", &q])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["required-pvc-size"], 11381663335u64);
+}
+
+#[test]
+fn bad_streams_fail_and_leave_nothing_complete() {
+    let d = Dir::new();
+    tool("zstd");
+    // A decompression bomb: 1 GiB of zeros into a 10 MiB volume.
+    ok(
+        &sh(&format!(
+            "head -c 1G /dev/zero | zstd -q -c > '{}'",
+            d.s("bomb.zst")
+        )),
+        "bomb",
+    );
+    let o = import_pipe(&d.s("bomb.zst"), &d.s("bomb.img"), "--size 10Mi");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("is larger than the reported available storage"),
+        "{err}"
+    );
+    assert!(!d.p("bomb.img").exists());
+    // qcow2 claiming more than fits is refused before any write.
+    let big = d.s("big.qcow2");
+    ok(
+        &Command::new("qemu-img")
+            .args(["create", "-f", "qcow2", &big, "1T"])
+            .output()
+            .unwrap(),
+        "create",
+    );
+    let o = import_pipe(&big, &d.s("big.img"), "--size 1Gi");
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("virtual image size 1099511627776 is larger")
+    );
+    // Truncated qcow2 and truncated gzip.
+    make_raw(&d.p("src.raw"), 8 << 20, 21);
+    let q = d.s("t.qcow2");
+    ok(
+        &Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(d.p("src.raw"))
+            .arg(&q)
+            .output()
+            .unwrap(),
+        "convert",
+    );
+    let len = std::fs::metadata(&q).unwrap().len();
+    ok(
+        &sh(&format!(
+            "head -c {} '{q}' > '{q}.cut' && gzip -c '{}' | head -c 100000 > '{}'",
+            len / 2,
+            d.s("src.raw"),
+            d.s("cut.gz")
+        )),
+        "cut",
+    );
+    for (src, name) in [(format!("{q}.cut"), "cut-qcow2"), (d.s("cut.gz"), "cut-gz")] {
+        let o = import_pipe(&src, &d.s(&format!("{name}.img")), "");
+        assert!(!o.status.success(), "{name} must fail");
+        assert!(!d.p(&format!("{name}.img")).exists(), "{name} left a disk");
+    }
+    // A qcow2 with a backing file is refused for streams.
+    let ov = d.s("ov.qcow2");
+    ok(
+        &Command::new("qemu-img")
+            .args(["create", "-f", "qcow2", "-b", &q, "-F", "qcow2", &ov])
+            .output()
+            .unwrap(),
+        "overlay",
+    );
+    let o = import_pipe(&ov, &d.s("ov.img"), "");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("backing file"));
+    // Garbage after a qcow2 header (corrupt L1 entry) is a clear error.
+    let mut b = std::fs::read(&q).unwrap();
+    let l1 = u64::from_be_bytes(b[40..48].try_into().unwrap()) as usize;
+    b[l1] |= 0x7f;
+    std::fs::write(d.p("bad.qcow2"), &b).unwrap();
+    let o = import_pipe(&d.s("bad.qcow2"), &d.s("bad.img"), "");
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("reserved bits"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn device_targets_are_zeroed_where_the_image_has_none() {
+    // A regular file stands in for the block device: it is not zero-initialised, so every
+    // range the image does not hold must be zeroed explicitly.
+    let d = Dir::new();
+    make_raw(&d.p("src.raw"), 6 << 20, 4);
+    let q = d.s("s.qcow2");
+    ok(
+        &Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(d.p("src.raw"))
+            .arg(&q)
+            .output()
+            .unwrap(),
+        "convert",
+    );
+    std::fs::write(d.p("dev"), vec![0xa5u8; 8 << 20]).unwrap();
+    let mut opts = vdisk::ingest::ImportOptions::default();
+    let src = std::fs::File::open(&q).unwrap();
+    let r = vdisk::ingest::import(
+        Box::new(src),
+        &vdisk::ingest::ImportTarget::Device(d.p("dev")),
+        &mut opts,
+    )
+    .unwrap();
+    assert_eq!(r.virtual_size, 6 << 20);
+    let got = std::fs::read(d.p("dev")).unwrap();
+    let want = std::fs::read(d.p("src.raw")).unwrap();
+    assert_eq!(
+        &got[..6 << 20],
+        &want[..],
+        "device content differs from the image"
+    );
+    assert!(
+        got[6 << 20..].iter().all(|&b| b == 0xa5),
+        "bytes past the image must be untouched"
+    );
+}
+
+#[test]
+fn archives_unpack_safely() {
+    let d = Dir::new();
+    let root = d.p("a");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::write(root.join("sub/f.txt"), b"hello").unwrap();
+    std::os::unix::fs::symlink("f.txt", root.join("sub/ok-link")).unwrap();
+    ok(
+        &sh(&format!(
+            "tar -C '{}' -cf '{}' . && gzip -k '{}'",
+            root.display(),
+            d.s("good.tar"),
+            d.s("good.tar")
+        )),
+        "tar",
+    );
+    std::fs::create_dir(d.p("out")).unwrap();
+    let o = sh(&format!(
+        "cat '{}' | '{}' import --content-type archive - '{}'",
+        d.s("good.tar.gz"),
+        vdisk(),
+        d.s("out")
+    ));
+    ok(&o, "archive");
+    assert_eq!(std::fs::read(d.p("out/sub/f.txt")).unwrap(), b"hello");
+    assert_eq!(
+        std::fs::read_link(d.p("out/sub/ok-link")).unwrap(),
+        Path::new("f.txt")
+    );
+    // Hostile archives, built by hand: each must be refused and write nothing outside.
+    let cases: &[(&str, tar::EntryType, &str, Option<&str>)] = &[
+        ("dotdot", tar::EntryType::Regular, "../escape.txt", None),
+        (
+            "abs",
+            tar::EntryType::Regular,
+            "/tmp/vdisk-abs-escape.txt",
+            None,
+        ),
+        (
+            "symlink",
+            tar::EntryType::Symlink,
+            "evil",
+            Some("../../etc"),
+        ),
+        ("abs-symlink", tar::EntryType::Symlink, "evil", Some("/etc")),
+        ("hardlink", tar::EntryType::Link, "evil", Some("../outside")),
+        ("device", tar::EntryType::Char, "null", None),
+    ];
+    for (name, kind, path, link) in cases {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        h.set_size(if kind.is_file() { 4 } else { 0 });
+        // Write the raw name so the tar builder's own checks do not stop us.
+        let bytes = path.as_bytes();
+        h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+        if let Some(l) = link {
+            h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
+        }
+        h.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(
+            &h,
+            if kind.is_file() {
+                &b"evil"[..]
+            } else {
+                &[][..]
+            },
+        )
+        .unwrap();
+        let data = b.into_inner().unwrap();
+        let t = d.p(&format!("{name}.tar"));
+        std::fs::write(&t, data).unwrap();
+        let out = d.p(&format!("out-{name}"));
+        std::fs::create_dir(&out).unwrap();
+        let o = sh(&format!(
+            "cat '{}' | '{}' import --content-type archive - '{}'",
+            t.display(),
+            vdisk(),
+            out.display()
+        ));
+        assert!(!o.status.success(), "{name}: hostile archive accepted");
+        assert!(
+            !d.p("escape.txt").exists() && !Path::new("/tmp/vdisk-abs-escape.txt").exists(),
+            "{name} escaped"
+        );
+    }
+}
