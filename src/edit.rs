@@ -199,7 +199,7 @@ pub fn snapshot(path: &Path, op: &SnapshotOp) -> Result<()> {
 pub fn rebuild_refcounts(path: &Path) -> Result<()> {
     let (io, fmt) = open_rw(path, Some(Format::Qcow2))?;
     debug_assert_eq!(fmt, Format::Qcow2);
-    Model::load(io)
+    Model::load_for_repair(io)
         .and_then(|m| m.commit().map(|_| ()))
         .map_err(|e| e.with_path(path))
 }

@@ -322,3 +322,56 @@ fn killed_convert_leaves_no_complete_looking_target() {
         }
     }
 }
+
+/// `vdisk check -r all` repairs a dirty image's stale refcounts (qemu-img then finds it
+/// clean); `-r leaks` leaves corruptions alone and says so.
+#[test]
+fn check_repair_rebuilds_refcounts() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("dirty.qcow2");
+    let out = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        p.to_str().unwrap(),
+        "8M",
+    ]);
+    assert!(out.status.success());
+    let _ = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 7 0 1M", "-c", "sigraise 9"])
+        .arg(&p)
+        .output();
+    let before = content(&p, d.path());
+    let v = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_vdisk"))
+            .args(args)
+            .arg(&p)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(
+        v(&["check"]).status.code(),
+        Some(2),
+        "stale refcounts are corruptions"
+    );
+    let o = v(&["check", "-r", "leaks"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("-r all"));
+    let o = v(&["check", "-r", "all"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("No errors were found"));
+    assert_eq!(corruptions(&p), (0, 0));
+    assert_eq!(
+        content(&p, d.path()),
+        before,
+        "repair must not change the disk's content"
+    );
+}

@@ -54,6 +54,16 @@ impl Model {
     /// Load every mapping table of the qcow2 image in `io` (which must be writable for
     /// [`Model::commit`]). Images with bitmaps or marked corrupt are refused.
     pub fn load(io: Arc<dyn BlockIo>) -> Result<Model> {
+        Self::load_with(io, false)
+    }
+
+    /// [`Model::load`], but for repair: an image marked corrupt is accepted, and committing
+    /// clears the mark (its refcounts and flags are then rebuilt from the mapping tables).
+    pub fn load_for_repair(io: Arc<dyn BlockIo>) -> Result<Model> {
+        Self::load_with(io, true)
+    }
+
+    fn load_with(io: Arc<dyn BlockIo>, repair: bool) -> Result<Model> {
         let file_size = io.size().map_err(|e| Error::io("cannot stat image", e))?;
         let mut head = vec![0u8; file_size.min(2 << 20) as usize];
         io.read_exact_at(&mut head, 0)
@@ -65,7 +75,7 @@ impl Model {
                 "images with persistent bitmaps cannot be modified yet",
             ));
         }
-        if header.incompatible_features & incompat::CORRUPT != 0 {
+        if header.incompatible_features & incompat::CORRUPT != 0 && !repair {
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 "image is marked corrupt; it can be opened read-only or repaired with check -r all",
@@ -565,7 +575,7 @@ impl Model {
             // Refcounts are exact now: the image is clean. Unknown autoclear bits are dropped.
             BigEndian::write_u64(
                 &mut h[48..],
-                self.header.incompatible_features & !incompat::DIRTY,
+                self.header.incompatible_features & !(incompat::DIRTY | incompat::CORRUPT),
             );
             BigEndian::write_u64(&mut h[56..], self.header.compatible_features);
             BigEndian::write_u64(

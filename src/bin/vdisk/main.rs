@@ -169,6 +169,10 @@ enum Cmd {
         quiet: bool,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// Repair: leaks (refcounts above their use) or all (every refcount and flag
+        /// problem), by rebuilding the refcount structures crash-safely.
+        #[arg(short = 'r')]
+        repair: Option<String>,
         file: PathBuf,
     },
 }
@@ -717,6 +721,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             format,
             output,
             quiet,
+            repair,
             file,
             ..
         } => {
@@ -726,14 +731,42 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     "--output must be human or json, not '{output}'"
                 )));
             }
+            let repair_all = match repair.as_deref() {
+                None => None,
+                Some("leaks") => Some(false),
+                Some("all") => Some(true),
+                Some(o) => return Err(Error::invalid(format!("-r takes leaks or all, not '{o}'"))),
+            };
             let fmt = parse_format(format.as_deref())?;
-            let r = match check_path(&file, fmt, &mut |m: &str| eprintln!("{m}"))? {
+            let run = || check_path(&file, fmt, &mut |m: &str| eprintln!("{m}"));
+            let mut r = match run()? {
                 Checked::Qcow2(r) => r,
                 Checked::NoCheck(_) => {
                     eprintln!("vdisk: This image format does not support checks");
                     return Ok(63);
                 }
             };
+            if let Some(all) = repair_all {
+                let fixable = r.leaks > 0 || (all && r.corruptions > 0);
+                if fixable && (all || r.corruptions == 0) && r.check_errors == 0 {
+                    let (leaks, corruptions) = (r.leaks, if all { r.corruptions } else { 0 });
+                    vdisk::edit::rebuild_refcounts(&file)?;
+                    if !quiet && output == "human" {
+                        w(
+                            &mut out,
+                            &format!(
+                                "The following inconsistencies were found and repaired:\n\n    {leaks} leaked clusters\n    {corruptions} corruptions\n\nDouble checking the fixed image now...\n"
+                            ),
+                        )?;
+                    }
+                    r = match run()? {
+                        Checked::Qcow2(r) => r,
+                        Checked::NoCheck(_) => return Ok(63),
+                    };
+                } else if r.corruptions > 0 && !all {
+                    eprintln!("vdisk: corruptions remain; repair them with -r all");
+                }
+            }
             if !quiet {
                 let s = match output.as_str() {
                     "json" => r.to_json(&file.display().to_string()),
