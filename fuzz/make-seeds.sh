@@ -111,4 +111,27 @@ xorriso -as mkisofs -quiet -V cidata -J -R -o "$t/seed.iso" "$t/iso" 2>/dev/null
 dd if="$t/seed.iso" of="$i/cidata" bs=2048 skip=16 count=8 status=none
 dd if="$t/seed.iso" of="$i/pvd-only" bs=2048 skip=16 count=1 status=none
 
+# check: the qcow2_read seeds (valid images of every kind).
+mkdir -p seeds/check seeds/stream_import seeds/tar_unpack
+cp seeds/qcow2_read/*.qcow2 seeds/check/
+
+# stream_import: qcow2 images (plain and compressed) and compressed raw streams, and a tar
+# holding a gzipped disk.
+cp seeds/qcow2_read/v3-512.qcow2 seeds/qcow2_read/zlib-4k.qcow2 seeds/qcow2_read/zstd-4k.qcow2 \
+   seeds/qcow2_read/extl2-16k.qcow2 seeds/stream_import/
+head -c 20000 "$t/src.raw" >"$t/small.raw"
+gzip -c "$t/small.raw" >seeds/stream_import/raw.gz
+xz -c "$t/small.raw" >seeds/stream_import/raw.xz
+zstd -q -c "$t/small.raw" >seeds/stream_import/raw.zst
+mkdir -p "$t/tar/disk" "$t/arch/sub"
+gzip -c seeds/qcow2_read/v3-512.qcow2 >"$t/tar/disk/disk.qcow2.gz"
+tar -C "$t/tar" -cf seeds/stream_import/disk.tar disk
+
+# tar_unpack: files, directories, an inside symlink and a hard link.
+printf 'hello\n' >"$t/arch/sub/f"
+ln -s f "$t/arch/sub/link"
+ln "$t/arch/sub/f" "$t/arch/hard"
+tar -C "$t/arch" -cf seeds/tar_unpack/plain.tar .
+tar -C "$t/arch" --format=gnu -cf seeds/tar_unpack/gnu.tar .
+
 ls -l seeds/*/ | awk '$5 > 65536 { print "seed too large: " $0; bad=1 } END { exit bad }'

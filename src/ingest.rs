@@ -454,6 +454,63 @@ fn import_inner(
     Ok(report)
 }
 
+/// Import the disk image in `src` into `io` (no sizing, expansion or preallocation): the
+/// lower half of [`import`], for callers with their own target (tests, fuzzing, memory).
+/// `zero_init` says `io` already reads as zeros; nothing is written past `capacity`. Spilling
+/// is not available here: data beyond the memory budget that arrives before its mapping is
+/// refused.
+pub fn import_into(
+    src: Stream<'_>,
+    io: &dyn BlockIo,
+    zero_init: bool,
+    capacity: u64,
+    opts: &mut ImportOptions<'_>,
+) -> Result<ImportReport> {
+    let count = Arc::new(AtomicU64::new(0));
+    let input: Stream<'_> = Box::new(Counting {
+        inner: src,
+        count: count.clone(),
+        cancel: opts.cancel.clone(),
+    });
+    let log = opts.log;
+    let say = |m: &str| {
+        if let Some(l) = log {
+            l(m);
+        }
+    };
+    let mut ticker = Ticker {
+        count: count.clone(),
+        total: opts.input_size,
+        last: Instant::now(),
+        progress: opts.progress.as_deref_mut(),
+    };
+    let mut report = ImportReport::default();
+    let (layers, fmt, inner) = stream::unwrap_layers(input, opts.threads)?;
+    report.layers = layers;
+    let mut sink = Sink {
+        io,
+        zero_init,
+        capacity,
+        written: 0,
+    };
+    report.virtual_size = ingest_image(
+        fmt,
+        inner,
+        &mut sink,
+        &mut ticker,
+        opts.memory_budget,
+        None,
+        opts.threads,
+        &say,
+        &mut report,
+    )?;
+    report.bytes_written = sink.written;
+    report.bytes_read = count.load(Ordering::Relaxed);
+    report.disk_size = report.virtual_size;
+    ticker.finish();
+    Ok(report)
+}
+
 /// Write the image in `inner` (format `fmt`) through `sink`; returns its virtual size.
 #[allow(clippy::too_many_arguments)]
 fn ingest_image(
