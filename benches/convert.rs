@@ -1,4 +1,5 @@
-//! Criterion benches: qcow2 (plain, zlib- and zstd-compressed) to raw, on a generated image.
+//! Criterion benches on a generated image: qcow2 (plain, zlib, zstd) to raw, raw to qcow2
+//! (plain, zlib, zstd), and streams (gz, multi-block xz, zstd, streamed qcow2) imported to raw.
 //!
 //! The source is a 256 MiB raw disk with a realistic mix (random, text-like and zero extents,
 //! holes), turned into qcow2 by `qemu-img convert` once per run (qemu-img must be installed;
@@ -7,7 +8,9 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use vdisk::convert::{ConvertOptions, convert_to_raw_path};
+use vdisk::convert::{ConvertOptions, Target, convert_path, convert_to_raw_path};
+use vdisk::ingest::{ImportOptions, ImportTarget, import};
+use vdisk::qcow2::writer::CreateOptions;
 use vdisk::{Image, OpenOptions};
 
 const SIZE: u64 = 256 << 20;
@@ -100,6 +103,67 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let img = Image::open(&q, &OpenOptions::default()).unwrap();
                 convert_to_raw_path(&img, &out, &mut ConvertOptions::default()).unwrap()
+            })
+        });
+    }
+    // raw -> qcow2: plain and compressed.
+    let img = Image::open(&raw, &OpenOptions::default()).unwrap();
+    for (name, compress, ctype) in [
+        ("raw_to_qcow2/plain", false, "zlib"),
+        ("raw_to_qcow2/zlib", true, "zlib"),
+        ("raw_to_qcow2/zstd", true, "zstd"),
+    ] {
+        let mut options = CreateOptions::default();
+        options.apply(&format!("compression_type={ctype}")).unwrap();
+        let target = Target::Qcow2 { options, compress };
+        let out = dir.path().join("out.qcow2");
+        g.bench_function(name, |b| {
+            b.iter(|| convert_path(&img, &out, &target, &mut ConvertOptions::default()).unwrap())
+        });
+    }
+    g.finish();
+
+    // Streams to a raw disk, through the importer (no seeking).
+    let mut g = c.benchmark_group("ingest");
+    g.sample_size(10);
+    let plain = dir.path().join("qcow2_to_raw_plain.qcow2");
+    let zlib = dir.path().join("qcow2_to_raw_zlib.qcow2");
+    let bytes = std::fs::read(&raw).unwrap();
+    let gz = {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        e.write_all(&bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let zst = zstd::encode_all(&bytes[..], 3).unwrap();
+    let xz = {
+        use std::io::Write;
+        let mut b = liblzma::stream::MtStreamBuilder::new();
+        b.threads(2).preset(6).block_size(8 << 20);
+        let mut e = liblzma::write::XzEncoder::new_stream(Vec::new(), b.encoder().unwrap());
+        e.write_all(&bytes).unwrap();
+        e.finish().unwrap()
+    };
+    drop(bytes);
+    let inputs: Vec<(&str, Vec<u8>)> = vec![
+        ("gz_to_raw", gz),
+        ("xz_multiblock_to_raw", xz),
+        ("zstd_to_raw", zst),
+        ("qcow2_stream_to_raw/plain", std::fs::read(&plain).unwrap()),
+        ("qcow2_stream_to_raw/zlib", std::fs::read(&zlib).unwrap()),
+    ];
+    let out = dir.path().join("disk.img");
+    for (name, data) in &inputs {
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                let _ = std::fs::remove_file(&out);
+                let mut o = ImportOptions::default();
+                import(
+                    Box::new(&data[..]),
+                    &ImportTarget::File(out.clone()),
+                    &mut o,
+                )
+                .unwrap()
             })
         });
     }

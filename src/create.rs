@@ -9,9 +9,9 @@ use crate::qcow2::writer::{self, CreateOptions, Prealloc};
 use std::path::Path;
 
 /// Create an image of `size` bytes (rounded up to whole sectors, as qemu-img does) at `path`
-/// (replacing any file there). For raw images only
-/// `opts.prealloc` is used (`metadata` is refused, as by qemu-img). Returns the preallocation
-/// actually applied (`falloc` falls back to `full` where the filesystem refuses).
+/// (replacing any file there). For raw images only `opts.prealloc` is used (`metadata` is
+/// refused, as by qemu-img). Returns the preallocation actually applied (`falloc` falls back
+/// to `full` where the filesystem refuses).
 pub fn create(path: &Path, format: Format, size: u64, opts: &CreateOptions) -> Result<Prealloc> {
     let tmp = TempTarget::create(path)?;
     let applied = match format {

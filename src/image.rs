@@ -250,8 +250,10 @@ fn open_io(
     let format = format.unwrap_or(probed);
     match format {
         Format::Raw | Format::Iso => {
+            // A raw disk that merely looks like an ISO (broken descriptor) is still a raw
+            // disk, as qemu sees it: the ISO details are extra information only.
             let iso = if probed == Format::Iso {
-                Some(iso::read_info(|off, buf| io.read_exact_at(buf, off))?)
+                iso::read_info(|off, buf| io.read_exact_at(buf, off)).ok()
             } else {
                 None
             };
@@ -439,5 +441,16 @@ mod tests {
         assert!(img.read_at(&mut b, 4090).is_err());
         let e = img.extent(0, u64::MAX).unwrap();
         assert!(e.data && e.len == 4096);
+    }
+
+    #[test]
+    fn broken_iso_descriptor_is_still_a_raw_disk() {
+        let mut d = vec![0u8; 0x9000];
+        d[0x8001..0x8006].copy_from_slice(b"CD001");
+        d[0x8000] = 1; // primary, but every field is zero: invalid block size
+        let img =
+            Image::from_io(Arc::new(crate::io::MemIo::new(d)), &OpenOptions::default()).unwrap();
+        assert_eq!(img.format(), Format::Raw);
+        assert!(img.iso().is_none());
     }
 }
