@@ -1198,22 +1198,32 @@ fn snapshots_made_by_qemu() {
     }
 }
 
-/// Snapshots made by vdisk, listed, applied and deleted by qemu-img (and vdisk).
+// Snapshots made by vdisk, listed, applied and deleted by qemu-img (and vdisk).
 #[test]
-fn snapshots_made_by_vdisk() {
-    let lab = Lab::new("snapshots_made_by_vdisk");
+fn snapshots_made_by_vdisk_0() {
+    snapshots_made_by_vdisk(
+        "snapshots_made_by_vdisk_0",
+        &["", "compat=0.10", "cluster_size=2M"],
+    );
+}
+
+#[test]
+fn snapshots_made_by_vdisk_1() {
+    snapshots_made_by_vdisk(
+        "snapshots_made_by_vdisk_1",
+        &[
+            "cluster_size=4k,refcount_bits=8",
+            "extended_l2=on,compression_type=zstd",
+            "compressed",
+        ],
+    );
+}
+
+/// Images created with `opts` (or "compressed": converted with -c from a mixed source).
+fn snapshots_made_by_vdisk(test: &'static str, sets: &[&str]) {
+    let lab = Lab::new(test);
     mixed_source(&lab, "src.raw", 16 << 20, 31);
-    for (i, opts) in [
-        "",
-        "compat=0.10",
-        "cluster_size=4k,refcount_bits=8",
-        "extended_l2=on,compression_type=zstd",
-        "cluster_size=2M",
-        "compressed",
-    ]
-    .iter()
-    .enumerate()
-    {
+    for (i, opts) in sets.iter().enumerate() {
         let f = format!("vs{i}.qcow2");
         let f = f.as_str();
         let st = |n: &str| format!("{f}.{n}.raw");
