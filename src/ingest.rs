@@ -954,12 +954,8 @@ impl<'a, 's> QcowStream<'a, 's> {
                 continue;
             }
             let host = v & OFFSET_MASK;
-            if v & if ext {
-                0x3f00_0000_0000_01ff
-            } else {
-                0x3f00_0000_0000_01fe
-            } != 0
-            {
+            // Bit 0: the zero flag, or unused with extended L2 (ignored, as qemu does).
+            if v & 0x3f00_0000_0000_01fe != 0 {
                 return Err(corrupt!(
                     "L2 entry for guest offset {guest:#x} has reserved bits set ({v:#x})"
                 ));

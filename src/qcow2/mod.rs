@@ -272,12 +272,9 @@ impl Qcow2 {
             let size = (nsect + 1) * 512 - (offset & 511);
             return Ok(Unit::Compressed { offset, size });
         }
-        let reserved = if ext {
-            L2_RESERVED_MASK | ZERO
-        } else {
-            L2_RESERVED_MASK
-        };
-        if entry & reserved != 0 {
+        // Bit 0 is the zero flag in standard entries and unused (ignored, as qemu does) in
+        // extended ones.
+        if entry & L2_RESERVED_MASK != 0 {
             return Err(corrupt!(
                 "L2 entry for guest cluster {cluster} has reserved bits set ({entry:#x})"
             ));
