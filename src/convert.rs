@@ -647,6 +647,11 @@ pub struct TempTarget {
 }
 
 impl TempTarget {
+    /// Where the temporary file is.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
     /// Create the temporary file beside `dst`.
     pub fn create(dst: &Path) -> Result<TempTarget> {
         let dir = match dst.parent() {

@@ -80,6 +80,8 @@ pub struct ImportOptions<'a> {
     pub cancel: Option<CancelToken>,
     /// Log lines (spilling, resizing), if wanted.
     pub log: Option<&'a dyn Fn(&str)>,
+    /// Write the target with `O_DIRECT` (bypassing the page cache) where it supports it.
+    pub direct_io: bool,
 }
 
 impl Default for ImportOptions<'_> {
@@ -98,6 +100,7 @@ impl Default for ImportOptions<'_> {
             progress: None,
             cancel: None,
             log: None,
+            direct_io: false,
         }
     }
 }
@@ -361,12 +364,13 @@ fn import_inner(
             return Err(Error::invalid("disk content needs a file or device target"));
         }
         ImportTarget::Device(p) => {
-            let io =
-                FileIo::open_rw(p, false).map_err(|e| Error::io("cannot open target device", e))?;
+            let io = open_target(p, opts.direct_io, &say, || {
+                FileIo::open_rw(p, false).map_err(|e| Error::io("cannot open target device", e))
+            })?;
             let size = io
                 .size()
                 .map_err(|e| Error::io("cannot size target device", e))?;
-            (Box::new(io), None, size, false, false)
+            (io, None, size, false, false)
         }
         ImportTarget::File(p) => {
             let dir = match p.parent() {
@@ -377,14 +381,15 @@ fn import_inner(
                 .map_err(|e| Error::io("cannot measure target volume", e))?;
             let available = opts.requested_size.map_or(free, |r| r.min(free));
             let tmp = TempTarget::create(p)?;
-            let io = FileIo::from_file(
-                tmp.io
+            let io = open_target(tmp.path(), opts.direct_io, &say, || {
+                let f = tmp
+                    .io
                     .file()
                     .try_clone()
-                    .map_err(|e| Error::io("cannot open target", e))?,
-            )
-            .map_err(|e| Error::io("cannot open target", e))?;
-            (Box::new(io), Some(tmp), available, true, true)
+                    .map_err(|e| Error::io("cannot open target", e))?;
+                FileIo::from_file(f).map_err(|e| Error::io("cannot open target", e))
+            })?;
+            (io, Some(tmp), available, true, true)
         }
     };
     let mut sink = Sink {
@@ -509,6 +514,26 @@ pub fn import_into(
     report.disk_size = report.virtual_size;
     ticker.finish();
     Ok(report)
+}
+
+/// Open a target with `O_DIRECT` when asked and possible (CDI's "try none" cache mode), else
+/// with the page cache.
+fn open_target(
+    path: &Path,
+    direct: bool,
+    say: &dyn Fn(&str),
+    cached: impl FnOnce() -> Result<FileIo>,
+) -> Result<Box<dyn BlockIo>> {
+    if direct {
+        match crate::io::DirectIo::open(path) {
+            Ok(d) => return Ok(Box::new(d)),
+            Err(e) => say(&format!(
+                "O_DIRECT not available on {} ({e}); using the page cache",
+                path.display()
+            )),
+        }
+    }
+    Ok(Box::new(cached()?))
 }
 
 /// Write the image in `inner` (format `fmt`) through `sink`; returns its virtual size.

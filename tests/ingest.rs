@@ -470,6 +470,35 @@ fn device_targets_are_zeroed_where_the_image_has_none() {
         got[6 << 20..].iter().all(|&b| b == 0xa5),
         "bytes past the image must be untouched"
     );
+    // The same with O_DIRECT (file systems without it fall back to the page cache).
+    std::fs::write(d.p("dev"), vec![0xa5u8; 8 << 20]).unwrap();
+    let mut opts = vdisk::ingest::ImportOptions {
+        direct_io: true,
+        ..Default::default()
+    };
+    let src = std::fs::File::open(&q).unwrap();
+    vdisk::ingest::import(
+        Box::new(src),
+        &vdisk::ingest::ImportTarget::Device(d.p("dev")),
+        &mut opts,
+    )
+    .unwrap();
+    let got = std::fs::read(d.p("dev")).unwrap();
+    assert_eq!(&got[..6 << 20], &want[..], "O_DIRECT import differs");
+    assert!(got[6 << 20..].iter().all(|&b| b == 0xa5));
+    // And a disk file written with O_DIRECT.
+    let o = sh(&format!(
+        "'{}' import --direct --size 16Mi '{}' '{}'",
+        vdisk(),
+        q,
+        d.s("direct.img")
+    ));
+    ok(&o, "import --direct");
+    let o = Command::new("qemu-img")
+        .args(["compare", &q, &d.s("direct.img")])
+        .output()
+        .unwrap();
+    ok(&o, "compare direct");
 }
 
 #[test]
@@ -500,6 +529,33 @@ fn archives_unpack_safely() {
     assert_eq!(
         std::fs::read_link(d.p("out/sub/ok-link")).unwrap(),
         Path::new("f.txt")
+    );
+    // GNU sparse entries stay sparse.
+    std::fs::create_dir(d.p("sp")).unwrap();
+    ok(
+        &sh(&format!(
+            "truncate -s 40M '{0}/sp/big' && printf x | dd of='{0}/sp/big' bs=1 seek=30000000 conv=notrunc 2>/dev/null && tar --format=gnu -S -C '{0}/sp' -cf '{0}/sp.tar' big && mkdir '{0}/sp-out'",
+            d.0.path().display()
+        )),
+        "sparse tar",
+    );
+    ok(
+        &sh(&format!(
+            "'{}' import --content-type archive '{}' '{}'",
+            vdisk(),
+            d.s("sp.tar"),
+            d.s("sp-out")
+        )),
+        "sparse unpack",
+    );
+    assert_eq!(
+        std::fs::read(d.p("sp-out/big")).unwrap(),
+        std::fs::read(d.p("sp/big")).unwrap()
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        std::fs::metadata(d.p("sp-out/big")).unwrap().blocks() * 512 < 1 << 20,
+        "sparse entry was filled in"
     );
     // Hostile archives, built by hand: each must be refused and write nothing outside.
     let cases: &[(&str, tar::EntryType, &str, Option<&str>)] = &[

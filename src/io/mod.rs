@@ -6,9 +6,11 @@
 //! preallocation) have correct but slow defaults, or report [`std::io::ErrorKind::Unsupported`]
 //! so callers can fall back.
 
+mod direct;
 mod file;
 mod mem;
 
+pub use direct::DirectIo;
 pub use file::{FileIo, free_space};
 pub use mem::MemIo;
 

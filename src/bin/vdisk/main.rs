@@ -200,6 +200,9 @@ struct ImportArgs {
     /// Refuse such images instead of spilling to a temporary file on the target volume.
     #[arg(long)]
     no_spill: bool,
+    /// Write the target with O_DIRECT (no page cache) where it supports it.
+    #[arg(long)]
+    direct: bool,
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
@@ -572,6 +575,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 allow_spill: !a.no_spill,
                 input_size,
                 log: Some(&log),
+                direct_io: a.direct,
                 ..ImportOptions::default()
             };
             if a.progress {
