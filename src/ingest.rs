@@ -601,22 +601,54 @@ fn ingest_raw(
     sink: &mut Sink<'_>,
     ticker: &mut Ticker<'_, '_>,
 ) -> Result<u64> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0u64;
-    loop {
-        let n = read_full(&mut inner, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        if pos + n as u64 > sink.capacity {
-            return Err(too_large(None, sink.capacity));
-        }
-        sink.write(pos, &buf[..n])?;
-        pos += n as u64;
-        ticker.tick()?;
+    // Decoding (this thread) and zero-scanning + writing (a helper thread) overlap; a few
+    // 1 MiB buffers circulate between them, so memory stays bounded.
+    const BUF: usize = 1 << 20;
+    const IN_FLIGHT: usize = 3;
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>, usize)>(IN_FLIGHT);
+    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT + 1);
+    for _ in 0..IN_FLIGHT + 1 {
+        let _ = free_tx.send(vec![0u8; BUF]);
     }
-    // qemu sees raw images in whole sectors.
-    Ok(pos.div_ceil(512) * 512)
+    let capacity = sink.capacity;
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<()> {
+            for (pos, buf, n) in full_rx {
+                sink.write(pos, &buf[..n])?;
+                let _ = free_tx.send(buf);
+            }
+            Ok(())
+        });
+        let read = (|| -> Result<u64> {
+            let mut pos = 0u64;
+            loop {
+                let Ok(mut buf) = free_rx.recv() else {
+                    // The writer stopped (its error is reported below).
+                    return Ok(pos);
+                };
+                let n = read_full(&mut inner, &mut buf)?;
+                if n == 0 {
+                    return Ok(pos);
+                }
+                if pos + n as u64 > capacity {
+                    return Err(too_large(None, capacity));
+                }
+                if full_tx.send((pos, buf, n)).is_err() {
+                    return Ok(pos);
+                }
+                pos += n as u64;
+                ticker.tick()?;
+            }
+        })();
+        drop(full_tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "writer thread panicked")));
+        let pos = read?;
+        written?;
+        // qemu sees raw images in whole sectors.
+        Ok(pos.div_ceil(512) * 512)
+    })
 }
 
 /// Where qcow2 clusters whose role is not known yet are kept: memory up to a budget, then an
