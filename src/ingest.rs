@@ -239,7 +239,13 @@ struct Sink<'a> {
     zero_init: bool,
     capacity: u64,
     written: u64,
+    /// Small writes at consecutive guest offsets, gathered into one request.
+    pending: Vec<u8>,
+    pending_off: u64,
 }
+
+/// Writes smaller than this are gathered (qcow2 data arrives a cluster at a time).
+const GATHER: usize = 1 << 20;
 
 impl Sink<'_> {
     fn check(&self, off: u64, len: u64) -> Result<()> {
@@ -251,6 +257,32 @@ impl Sink<'_> {
 
     fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
         self.check(off, data.len() as u64)?;
+        let end = self.pending_off + self.pending.len() as u64;
+        if !self.pending.is_empty() && (off != end || self.pending.len() + data.len() > GATHER) {
+            self.flush_pending()?;
+        }
+        if data.len() < GATHER {
+            if self.pending.is_empty() {
+                self.pending_off = off;
+            }
+            self.pending.extend_from_slice(data);
+            return Ok(());
+        }
+        self.write_now(off, data)
+    }
+
+    fn flush_pending(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::take(&mut self.pending);
+        let r = self.write_now(self.pending_off, &data);
+        self.pending = data;
+        self.pending.clear();
+        r
+    }
+
+    fn write_now(&mut self, off: u64, data: &[u8]) -> Result<()> {
         const BLOCK: usize = 4096;
         let mut i = 0;
         while i < data.len() {
@@ -284,6 +316,7 @@ impl Sink<'_> {
 
     fn zero(&mut self, off: u64, len: u64) -> Result<()> {
         self.check(off, len)?;
+        self.flush_pending()?;
         if !self.zero_init && len > 0 {
             self.io
                 .write_zeroes(off, len)
@@ -397,6 +430,8 @@ fn import_inner(
         zero_init,
         capacity: available,
         written: 0,
+        pending: Vec::new(),
+        pending_off: 0,
     };
     let spill_dir = match (target, opts.allow_spill) {
         (ImportTarget::File(p), true) => p.parent().map(Path::to_path_buf),
@@ -413,6 +448,7 @@ fn import_inner(
         &say,
         &mut report,
     )?;
+    sink.flush_pending()?;
     report.virtual_size = virtual_size;
     report.bytes_written = sink.written;
     report.bytes_read = count.load(Ordering::Relaxed);
@@ -497,6 +533,8 @@ pub fn import_into(
         zero_init,
         capacity,
         written: 0,
+        pending: Vec::new(),
+        pending_off: 0,
     };
     report.virtual_size = ingest_image(
         fmt,
@@ -509,6 +547,7 @@ pub fn import_into(
         &say,
         &mut report,
     )?;
+    sink.flush_pending()?;
     report.bytes_written = sink.written;
     report.bytes_read = count.load(Ordering::Relaxed);
     report.disk_size = report.virtual_size;

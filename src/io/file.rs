@@ -261,6 +261,17 @@ pub fn free_space(path: &Path) -> io::Result<u64> {
     Ok(avail.saturating_mul(frsize))
 }
 
+/// Grow the kernel buffer of the pipe on `fd` (when it is one) to `bytes`, so a producer and a
+/// consumer switch less often: 64 KiB pipes cost more in context switches than in copying.
+/// Errors (not a pipe, over the system limit) are ignored: this is only an optimisation.
+pub fn enlarge_pipe(fd: &impl AsRawFd, bytes: usize) {
+    let Ok(n) = libc::c_int::try_from(bytes) else {
+        return;
+    };
+    // SAFETY: F_SETPIPE_SZ takes an int and touches no memory of ours; a bad fd just fails.
+    let _ = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, n) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ mod file;
 mod mem;
 
 pub use direct::DirectIo;
-pub use file::{FileIo, free_space};
+pub use file::{FileIo, enlarge_pipe, free_space};
 pub use mem::MemIo;
 
 use std::fmt::Debug;

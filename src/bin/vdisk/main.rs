@@ -544,6 +544,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             };
             let (src, input_size): (vdisk::stream::Stream<'_>, Option<u64>) =
                 if a.src.as_os_str() == "-" {
+                    vdisk::io::enlarge_pipe(&std::io::stdin(), 1 << 20);
                     (Box::new(std::io::stdin().lock()), None)
                 } else {
                     let f = std::fs::File::open(&a.src)
