@@ -341,32 +341,59 @@ pub fn import(
     Ok(report)
 }
 
+/// The common start of an import: count and watch the input, unwrap its compression layers.
+#[allow(clippy::type_complexity)]
+fn begin<'s, 'p, 'a>(
+    src: Stream<'s>,
+    cancel: Option<CancelToken>,
+    total: Option<u64>,
+    threads: u32,
+    progress: &'p mut Option<ImportProgress<'a>>,
+) -> Result<(
+    Arc<AtomicU64>,
+    Ticker<'p, 'a>,
+    ImportReport,
+    Format,
+    Stream<'s>,
+)> {
+    let count = Arc::new(AtomicU64::new(0));
+    let input: Stream<'_> = Box::new(Counting {
+        inner: src,
+        count: count.clone(),
+        cancel,
+    });
+    let ticker = Ticker {
+        count: count.clone(),
+        total,
+        last: Instant::now(),
+        progress: progress.as_deref_mut(),
+    };
+    let (layers, fmt, inner) = stream::unwrap_layers(input, threads)?;
+    let report = ImportReport {
+        layers,
+        ..ImportReport::default()
+    };
+    Ok((count, ticker, report, fmt, inner))
+}
+
 fn import_inner(
     src: Stream<'_>,
     target: &ImportTarget,
     opts: &mut ImportOptions<'_>,
 ) -> Result<ImportReport> {
-    let count = Arc::new(AtomicU64::new(0));
-    let input: Stream<'_> = Box::new(Counting {
-        inner: src,
-        count: count.clone(),
-        cancel: opts.cancel.clone(),
-    });
     let log = opts.log;
     let say = |m: &str| {
         if let Some(l) = log {
             l(m);
         }
     };
-    let mut ticker = Ticker {
-        count: count.clone(),
-        total: opts.input_size,
-        last: Instant::now(),
-        progress: opts.progress.as_deref_mut(),
-    };
-    let mut report = ImportReport::default();
-    let (layers, fmt, inner) = stream::unwrap_layers(input, opts.threads)?;
-    report.layers = layers;
+    let (count, mut ticker, mut report, fmt, inner) = begin(
+        src,
+        opts.cancel.clone(),
+        opts.input_size,
+        opts.threads,
+        &mut opts.progress,
+    )?;
     if opts.content == ContentType::Archive {
         let ImportTarget::Directory(dir) = target else {
             return Err(Error::invalid("archive content needs a directory target"));
@@ -507,27 +534,19 @@ pub fn import_into(
     capacity: u64,
     opts: &mut ImportOptions<'_>,
 ) -> Result<ImportReport> {
-    let count = Arc::new(AtomicU64::new(0));
-    let input: Stream<'_> = Box::new(Counting {
-        inner: src,
-        count: count.clone(),
-        cancel: opts.cancel.clone(),
-    });
     let log = opts.log;
     let say = |m: &str| {
         if let Some(l) = log {
             l(m);
         }
     };
-    let mut ticker = Ticker {
-        count: count.clone(),
-        total: opts.input_size,
-        last: Instant::now(),
-        progress: opts.progress.as_deref_mut(),
-    };
-    let mut report = ImportReport::default();
-    let (layers, fmt, inner) = stream::unwrap_layers(input, opts.threads)?;
-    report.layers = layers;
+    let (count, mut ticker, mut report, fmt, inner) = begin(
+        src,
+        opts.cancel.clone(),
+        opts.input_size,
+        opts.threads,
+        &mut opts.progress,
+    )?;
     let mut sink = Sink {
         io,
         zero_init,

@@ -261,23 +261,7 @@ fn probe(io: &dyn BlockIo) -> Result<Format> {
 
 /// Read and parse cluster 0 (or the whole file, when shorter).
 fn read_header(io: &dyn BlockIo, file_size: u64) -> Result<(Header, Vec<u8>)> {
-    let mut fixed = vec![0u8; file_size.min(112) as usize];
-    io.read_exact_at(&mut fixed, 0)
-        .map_err(|e| Error::io("cannot read qcow2 header", e))?;
-    if fixed.len() < 24 {
-        return Err(corrupt!(
-            "file too short for a qcow2 header ({file_size} bytes)"
-        ));
-    }
-    let bits = BigEndian::read_u32(&fixed[20..24]);
-    let len = if (header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&bits) {
-        1u64 << bits
-    } else {
-        fixed.len() as u64
-    };
-    let mut head = vec![0u8; len.min(file_size) as usize];
-    io.read_exact_at(&mut head, 0)
-        .map_err(|e| Error::io("cannot read qcow2 header", e))?;
+    let head = header::read_cluster0(io, file_size)?;
     let h = Header::parse_for_check(&head, file_size)?;
     Ok((h, head))
 }

@@ -508,6 +508,29 @@ impl Header {
     }
 }
 
+/// Read cluster 0 of a qcow2 file (the whole file when it is shorter): first the fixed part to
+/// learn the cluster size, then exactly that cluster.
+pub fn read_cluster0(io: &dyn crate::io::BlockIo, file_size: u64) -> Result<Vec<u8>> {
+    let mut fixed = vec![0u8; file_size.min(112) as usize];
+    io.read_exact_at(&mut fixed, 0)
+        .map_err(|e| Error::io("cannot read qcow2 header", e))?;
+    if fixed.len() < 24 {
+        return Err(corrupt!(
+            "file too short for a qcow2 header ({file_size} bytes)"
+        ));
+    }
+    let bits = BigEndian::read_u32(&fixed[20..24]);
+    let len = if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
+        1u64 << bits
+    } else {
+        fixed.len() as u64
+    };
+    let mut head = vec![0u8; len.min(file_size) as usize];
+    io.read_exact_at(&mut head, 0)
+        .map_err(|e| Error::io("cannot read qcow2 header", e))?;
+    Ok(head)
+}
+
 /// qemu's `qcow2_validate_table`: aligned, no overflow, below `i64::MAX`.
 pub fn check_table(what: &str, offset: u64, bytes: u64, cluster_size: u64) -> Result<()> {
     if offset % cluster_size != 0 {

@@ -83,25 +83,7 @@ impl Qcow2 {
     /// [`Qcow2::set_data_file`]).
     pub fn open(io: Arc<dyn BlockIo>, snapshot: Option<&str>) -> Result<Qcow2> {
         let file_size = io.size().map_err(|e| Error::io("cannot stat image", e))?;
-        let head_len = file_size.min(1 << header::MAX_CLUSTER_BITS);
-        // First read the fixed part to learn the cluster size, then exactly cluster 0.
-        let mut fixed = vec![0u8; head_len.min(112) as usize];
-        io.read_exact_at(&mut fixed, 0)
-            .map_err(|e| Error::io("cannot read qcow2 header", e))?;
-        if fixed.len() < 24 {
-            return Err(corrupt!(
-                "file too short for a qcow2 header ({file_size} bytes)"
-            ));
-        }
-        let bits = BigEndian::read_u32(&fixed[20..24]);
-        let cluster = if (header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&bits) {
-            1u64 << bits
-        } else {
-            fixed.len() as u64
-        };
-        let mut head = vec![0u8; cluster.min(file_size) as usize];
-        io.read_exact_at(&mut head, 0)
-            .map_err(|e| Error::io("cannot read qcow2 header", e))?;
+        let head = header::read_cluster0(io.as_ref(), file_size)?;
         let header = Header::parse(&head, file_size)?;
         let snapshots = snapshot::read_table(io.as_ref(), &header)?;
         // A snapshot is read with the image's current virtual size, as qemu-img convert -l

@@ -280,28 +280,7 @@ fn opts(format: Option<&str>, untrusted: bool) -> Result<OpenOptions, Error> {
 
 /// qemu-img size syntax: bytes, or a k/M/G/T/P/E suffix (powers of 1024).
 fn parse_size(s: &str) -> Result<u64, Error> {
-    let bad = || Error::invalid(format!("invalid size '{s}'"));
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                'p' => 1 << 50,
-                'e' => 1 << 60,
-                _ => return Err(bad()),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let v: f64 = num.parse().map_err(|_| bad())?;
-    if v.is_nan() || v < 0.0 || v * mult as f64 > u64::MAX as f64 {
-        return Err(bad());
-    }
-    Ok((v * mult as f64) as u64)
+    vdisk::qcow2::writer::parse_qemu_size(s)
 }
 
 fn name_chain(img: &Image) -> Vec<String> {
