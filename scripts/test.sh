@@ -14,6 +14,8 @@ echo "== cargo test"
 cargo test
 echo "== benches (build only)"
 cargo bench --no-run
+echo "== C API tests (ASan, UBSan)"
+bash scripts/c-test.sh
 echo "== fuzz targets (build and replay seeds)"
 bash scripts/fuzz-check.sh
 echo "== all checks passed"

@@ -30,6 +30,7 @@ pub mod create;
 pub mod detect;
 pub mod edit;
 pub mod error;
+pub mod ffi;
 pub mod image;
 pub mod info;
 pub mod ingest;
