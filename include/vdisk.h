@@ -66,6 +66,25 @@ typedef enum vdisk_status {
 } vdisk_status;
 
 /*
+ Output format of [`vdisk_convert`].
+ */
+typedef enum vdisk_format {
+  /*
+   Raw bytes (sparse).
+   */
+  VDISK_FORMAT_RAW = 0,
+  /*
+   qcow2 (`options` as qemu-img's `-o`).
+   */
+  VDISK_FORMAT_QCOW2 = 1,
+} vdisk_format;
+
+/*
+ A cancellation flag that may be set from any thread while an operation runs.
+ */
+typedef struct vdisk_cancel vdisk_cancel;
+
+/*
  Details of a failed call: its status and a message naming the file and the problem.
  */
 typedef struct vdisk_error vdisk_error;
@@ -74,6 +93,13 @@ typedef struct vdisk_error vdisk_error;
  An open image (any readable format).
  */
 typedef struct vdisk_image vdisk_image;
+
+/*
+ Progress callback: `user_data` first, then bytes done and total. Return 0 to continue,
+ anything else to cancel (the operation then returns `VDISK_STATUS_CANCELLED`). It is called
+ only on the calling thread, and never after the operation returns.
+ */
+typedef int32_t (*vdisk_progress_fn)(void *user_data, uint64_t done, uint64_t total);
 
 #ifdef __cplusplus
 extern "C" {
@@ -169,6 +195,93 @@ uint64_t vdisk_usable_space(double overhead, uint64_t available);
  `overhead`: `ceil(RoundUp(requested, 1 MiB) * (1 + overhead))`.
  */
 uint64_t vdisk_required_space(double overhead, uint64_t requested);
+
+/*
+ A new, unset cancellation token; free it with [`vdisk_cancel_free`] after the operations
+ using it have returned.
+ */
+struct vdisk_cancel *vdisk_cancel_new(void);
+
+/*
+ Ask every operation using `c` to stop; they return `VDISK_STATUS_CANCELLED` soon after.
+ Safe to call from any thread, concurrently with the operation. NULL is a no-op.
+
+ # Safety
+ `c` is NULL or a live token.
+ */
+void vdisk_cancel_request(const struct vdisk_cancel *c);
+
+/*
+ Free a token. NULL is a no-op; no operation may still be using it.
+
+ # Safety
+ `c` is NULL or a token from [`vdisk_cancel_new`] not yet freed.
+ */
+void vdisk_cancel_free(struct vdisk_cancel *c);
+
+/*
+ Convert the image at `src` into a new image at `dst`.
+ - `format`: raw or qcow2; `options`: qemu-img `-o` text (`cluster_size=64k,compat=1.1,...`,
+   `preallocation=...`) or NULL; `compress`: non-zero for compressed qcow2 clusters;
+   `min_sparse`: zero runs of at least this many bytes become holes (4096 as qemu-img; 0
+   writes every byte); `untrusted`: refuse backing and data files.
+ - `progress`/`user_data`: optional callback (NULL for none); `cancel`: optional token.
+
+ The target is complete only when this returns `VDISK_STATUS_OK`; otherwise no file is left
+ at `dst`.
+
+ # Safety
+ `src`, `dst` are NUL-terminated; `options` is NULL or NUL-terminated; `cancel` is NULL or a
+ live token; `err` is NULL or writable.
+ */
+enum vdisk_status vdisk_convert(const char *src,
+                                const char *dst,
+                                enum vdisk_format format,
+                                const char *options,
+                                int32_t compress,
+                                uint64_t min_sparse,
+                                int32_t untrusted,
+                                vdisk_progress_fn progress,
+                                void *user_data,
+                                const struct vdisk_cancel *cancel,
+                                struct vdisk_error **err);
+
+/*
+ Create an empty image of `size` bytes at `path` (`options` as for [`vdisk_convert`], or
+ NULL).
+
+ # Safety
+ `path` is NUL-terminated; `options` is NULL or NUL-terminated; `err` is NULL or writable.
+ */
+enum vdisk_status vdisk_create(const char *path,
+                               enum vdisk_format format,
+                               uint64_t size,
+                               const char *options,
+                               struct vdisk_error **err);
+
+/*
+ Set the virtual size of the image at `path` to `new_size` bytes. Shrinking needs
+ `allow_shrink` non-zero.
+
+ # Safety
+ `path` is NUL-terminated; `err` is NULL or writable.
+ */
+enum vdisk_status vdisk_resize(const char *path,
+                               uint64_t new_size,
+                               int32_t allow_shrink,
+                               struct vdisk_error **err);
+
+/*
+ Check the qcow2 image at `path`; on success `*corruptions` and `*leaks` receive the counts
+ (both 0 for a clean image). Raw images give `VDISK_STATUS_UNSUPPORTED_FEATURE`.
+
+ # Safety
+ `path` is NUL-terminated; `corruptions`, `leaks` are writable; `err` is NULL or writable.
+ */
+enum vdisk_status vdisk_check(const char *path,
+                              uint64_t *corruptions,
+                              uint64_t *leaks,
+                              struct vdisk_error **err);
 
 #ifdef __cplusplus
 }  // extern "C"

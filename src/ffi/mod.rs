@@ -305,6 +305,230 @@ pub extern "C" fn vdisk_required_space(overhead: f64, requested: u64) -> u64 {
     crate::sizing::required_space(overhead, requested)
 }
 
+/// A cancellation flag that may be set from any thread while an operation runs.
+pub struct vdisk_cancel {
+    inner: crate::convert::CancelToken,
+}
+
+/// A new, unset cancellation token; free it with [`vdisk_cancel_free`] after the operations
+/// using it have returned.
+#[unsafe(no_mangle)]
+pub extern "C" fn vdisk_cancel_new() -> *mut vdisk_cancel {
+    Box::into_raw(Box::new(vdisk_cancel {
+        inner: crate::convert::CancelToken::new(),
+    }))
+}
+
+/// Ask every operation using `c` to stop; they return `VDISK_STATUS_CANCELLED` soon after.
+/// Safe to call from any thread, concurrently with the operation. NULL is a no-op.
+///
+/// # Safety
+/// `c` is NULL or a live token.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_cancel_request(c: *const vdisk_cancel) {
+    // SAFETY: per the contract, a non-NULL `c` is a live token.
+    if let Some(c) = unsafe { c.as_ref() } {
+        c.inner.cancel();
+    }
+}
+
+/// Free a token. NULL is a no-op; no operation may still be using it.
+///
+/// # Safety
+/// `c` is NULL or a token from [`vdisk_cancel_new`] not yet freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_cancel_free(c: *mut vdisk_cancel) {
+    if !c.is_null() {
+        // SAFETY: `c` came from `Box::into_raw` here and is freed only once.
+        drop(unsafe { Box::from_raw(c) });
+    }
+}
+
+/// Progress callback: `user_data` first, then bytes done and total. Return 0 to continue,
+/// anything else to cancel (the operation then returns `VDISK_STATUS_CANCELLED`). It is called
+/// only on the calling thread, and never after the operation returns.
+pub type vdisk_progress_fn =
+    Option<unsafe extern "C" fn(user_data: *mut std::ffi::c_void, done: u64, total: u64) -> i32>;
+
+/// Output format of [`vdisk_convert`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum vdisk_format {
+    /// Raw bytes (sparse).
+    Raw = 0,
+    /// qcow2 (`options` as qemu-img's `-o`).
+    Qcow2 = 1,
+}
+
+/// Convert the image at `src` into a new image at `dst`.
+/// - `format`: raw or qcow2; `options`: qemu-img `-o` text (`cluster_size=64k,compat=1.1,...`,
+///   `preallocation=...`) or NULL; `compress`: non-zero for compressed qcow2 clusters;
+///   `min_sparse`: zero runs of at least this many bytes become holes (4096 as qemu-img; 0
+///   writes every byte); `untrusted`: refuse backing and data files.
+/// - `progress`/`user_data`: optional callback (NULL for none); `cancel`: optional token.
+///
+/// The target is complete only when this returns `VDISK_STATUS_OK`; otherwise no file is left
+/// at `dst`.
+///
+/// # Safety
+/// `src`, `dst` are NUL-terminated; `options` is NULL or NUL-terminated; `cancel` is NULL or a
+/// live token; `err` is NULL or writable.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn vdisk_convert(
+    src: *const c_char,
+    dst: *const c_char,
+    format: vdisk_format,
+    options: *const c_char,
+    compress: i32,
+    min_sparse: u64,
+    untrusted: i32,
+    progress: vdisk_progress_fn,
+    user_data: *mut std::ffi::c_void,
+    cancel: *const vdisk_cancel,
+    err: *mut *mut vdisk_error,
+) -> vdisk_status {
+    boundary(err, || {
+        let src = path_arg(src, "src")?;
+        let dst = path_arg(dst, "dst")?;
+        let mut co = crate::qcow2::writer::CreateOptions::default();
+        if !options.is_null() {
+            // SAFETY: non-NULL and NUL-terminated per the contract.
+            let o = unsafe { CStr::from_ptr(options) }
+                .to_string_lossy()
+                .into_owned();
+            co.apply(&o)?;
+        }
+        let target = match format {
+            vdisk_format::Raw => crate::convert::Target::Raw,
+            vdisk_format::Qcow2 => crate::convert::Target::Qcow2 {
+                options: co.clone(),
+                compress: compress != 0,
+            },
+        };
+        let policy = if untrusted != 0 {
+            Policy::Untrusted
+        } else {
+            Policy::Trusted
+        };
+        let img = Image::open(
+            &src,
+            &OpenOptions {
+                policy,
+                ..OpenOptions::default()
+            },
+        )?;
+        // SAFETY: per the contract, a non-NULL `cancel` is a live token.
+        let cancel = unsafe { cancel.as_ref() }.map(|c| c.inner.clone());
+        let mut cb = |done: u64, total: u64| match progress {
+            // SAFETY: the caller's callback, called on this thread with its own user data.
+            Some(f) => (unsafe { f(user_data, done, total) }) == 0,
+            None => true,
+        };
+        let mut o = crate::convert::ConvertOptions {
+            min_sparse,
+            cancel,
+            ..Default::default()
+        };
+        if progress.is_some() {
+            o.progress = Some(&mut cb);
+        }
+        crate::convert::convert_path(&img, &dst, &target, &mut o)?;
+        if format == vdisk_format::Raw {
+            crate::create::preallocate_file(&dst, co.prealloc)?;
+        }
+        Ok(())
+    })
+}
+
+/// Create an empty image of `size` bytes at `path` (`options` as for [`vdisk_convert`], or
+/// NULL).
+///
+/// # Safety
+/// `path` is NUL-terminated; `options` is NULL or NUL-terminated; `err` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_create(
+    path: *const c_char,
+    format: vdisk_format,
+    size: u64,
+    options: *const c_char,
+    err: *mut *mut vdisk_error,
+) -> vdisk_status {
+    boundary(err, || {
+        let p = path_arg(path, "path")?;
+        let mut co = crate::qcow2::writer::CreateOptions::default();
+        if !options.is_null() {
+            // SAFETY: non-NULL and NUL-terminated per the contract.
+            co.apply(&unsafe { CStr::from_ptr(options) }.to_string_lossy())?;
+        }
+        let f = match format {
+            vdisk_format::Raw => crate::Format::Raw,
+            vdisk_format::Qcow2 => crate::Format::Qcow2,
+        };
+        crate::create::create(&p, f, size, &co)?;
+        Ok(())
+    })
+}
+
+/// Set the virtual size of the image at `path` to `new_size` bytes. Shrinking needs
+/// `allow_shrink` non-zero.
+///
+/// # Safety
+/// `path` is NUL-terminated; `err` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_resize(
+    path: *const c_char,
+    new_size: u64,
+    allow_shrink: i32,
+    err: *mut *mut vdisk_error,
+) -> vdisk_status {
+    boundary(err, || {
+        let p = path_arg(path, "path")?;
+        crate::edit::resize(
+            &p,
+            None,
+            crate::edit::SizeChange::To(new_size),
+            allow_shrink != 0,
+            crate::qcow2::writer::Prealloc::Off,
+        )?;
+        Ok(())
+    })
+}
+
+/// Check the qcow2 image at `path`; on success `*corruptions` and `*leaks` receive the counts
+/// (both 0 for a clean image). Raw images give `VDISK_STATUS_UNSUPPORTED_FEATURE`.
+///
+/// # Safety
+/// `path` is NUL-terminated; `corruptions`, `leaks` are writable; `err` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_check(
+    path: *const c_char,
+    corruptions: *mut u64,
+    leaks: *mut u64,
+    err: *mut *mut vdisk_error,
+) -> vdisk_status {
+    boundary(err, || {
+        let p = path_arg(path, "path")?;
+        if corruptions.is_null() || leaks.is_null() {
+            return Err(null("corruptions/leaks"));
+        }
+        match crate::qcow2::check::check_path(&p, None, &mut |_| {})? {
+            crate::qcow2::check::Checked::Qcow2(r) => {
+                // SAFETY: both are non-NULL and writable per the contract.
+                unsafe {
+                    *corruptions = r.corruptions;
+                    *leaks = r.leaks;
+                }
+                Ok(())
+            }
+            crate::qcow2::check::Checked::NoCheck(_) => Err(Fail(
+                vdisk_status::UnsupportedFeature,
+                "this image format does not support checks".into(),
+            )),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

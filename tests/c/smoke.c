@@ -1,11 +1,15 @@
 /* C smoke test of include/vdisk.h: open, size, read, errors, NULL handling, sizing.
  * Built with -std=c11 -Wall -Wextra -Werror under AddressSanitizer and UBSan by
  * scripts/c-test.sh, which passes a qcow2 image whose first byte is 0x5a. */
+#define _POSIX_C_SOURCE 200809L
 #include "vdisk.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #define CHECK(c)                                                        \
     do {                                                                \
@@ -15,8 +19,32 @@
         }                                                               \
     } while (0)
 
+static int progress_calls;
+static int count_progress(void *user_data, uint64_t done, uint64_t total) {
+    (void)user_data;
+    (void)done;
+    (void)total;
+    progress_calls++;
+    return 0;
+}
+static int stop_now(void *user_data, uint64_t done, uint64_t total) {
+    (void)done;
+    (void)total;
+    *(int *)user_data += 1;
+    return 1;
+}
+static void *cancel_soon(void *c) {
+    struct timespec ts = {0, 1000000};
+    nanosleep(&ts, NULL);
+    vdisk_cancel_request((vdisk_cancel *)c);
+    return NULL;
+}
+static int exists(const char *p) { return access(p, F_OK) == 0; }
+
 int main(int argc, char **argv) {
-    CHECK(argc == 2);
+    CHECK(argc == 3);
+    const char *dir = argv[2];
+    char out[4096], out2[4096];
     CHECK(strlen(vdisk_version()) > 0);
 
     vdisk_image *img = NULL;
@@ -56,6 +84,60 @@ int main(int argc, char **argv) {
     vdisk_image_free(NULL);
     vdisk_error_free(NULL);
     CHECK(strcmp(vdisk_status_str(VDISK_STATUS_OK), "ok") == 0);
+
+    /* Convert to raw with progress, then to compressed qcow2; check the result. */
+    snprintf(out, sizeof out, "%s/out.raw", dir);
+    CHECK(vdisk_convert(argv[1], out, VDISK_FORMAT_RAW, NULL, 0, 4096, 1, count_progress, NULL, NULL, &err) ==
+          VDISK_STATUS_OK);
+    CHECK(progress_calls >= 1 && exists(out));
+    snprintf(out2, sizeof out2, "%s/out.qcow2", dir);
+    CHECK(vdisk_convert(out, out2, VDISK_FORMAT_QCOW2, "cluster_size=4k,compression_type=zstd", 1, 4096, 0, NULL,
+                        NULL, NULL, &err) == VDISK_STATUS_OK);
+    uint64_t corruptions = 1, leaks = 1;
+    CHECK(vdisk_check(out2, &corruptions, &leaks, &err) == VDISK_STATUS_OK);
+    CHECK(corruptions == 0 && leaks == 0);
+    CHECK(vdisk_check(out, &corruptions, &leaks, &err) == VDISK_STATUS_UNSUPPORTED_FEATURE);
+    vdisk_error_free(err);
+    err = NULL;
+    CHECK(vdisk_convert(argv[1], out, VDISK_FORMAT_QCOW2, "no_such_option=1", 0, 4096, 0, NULL, NULL, NULL, &err) ==
+          VDISK_STATUS_INVALID_ARGUMENT);
+    vdisk_error_free(err);
+    err = NULL;
+
+    /* Cancelled from the callback, by a token set before, and from another thread. */
+    snprintf(out, sizeof out, "%s/cancelled.raw", dir);
+    int stops = 0;
+    CHECK(vdisk_convert(argv[1], out, VDISK_FORMAT_RAW, NULL, 0, 4096, 0, stop_now, &stops, NULL, NULL) ==
+              VDISK_STATUS_CANCELLED ||
+          stops == 0);
+    CHECK(!exists(out) || stops == 0);
+    vdisk_cancel *c = vdisk_cancel_new();
+    vdisk_cancel_request(c);
+    CHECK(vdisk_convert(argv[1], out, VDISK_FORMAT_RAW, NULL, 0, 4096, 0, NULL, NULL, c, NULL) ==
+          VDISK_STATUS_CANCELLED);
+    CHECK(!exists(out));
+    vdisk_cancel_free(c);
+    c = vdisk_cancel_new();
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, cancel_soon, c) == 0);
+    vdisk_status st = vdisk_convert(argv[1], out, VDISK_FORMAT_QCOW2, NULL, 1, 4096, 0, NULL, NULL, c, NULL);
+    pthread_join(t, NULL);
+    CHECK(st == VDISK_STATUS_OK || (st == VDISK_STATUS_CANCELLED && !exists(out)));
+    vdisk_cancel_free(c);
+    vdisk_cancel_request(NULL);
+    vdisk_cancel_free(NULL);
+
+    /* Create and resize. */
+    snprintf(out, sizeof out, "%s/new.qcow2", dir);
+    CHECK(vdisk_create(out, VDISK_FORMAT_QCOW2, 1u << 20, "cluster_size=512", &err) == VDISK_STATUS_OK);
+    CHECK(vdisk_resize(out, 4u << 20, 0, &err) == VDISK_STATUS_OK);
+    CHECK(vdisk_resize(out, 1u << 20, 0, &err) == VDISK_STATUS_INVALID_ARGUMENT);
+    vdisk_error_free(err);
+    err = NULL;
+    CHECK(vdisk_image_open(out, 1, &img, &err) == VDISK_STATUS_OK);
+    CHECK(vdisk_image_virtual_size(img) == 4u << 20);
+    vdisk_image_free(img);
+    CHECK(vdisk_check(out, &corruptions, &leaks, NULL) == VDISK_STATUS_OK && corruptions == 0 && leaks == 0);
 
     /* CDI's worked numbers. */
     CHECK(vdisk_required_space(0.06, 10ull << 30) == 11381663335ull);
