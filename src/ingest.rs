@@ -341,6 +341,15 @@ pub fn import(
     Ok(report)
 }
 
+/// The caller's log function, or one that drops the lines.
+fn logger<'a>(log: Option<&'a dyn Fn(&str)>) -> impl Fn(&str) + 'a {
+    move |m| {
+        if let Some(l) = log {
+            l(m);
+        }
+    }
+}
+
 /// The common start of an import: count and watch the input, unwrap its compression layers.
 #[allow(clippy::type_complexity)]
 fn begin<'s, 'p, 'a>(
@@ -381,12 +390,7 @@ fn import_inner(
     target: &ImportTarget,
     opts: &mut ImportOptions<'_>,
 ) -> Result<ImportReport> {
-    let log = opts.log;
-    let say = |m: &str| {
-        if let Some(l) = log {
-            l(m);
-        }
-    };
+    let say = logger(opts.log);
     let (count, mut ticker, mut report, fmt, inner) = begin(
         src,
         opts.cancel.clone(),
@@ -534,12 +538,7 @@ pub fn import_into(
     capacity: u64,
     opts: &mut ImportOptions<'_>,
 ) -> Result<ImportReport> {
-    let log = opts.log;
-    let say = |m: &str| {
-        if let Some(l) = log {
-            l(m);
-        }
-    };
+    let say = logger(opts.log);
     let (count, mut ticker, mut report, fmt, inner) = begin(
         src,
         opts.cancel.clone(),

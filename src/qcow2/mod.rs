@@ -385,8 +385,8 @@ impl Qcow2 {
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
         // qemu measures the file in whole sectors.
         let end_cluster = (self.file_size.div_ceil(512) * 512).div_ceil(cs);
-        let bits = u64::from(h.refcount_bits());
-        let per_block = cs * 8 / bits;
+        let geo = refcount::Geometry::of(h);
+        let per_block = geo.entries_per_block();
         let table_entries = u64::from(h.refcount_table_clusters) * cs / 8;
         let needed = end_cluster.div_ceil(per_block).min(table_entries);
         let mut table = vec![0u8; (needed * 8) as usize];
@@ -413,9 +413,7 @@ impl Qcow2 {
                 .map_err(|e| Error::io("cannot read refcount block", e))?;
             let first = t as u64 * per_block;
             let n = per_block.min(end_cluster - first) as usize;
-            count += (0..n)
-                .filter(|&j| refcount_nonzero(&block, bits, j))
-                .count() as u64;
+            count += (0..n).filter(|&j| geo.get(&block, j as u64) != 0).count() as u64;
             if count >= threshold {
                 return Ok(true);
             }
@@ -579,21 +577,5 @@ impl Qcow2 {
     /// File length of the image file.
     pub fn file_size(&self) -> u64 {
         self.file_size
-    }
-}
-
-/// Whether entry `j` of a refcount block with `bits`-bit entries is non-zero (entries narrower
-/// than a byte are packed from the least significant bit, as qemu stores them).
-fn refcount_nonzero(block: &[u8], bits: u64, j: usize) -> bool {
-    match bits {
-        1 | 2 | 4 => {
-            let per_byte = 8 / bits as usize;
-            let shift = (j % per_byte) * bits as usize;
-            (block[j / per_byte] >> shift) & ((1u8 << bits) - 1) != 0
-        }
-        _ => {
-            let w = bits as usize / 8;
-            block[j * w..(j + 1) * w].iter().any(|&b| b != 0)
-        }
     }
 }
