@@ -10,6 +10,8 @@ command -v xorriso >/dev/null || need+=(xorriso)
 command -v zstd >/dev/null || need+=(zstd)
 command -v xz >/dev/null || need+=(xz-utils)
 [ -x /usr/bin/time ] || need+=(time)
+command -v pkg-config >/dev/null || need+=(pkgconf)
+command -v readelf >/dev/null || need+=(binutils)
 if [ ${#need[@]} -gt 0 ]; then
   echo "deps: installing ${need[*]}" >&2
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo

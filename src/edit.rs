@@ -204,6 +204,61 @@ pub fn rebuild_refcounts(path: &Path) -> Result<()> {
         .map_err(|e| e.with_path(path))
 }
 
+/// What `check -r` may repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Repair {
+    /// Only check.
+    #[default]
+    None,
+    /// Repair leaked clusters, only when there are no corruptions (qemu-img `-r leaks`).
+    Leaks,
+    /// Repair leaks and refcount corruptions (qemu-img `-r all`).
+    All,
+}
+
+/// The outcome of [`check_and_repair`].
+#[derive(Debug)]
+pub struct CheckOutcome {
+    /// The final check (after a repair, the re-check of the repaired image).
+    pub checked: crate::qcow2::check::Checked,
+    /// `(leaks, corruptions)` repaired, when a repair ran.
+    pub repaired: Option<(u64, u64)>,
+}
+
+/// Check the image at `path` as `qemu-img check [-r leaks|all]` does: when asked and the
+/// damage is repairable (no check errors; with [`Repair::Leaks`] no corruptions either), the
+/// refcounts are rebuilt crash-safely and the image is checked again. Messages go to
+/// `on_message`.
+pub fn check_and_repair(
+    path: &Path,
+    format: Option<Format>,
+    repair: Repair,
+    on_message: &mut dyn FnMut(&str),
+) -> Result<CheckOutcome> {
+    use crate::qcow2::check::{Checked, check_path};
+    let checked = check_path(path, format, on_message)?;
+    let Checked::Qcow2(r) = &checked else {
+        return Ok(CheckOutcome {
+            checked,
+            repaired: None,
+        });
+    };
+    let all = repair == Repair::All;
+    let wanted = repair != Repair::None && (r.leaks > 0 || (all && r.corruptions > 0));
+    if !wanted || r.check_errors > 0 || (!all && r.corruptions > 0) {
+        return Ok(CheckOutcome {
+            checked,
+            repaired: None,
+        });
+    }
+    let fixed = (r.leaks, if all { r.corruptions } else { 0 });
+    rebuild_refcounts(path)?;
+    Ok(CheckOutcome {
+        checked: check_path(path, format, on_message)?,
+        repaired: Some(fixed),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

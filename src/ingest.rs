@@ -374,7 +374,10 @@ fn begin<'s, 'p, 'a>(
     let ticker = Ticker {
         count: count.clone(),
         total,
-        last: Instant::now(),
+        // The first tick reports at once (a caller sees progress start, and can cancel).
+        last: Instant::now()
+            .checked_sub(Duration::from_millis(100))
+            .unwrap_or_else(Instant::now),
         progress: progress.as_deref_mut(),
     };
     let (layers, fmt, inner) = stream::unwrap_layers(input, threads)?;

@@ -11,7 +11,9 @@
 //! - Objects (`vdisk_image`) may be used from several threads at once for reading; each is
 //!   freed exactly once with its `_free` function (NULL is a no-op).
 //!
-//! This module calls only the crate's public Rust API.
+//! `ops` holds convert (with its options builder), create, resize, check, compare and
+//! snapshots; `import` the streaming import from a file descriptor. This module calls only
+//! the crate's public Rust API.
 
 #![allow(non_camel_case_types, clippy::not_unsafe_ptr_arg_deref)]
 
@@ -21,6 +23,12 @@ use std::ffi::{CStr, CString, c_char};
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
+
+mod import;
+mod ops;
+
+pub use import::*;
+pub use ops::*;
 
 /// Result of a call. Values are stable and never reused.
 #[repr(C)]
@@ -291,6 +299,235 @@ pub unsafe extern "C" fn vdisk_image_read(
     })
 }
 
+/// Copy `s` into a new NUL-terminated string for the caller.
+fn c_string(s: &str) -> *mut c_char {
+    CString::new(s.replace('\0', " "))
+        .unwrap_or_default()
+        .into_raw()
+}
+
+fn image_ref<'a>(img: *const vdisk_image) -> Result<&'a Image, Fail> {
+    // SAFETY: per every caller's contract, a non-NULL `img` is a live image.
+    unsafe { img.as_ref() }
+        .map(|i| &i.inner)
+        .ok_or_else(|| null("img"))
+}
+
+fn image_info(img: &Image) -> Result<crate::info::ImageInfo, Fail> {
+    let name = img
+        .path()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(crate::info::ImageInfo::new(img, &name)?)
+}
+
+/// Free a string this library returned (NULL is a no-op).
+///
+/// # Safety
+/// `s` is NULL or a string from this library (`vdisk_image_info_json`, ...) not yet freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_string_free(s: *mut c_char) {
+    if !s.is_null() {
+        // SAFETY: `s` came from `CString::into_raw` in this module and is freed only once.
+        drop(unsafe { CString::from_raw(s) });
+    }
+}
+
+/// The image's format as `qemu-img info` names it ("qcow2" or "raw"; ISO images read as
+/// "raw"). Static storage; never free it. NULL when `img` is NULL.
+///
+/// # Safety
+/// `img` is NULL or a live image.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_image_format_name(img: *const vdisk_image) -> *const c_char {
+    match image_ref(img) {
+        Ok(i) if i.qcow2().is_some() => c"qcow2".as_ptr(),
+        Ok(_) => c"raw".as_ptr(),
+        Err(_) => std::ptr::null(),
+    }
+}
+
+/// The cluster size in bytes, or 0 for formats without clusters (and when `img` is NULL).
+///
+/// # Safety
+/// `img` is NULL or a live image.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_image_cluster_size(img: *const vdisk_image) -> u64 {
+    image_ref(img)
+        .ok()
+        .and_then(|i| i.qcow2())
+        .map_or(0, |q| q.header().cluster_size())
+}
+
+/// Non-zero when a qcow2 image is marked dirty (lazy refcounts not yet flushed); 0 otherwise.
+///
+/// # Safety
+/// `img` is NULL or a live image.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_image_is_dirty(img: *const vdisk_image) -> i32 {
+    image_ref(img)
+        .ok()
+        .and_then(|i| i.qcow2())
+        .is_some_and(|q| {
+            q.header().incompatible_features & crate::qcow2::header::incompat::DIRTY != 0
+        })
+        .into()
+}
+
+/// The number of internal snapshots (0 for formats without them, and when `img` is NULL).
+///
+/// # Safety
+/// `img` is NULL or a live image.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_image_snapshot_count(img: *const vdisk_image) -> u64 {
+    image_ref(img)
+        .ok()
+        .and_then(|i| i.qcow2())
+        .map_or(0, |q| q.snapshots().len() as u64)
+}
+
+/// Bytes the image file occupies on disk (`qemu-img info`'s disk size) into `*out`.
+///
+/// # Safety
+/// `img` is a live image; `out` is writable; `err` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_image_actual_size(
+    img: *const vdisk_image,
+    out: *mut u64,
+    err: *mut *mut vdisk_error,
+) -> vdisk_status {
+    boundary(err, || {
+        let i = image_ref(img)?;
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        let n = image_info(i)?.actual_size.unwrap_or(0);
+        // SAFETY: `out` is non-NULL and writable per the contract.
+        unsafe { *out = n };
+        Ok(())
+    })
+}
+
+/// The backing file name as stored in the image into `*out` (a new string freed with
+/// [`vdisk_string_free`]), or NULL when the image has none.
+///
+/// # Safety
+/// `img` is a live image; `out` is writable; `err` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_image_backing_file(
+    img: *const vdisk_image,
+    out: *mut *mut c_char,
+    err: *mut *mut vdisk_error,
+) -> vdisk_status {
+    boundary(err, || {
+        let i = image_ref(img)?;
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        let name = i.qcow2().and_then(|q| q.header().backing_file.clone());
+        // SAFETY: `out` is non-NULL and writable per the contract.
+        unsafe { *out = name.as_deref().map_or(std::ptr::null_mut(), c_string) };
+        Ok(())
+    })
+}
+
+/// Everything `qemu-img info --output=json` reports about the image (format, sizes, cluster
+/// size, backing file, snapshots, format-specific details), as a JSON object in a new string
+/// freed with [`vdisk_string_free`].
+///
+/// # Safety
+/// `img` is a live image; `out` is writable; `err` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_image_info_json(
+    img: *const vdisk_image,
+    out: *mut *mut c_char,
+    err: *mut *mut vdisk_error,
+) -> vdisk_status {
+    boundary(err, || {
+        let i = image_ref(img)?;
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        let json = serde_json::to_string_pretty(&image_info(i)?.to_json())
+            .map_err(|e| Fail(vdisk_status::Panic, e.to_string()))?;
+        // SAFETY: `out` is non-NULL and writable per the contract.
+        unsafe { *out = c_string(&json) };
+        Ok(())
+    })
+}
+
+/// One extent of the image's map, as a `qemu-img map --output=json` entry.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct vdisk_extent {
+    /// Guest offset of the extent.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Host offset of the data in the file at `depth`, valid when `has_offset` is non-zero.
+    pub offset: u64,
+    /// 0 for the image itself, 1 for its backing file, and so on.
+    pub depth: u32,
+    /// Non-zero when some layer of the chain defines the content.
+    pub present: u8,
+    /// Non-zero when the content reads as zeros.
+    pub zero: u8,
+    /// Non-zero when data is stored (not a hole or zero cluster).
+    pub data: u8,
+    /// Non-zero when the data is compressed.
+    pub compressed: u8,
+    /// Non-zero when `offset` is meaningful.
+    pub has_offset: u8,
+}
+
+/// Extent callback: `user_data` first, then the extent (valid only during the call). Return 0
+/// to continue, anything else to stop (the walk then returns `VDISK_STATUS_CANCELLED`).
+pub type vdisk_extent_fn = Option<
+    unsafe extern "C" fn(user_data: *mut std::ffi::c_void, extent: *const vdisk_extent) -> i32,
+>;
+
+/// Walk the image's extent map in guest order (adjacent extents of the same kind merged, as
+/// `qemu-img map` prints them), calling `f` once per extent on the calling thread. Memory
+/// stays constant however many extents the image has.
+///
+/// # Safety
+/// `img` is a live image; `f` is a valid function; `err` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_image_map(
+    img: *const vdisk_image,
+    f: vdisk_extent_fn,
+    user_data: *mut std::ffi::c_void,
+    err: *mut *mut vdisk_error,
+) -> vdisk_status {
+    boundary(err, || {
+        let i = image_ref(img)?;
+        let f = f.ok_or_else(|| null("f"))?;
+        crate::info::for_each_map_extent(i, |start, e| {
+            let x = vdisk_extent {
+                start,
+                length: e.len,
+                offset: e.offset.unwrap_or(0),
+                depth: e.depth,
+                present: e.present.into(),
+                zero: e.zero.into(),
+                data: e.data.into(),
+                compressed: e.compressed.into(),
+                has_offset: e.offset.is_some().into(),
+            };
+            // SAFETY: the caller's callback with its own user data and a live extent.
+            if unsafe { f(user_data, &x) } == 0 {
+                Ok(())
+            } else {
+                Err(Error::new(
+                    ErrorKind::Cancelled,
+                    "map stopped by the callback",
+                ))
+            }
+        })?;
+        Ok(())
+    })
+}
+
 /// CDI's usable space of a volume of `available` bytes with filesystem overhead `overhead`
 /// (0.0 to 1.0): `RoundDown(ceil(available / (1 + overhead)), 1 MiB)`.
 #[unsafe(no_mangle)]
@@ -349,185 +586,6 @@ pub unsafe extern "C" fn vdisk_cancel_free(c: *mut vdisk_cancel) {
 /// only on the calling thread, and never after the operation returns.
 pub type vdisk_progress_fn =
     Option<unsafe extern "C" fn(user_data: *mut std::ffi::c_void, done: u64, total: u64) -> i32>;
-
-/// Output format of [`vdisk_convert`].
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum vdisk_format {
-    /// Raw bytes (sparse).
-    Raw = 0,
-    /// qcow2 (`options` as qemu-img's `-o`).
-    Qcow2 = 1,
-}
-
-/// Convert the image at `src` into a new image at `dst`.
-/// - `format`: raw or qcow2; `options`: qemu-img `-o` text (`cluster_size=64k,compat=1.1,...`,
-///   `preallocation=...`) or NULL; `compress`: non-zero for compressed qcow2 clusters;
-///   `min_sparse`: zero runs of at least this many bytes become holes (4096 as qemu-img; 0
-///   writes every byte); `untrusted`: refuse backing and data files.
-/// - `progress`/`user_data`: optional callback (NULL for none); `cancel`: optional token.
-///
-/// The target is complete only when this returns `VDISK_STATUS_OK`; otherwise no file is left
-/// at `dst`.
-///
-/// # Safety
-/// `src`, `dst` are NUL-terminated; `options` is NULL or NUL-terminated; `cancel` is NULL or a
-/// live token; `err` is NULL or writable.
-#[unsafe(no_mangle)]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "C" fn vdisk_convert(
-    src: *const c_char,
-    dst: *const c_char,
-    format: vdisk_format,
-    options: *const c_char,
-    compress: i32,
-    min_sparse: u64,
-    untrusted: i32,
-    progress: vdisk_progress_fn,
-    user_data: *mut std::ffi::c_void,
-    cancel: *const vdisk_cancel,
-    err: *mut *mut vdisk_error,
-) -> vdisk_status {
-    boundary(err, || {
-        let src = path_arg(src, "src")?;
-        let dst = path_arg(dst, "dst")?;
-        let mut co = crate::qcow2::writer::CreateOptions::default();
-        if !options.is_null() {
-            // SAFETY: non-NULL and NUL-terminated per the contract.
-            let o = unsafe { CStr::from_ptr(options) }
-                .to_string_lossy()
-                .into_owned();
-            co.apply(&o)?;
-        }
-        let target = match format {
-            vdisk_format::Raw => crate::convert::Target::Raw,
-            vdisk_format::Qcow2 => crate::convert::Target::Qcow2 {
-                options: co.clone(),
-                compress: compress != 0,
-            },
-        };
-        let policy = if untrusted != 0 {
-            Policy::Untrusted
-        } else {
-            Policy::Trusted
-        };
-        let img = Image::open(
-            &src,
-            &OpenOptions {
-                policy,
-                ..OpenOptions::default()
-            },
-        )?;
-        // SAFETY: per the contract, a non-NULL `cancel` is a live token.
-        let cancel = unsafe { cancel.as_ref() }.map(|c| c.inner.clone());
-        let mut cb = |done: u64, total: u64| match progress {
-            // SAFETY: the caller's callback, called on this thread with its own user data.
-            Some(f) => (unsafe { f(user_data, done, total) }) == 0,
-            None => true,
-        };
-        let mut o = crate::convert::ConvertOptions {
-            min_sparse,
-            cancel,
-            ..Default::default()
-        };
-        if progress.is_some() {
-            o.progress = Some(&mut cb);
-        }
-        crate::convert::convert_path(&img, &dst, &target, &mut o)?;
-        if format == vdisk_format::Raw {
-            crate::create::preallocate_file(&dst, co.prealloc)?;
-        }
-        Ok(())
-    })
-}
-
-/// Create an empty image of `size` bytes at `path` (`options` as for [`vdisk_convert`], or
-/// NULL).
-///
-/// # Safety
-/// `path` is NUL-terminated; `options` is NULL or NUL-terminated; `err` is NULL or writable.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn vdisk_create(
-    path: *const c_char,
-    format: vdisk_format,
-    size: u64,
-    options: *const c_char,
-    err: *mut *mut vdisk_error,
-) -> vdisk_status {
-    boundary(err, || {
-        let p = path_arg(path, "path")?;
-        let mut co = crate::qcow2::writer::CreateOptions::default();
-        if !options.is_null() {
-            // SAFETY: non-NULL and NUL-terminated per the contract.
-            co.apply(&unsafe { CStr::from_ptr(options) }.to_string_lossy())?;
-        }
-        let f = match format {
-            vdisk_format::Raw => crate::Format::Raw,
-            vdisk_format::Qcow2 => crate::Format::Qcow2,
-        };
-        crate::create::create(&p, f, size, &co)?;
-        Ok(())
-    })
-}
-
-/// Set the virtual size of the image at `path` to `new_size` bytes. Shrinking needs
-/// `allow_shrink` non-zero.
-///
-/// # Safety
-/// `path` is NUL-terminated; `err` is NULL or writable.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn vdisk_resize(
-    path: *const c_char,
-    new_size: u64,
-    allow_shrink: i32,
-    err: *mut *mut vdisk_error,
-) -> vdisk_status {
-    boundary(err, || {
-        let p = path_arg(path, "path")?;
-        crate::edit::resize(
-            &p,
-            None,
-            crate::edit::SizeChange::To(new_size),
-            allow_shrink != 0,
-            crate::qcow2::writer::Prealloc::Off,
-        )?;
-        Ok(())
-    })
-}
-
-/// Check the qcow2 image at `path`; on success `*corruptions` and `*leaks` receive the counts
-/// (both 0 for a clean image). Raw images give `VDISK_STATUS_UNSUPPORTED_FEATURE`.
-///
-/// # Safety
-/// `path` is NUL-terminated; `corruptions`, `leaks` are writable; `err` is NULL or writable.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn vdisk_check(
-    path: *const c_char,
-    corruptions: *mut u64,
-    leaks: *mut u64,
-    err: *mut *mut vdisk_error,
-) -> vdisk_status {
-    boundary(err, || {
-        let p = path_arg(path, "path")?;
-        if corruptions.is_null() || leaks.is_null() {
-            return Err(null("corruptions/leaks"));
-        }
-        match crate::qcow2::check::check_path(&p, None, &mut |_| {})? {
-            crate::qcow2::check::Checked::Qcow2(r) => {
-                // SAFETY: both are non-NULL and writable per the contract.
-                unsafe {
-                    *corruptions = r.corruptions;
-                    *leaks = r.leaks;
-                }
-                Ok(())
-            }
-            crate::qcow2::check::Checked::NoCheck(_) => Err(Fail(
-                vdisk_status::UnsupportedFeature,
-                "this image format does not support checks".into(),
-            )),
-        }
-    })
-}
 
 #[cfg(test)]
 mod tests {

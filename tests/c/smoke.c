@@ -42,7 +42,7 @@ static void *cancel_soon(void *c) {
 static int exists(const char *p) { return access(p, F_OK) == 0; }
 
 int main(int argc, char **argv) {
-    CHECK(argc == 3);
+    CHECK(argc >= 3);
     const char *dir = argv[2];
     char out[4096], out2[4096];
     CHECK(strlen(vdisk_version()) > 0);
@@ -86,58 +86,84 @@ int main(int argc, char **argv) {
     CHECK(strcmp(vdisk_status_str(VDISK_STATUS_OK), "ok") == 0);
 
     /* Convert to raw with progress, then to compressed qcow2; check the result. */
+    vdisk_convert_options *co = vdisk_convert_options_new();
+    CHECK(co != NULL);
+    CHECK(vdisk_convert_options_set_progress(co, count_progress, NULL) == VDISK_STATUS_OK);
+    CHECK(vdisk_convert_options_set_untrusted(co, 1) == VDISK_STATUS_OK);
     snprintf(out, sizeof out, "%s/out.raw", dir);
-    CHECK(vdisk_convert(argv[1], out, VDISK_FORMAT_RAW, NULL, 0, 4096, 1, count_progress, NULL, NULL, &err) ==
-          VDISK_STATUS_OK);
+    CHECK(vdisk_convert(argv[1], out, co, &err) == VDISK_STATUS_OK);
     CHECK(progress_calls >= 1 && exists(out));
+    vdisk_convert_options_free(co);
+    co = vdisk_convert_options_new();
+    CHECK(vdisk_convert_options_set_format(co, VDISK_FORMAT_QCOW2) == VDISK_STATUS_OK);
+    CHECK(vdisk_convert_options_set_create_options(co, "cluster_size=4k,compression_type=zstd", &err) ==
+          VDISK_STATUS_OK);
+    CHECK(vdisk_convert_options_set_compress(co, 1) == VDISK_STATUS_OK);
+    CHECK(vdisk_convert_options_set_min_sparse(co, 4096) == VDISK_STATUS_OK);
     snprintf(out2, sizeof out2, "%s/out.qcow2", dir);
-    CHECK(vdisk_convert(out, out2, VDISK_FORMAT_QCOW2, "cluster_size=4k,compression_type=zstd", 1, 4096, 0, NULL,
-                        NULL, NULL, &err) == VDISK_STATUS_OK);
-    uint64_t corruptions = 1, leaks = 1;
-    CHECK(vdisk_check(out2, &corruptions, &leaks, &err) == VDISK_STATUS_OK);
-    CHECK(corruptions == 0 && leaks == 0);
-    CHECK(vdisk_check(out, &corruptions, &leaks, &err) == VDISK_STATUS_UNSUPPORTED_FEATURE);
+    CHECK(vdisk_convert(out, out2, co, &err) == VDISK_STATUS_OK);
+    vdisk_check_report rep;
+    memset(&rep, 0xff, sizeof rep);
+    CHECK(vdisk_check(out2, VDISK_REPAIR_NONE, &rep, &err) == VDISK_STATUS_OK);
+    CHECK(rep.corruptions == 0 && rep.leaks == 0 && rep.exit_code == 0 && rep.compressed_clusters > 0);
+    CHECK(vdisk_check(out, VDISK_REPAIR_NONE, &rep, &err) == VDISK_STATUS_UNSUPPORTED_FEATURE);
     vdisk_error_free(err);
     err = NULL;
-    CHECK(vdisk_convert(argv[1], out, VDISK_FORMAT_QCOW2, "no_such_option=1", 0, 4096, 0, NULL, NULL, NULL, &err) ==
-          VDISK_STATUS_INVALID_ARGUMENT);
+    CHECK(vdisk_convert_options_set_create_options(co, "no_such_option=1", &err) == VDISK_STATUS_INVALID_ARGUMENT);
     vdisk_error_free(err);
     err = NULL;
+    CHECK(vdisk_convert_options_set_create_options(co, NULL, NULL) == VDISK_STATUS_NULL_PARAMETER);
+    CHECK(vdisk_convert_options_set_format(NULL, VDISK_FORMAT_RAW) == VDISK_STATUS_NULL_PARAMETER);
+    CHECK(vdisk_convert(NULL, out, co, NULL) == VDISK_STATUS_NULL_PARAMETER);
+    CHECK(vdisk_check(out2, VDISK_REPAIR_NONE, NULL, NULL) == VDISK_STATUS_NULL_PARAMETER);
+    vdisk_convert_options_free(co);
+    vdisk_convert_options_free(NULL);
 
     /* Cancelled from the callback, by a token set before, and from another thread. */
     snprintf(out, sizeof out, "%s/cancelled.raw", dir);
     int stops = 0;
-    CHECK(vdisk_convert(argv[1], out, VDISK_FORMAT_RAW, NULL, 0, 4096, 0, stop_now, &stops, NULL, NULL) ==
-              VDISK_STATUS_CANCELLED ||
-          stops == 0);
-    CHECK(!exists(out) || stops == 0);
+    co = vdisk_convert_options_new();
+    CHECK(vdisk_convert_options_set_progress(co, stop_now, &stops) == VDISK_STATUS_OK);
+    CHECK(vdisk_convert(argv[1], out, co, NULL) == VDISK_STATUS_CANCELLED);
+    CHECK(stops >= 1 && !exists(out));
+    vdisk_convert_options_free(co);
+    co = vdisk_convert_options_new();
     vdisk_cancel *c = vdisk_cancel_new();
     vdisk_cancel_request(c);
-    CHECK(vdisk_convert(argv[1], out, VDISK_FORMAT_RAW, NULL, 0, 4096, 0, NULL, NULL, c, NULL) ==
-          VDISK_STATUS_CANCELLED);
+    CHECK(vdisk_convert_options_set_cancel(co, c) == VDISK_STATUS_OK);
+    vdisk_cancel_free(c); /* the options keep their own reference */
+    CHECK(vdisk_convert(argv[1], out, co, NULL) == VDISK_STATUS_CANCELLED);
     CHECK(!exists(out));
-    vdisk_cancel_free(c);
+    vdisk_convert_options_free(co);
+    co = vdisk_convert_options_new();
     c = vdisk_cancel_new();
+    CHECK(vdisk_convert_options_set_cancel(co, c) == VDISK_STATUS_OK);
+    CHECK(vdisk_convert_options_set_format(co, VDISK_FORMAT_QCOW2) == VDISK_STATUS_OK);
+    CHECK(vdisk_convert_options_set_compress(co, 1) == VDISK_STATUS_OK);
     pthread_t t;
     CHECK(pthread_create(&t, NULL, cancel_soon, c) == 0);
-    vdisk_status st = vdisk_convert(argv[1], out, VDISK_FORMAT_QCOW2, NULL, 1, 4096, 0, NULL, NULL, c, NULL);
+    vdisk_status st = vdisk_convert(argv[1], out, co, NULL);
     pthread_join(t, NULL);
     CHECK(st == VDISK_STATUS_OK || (st == VDISK_STATUS_CANCELLED && !exists(out)));
     vdisk_cancel_free(c);
+    vdisk_convert_options_free(co);
     vdisk_cancel_request(NULL);
     vdisk_cancel_free(NULL);
 
     /* Create and resize. */
     snprintf(out, sizeof out, "%s/new.qcow2", dir);
-    CHECK(vdisk_create(out, VDISK_FORMAT_QCOW2, 1u << 20, "cluster_size=512", &err) == VDISK_STATUS_OK);
-    CHECK(vdisk_resize(out, 4u << 20, 0, &err) == VDISK_STATUS_OK);
-    CHECK(vdisk_resize(out, 1u << 20, 0, &err) == VDISK_STATUS_INVALID_ARGUMENT);
+    vdisk_preallocation applied = VDISK_PREALLOCATION_FULL;
+    CHECK(vdisk_create(out, VDISK_FORMAT_QCOW2, 1u << 20, "cluster_size=512", &applied, &err) == VDISK_STATUS_OK);
+    CHECK(applied == VDISK_PREALLOCATION_OFF);
+    CHECK(vdisk_resize(out, 4u << 20, 0, VDISK_PREALLOCATION_OFF, &err) == VDISK_STATUS_OK);
+    CHECK(vdisk_resize(out, 1u << 20, 0, VDISK_PREALLOCATION_OFF, &err) == VDISK_STATUS_INVALID_ARGUMENT);
     vdisk_error_free(err);
     err = NULL;
     CHECK(vdisk_image_open(out, 1, &img, &err) == VDISK_STATUS_OK);
     CHECK(vdisk_image_virtual_size(img) == 4u << 20);
     vdisk_image_free(img);
-    CHECK(vdisk_check(out, &corruptions, &leaks, NULL) == VDISK_STATUS_OK && corruptions == 0 && leaks == 0);
+    CHECK(vdisk_check(out, VDISK_REPAIR_NONE, &rep, NULL) == VDISK_STATUS_OK && rep.corruptions == 0 &&
+          rep.leaks == 0);
 
     /* CDI's worked numbers. */
     CHECK(vdisk_required_space(0.06, 10ull << 30) == 11381663335ull);

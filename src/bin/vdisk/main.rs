@@ -709,47 +709,39 @@ fn run(cli: Cli) -> Result<u8, Error> {
             file,
             ..
         } => {
-            use vdisk::qcow2::check::{Checked, check_path};
+            use vdisk::edit::{Repair, check_and_repair};
+            use vdisk::qcow2::check::Checked;
             if output != "human" && output != "json" {
                 return Err(Error::invalid(format!(
                     "--output must be human or json, not '{output}'"
                 )));
             }
-            let repair_all = match repair.as_deref() {
-                None => None,
-                Some("leaks") => Some(false),
-                Some("all") => Some(true),
+            let mode = match repair.as_deref() {
+                None => Repair::None,
+                Some("leaks") => Repair::Leaks,
+                Some("all") => Repair::All,
                 Some(o) => return Err(Error::invalid(format!("-r takes leaks or all, not '{o}'"))),
             };
             let fmt = parse_format(format.as_deref())?;
-            let run = || check_path(&file, fmt, &mut |m: &str| eprintln!("{m}"));
-            let mut r = match run()? {
+            let outcome = check_and_repair(&file, fmt, mode, &mut |m: &str| eprintln!("{m}"))?;
+            let r = match outcome.checked {
                 Checked::Qcow2(r) => r,
                 Checked::NoCheck(_) => {
                     eprintln!("vdisk: This image format does not support checks");
                     return Ok(63);
                 }
             };
-            if let Some(all) = repair_all {
-                let fixable = r.leaks > 0 || (all && r.corruptions > 0);
-                if fixable && (all || r.corruptions == 0) && r.check_errors == 0 {
-                    let (leaks, corruptions) = (r.leaks, if all { r.corruptions } else { 0 });
-                    vdisk::edit::rebuild_refcounts(&file)?;
-                    if !quiet && output == "human" {
-                        w(
-                            &mut out,
-                            &format!(
-                                "The following inconsistencies were found and repaired:\n\n    {leaks} leaked clusters\n    {corruptions} corruptions\n\nDouble checking the fixed image now...\n"
-                            ),
-                        )?;
-                    }
-                    r = match run()? {
-                        Checked::Qcow2(r) => r,
-                        Checked::NoCheck(_) => return Ok(63),
-                    };
-                } else if r.corruptions > 0 && !all {
-                    eprintln!("vdisk: corruptions remain; repair them with -r all");
+            match outcome.repaired {
+                Some((leaks, corruptions)) if !quiet && output == "human" => w(
+                    &mut out,
+                    &format!(
+                        "The following inconsistencies were found and repaired:\n\n    {leaks} leaked clusters\n    {corruptions} corruptions\n\nDouble checking the fixed image now...\n"
+                    ),
+                )?,
+                None if mode == Repair::Leaks && r.corruptions > 0 => {
+                    eprintln!("vdisk: corruptions remain; repair them with -r all")
                 }
+                _ => {}
             }
             if !quiet {
                 let s = match output.as_str() {
