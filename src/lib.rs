@@ -36,6 +36,7 @@ pub mod info;
 pub mod ingest;
 pub mod io;
 pub mod iso;
+pub mod net;
 pub mod qcow2;
 pub mod sizing;
 pub mod stream;
