@@ -71,6 +71,10 @@ typedef enum vdisk_status {
    */
   VDISK_STATUS_NULL_PARAMETER = 11,
   /*
+   A network peer could not be reached or broke the protocol.
+   */
+  VDISK_STATUS_NETWORK = 12,
+  /*
    An internal error (a bug) was caught at the boundary.
    */
   VDISK_STATUS_PANIC = 99,

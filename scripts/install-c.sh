@@ -6,7 +6,8 @@ set -euo pipefail
 prefix=${1:?usage: scripts/install-c.sh PREFIX}
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
-cargo rustc -q --lib --release --crate-type cdylib --crate-type staticlib
+# The soname lets programs load libvdisk.so.0 whatever the installed file is called.
+cargo rustc -q --lib --release --crate-type cdylib --crate-type staticlib -- -C link-arg=-Wl,-soname,libvdisk.so.0
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 mkdir -p "$prefix/lib/pkgconfig" "$prefix/include"
 prefix=$(cd "$prefix" && pwd)

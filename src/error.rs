@@ -32,6 +32,8 @@ pub enum ErrorKind {
     Cancelled,
     /// A named file or snapshot does not exist.
     NotFound,
+    /// A network peer could not be reached or broke the protocol.
+    Network,
 }
 
 impl ErrorKind {
@@ -48,6 +50,7 @@ impl ErrorKind {
             ErrorKind::Denied => "denied",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::NotFound => "not-found",
+            ErrorKind::Network => "network",
         }
     }
 }

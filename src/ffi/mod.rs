@@ -58,6 +58,8 @@ pub enum vdisk_status {
     NotFound = 10,
     /// A required pointer was NULL.
     NullParameter = 11,
+    /// A network peer could not be reached or broke the protocol.
+    Network = 12,
     /// An internal error (a bug) was caught at the boundary.
     Panic = 99,
 }
@@ -75,6 +77,7 @@ impl From<ErrorKind> for vdisk_status {
             ErrorKind::Denied => vdisk_status::Denied,
             ErrorKind::Cancelled => vdisk_status::Cancelled,
             ErrorKind::NotFound => vdisk_status::NotFound,
+            ErrorKind::Network => vdisk_status::Network,
         }
     }
 }
@@ -155,6 +158,7 @@ pub extern "C" fn vdisk_status_str(status: vdisk_status) -> *const c_char {
         vdisk_status::Cancelled => "cancelled\0",
         vdisk_status::NotFound => "not found\0",
         vdisk_status::NullParameter => "NULL parameter\0",
+        vdisk_status::Network => "network error\0",
         vdisk_status::Panic => "internal error\0",
     };
     s.as_ptr().cast()
