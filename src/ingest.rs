@@ -82,6 +82,10 @@ pub struct ImportOptions<'a> {
     pub log: Option<&'a dyn Fn(&str)>,
     /// Write the target with `O_DIRECT` (bypassing the page cache) where it supports it.
     pub direct_io: bool,
+    /// Called when everything is written, just before a file target is renamed into place
+    /// (for a device or directory: at the end). An error here fails the import and, for a
+    /// file, leaves nothing behind: the hook for checks on the whole input (checksums).
+    pub before_commit: Option<&'a mut dyn FnMut() -> Result<()>>,
 }
 
 impl Default for ImportOptions<'_> {
@@ -101,6 +105,7 @@ impl Default for ImportOptions<'_> {
             cancel: None,
             log: None,
             direct_io: false,
+            before_commit: None,
         }
     }
 }
@@ -242,7 +247,14 @@ struct Sink<'a> {
     /// Small writes at consecutive guest offsets, gathered into one request.
     pending: Vec<u8>,
     pending_off: u64,
+    /// Bytes written since the page cache was last released.
+    dirty: u64,
 }
+
+/// Written bytes between two releases of the target's page cache: dirty and cached pages of
+/// the target stay near twice this, whatever the image size (CDI pods have a 600M limit that
+/// page cache counts against).
+const RELEASE_EVERY: u64 = 32 << 20;
 
 /// Writes smaller than this are gathered (qcow2 data arrives a cluster at a time).
 const GATHER: usize = 1 << 20;
@@ -308,6 +320,11 @@ impl Sink<'_> {
                     .write_all_at(&data[i..j], off + i as u64)
                     .map_err(|e| Error::io("cannot write target", e))?;
                 self.written += (j - i) as u64;
+                self.dirty += (j - i) as u64;
+                if self.dirty >= RELEASE_EVERY {
+                    self.io.release_cache();
+                    self.dirty = 0;
+                }
             }
             i = j;
         }
@@ -415,6 +432,9 @@ fn import_inner(
         let limit =
             crate::io::free_space(dir).map_err(|e| Error::io("cannot measure target volume", e))?;
         report.bytes_written = crate::archive::unpack(inner, dir, limit, &mut || ticker.tick())?;
+        if let Some(hook) = opts.before_commit.as_mut() {
+            hook()?;
+        }
         report.bytes_read = count.load(Ordering::Relaxed);
         ticker.finish();
         return Ok(report);
@@ -466,6 +486,7 @@ fn import_inner(
         written: 0,
         pending: Vec::new(),
         pending_off: 0,
+        dirty: 0,
     };
     let spill_dir = match (target, opts.allow_spill) {
         (ImportTarget::File(p), true) => p.parent().map(Path::to_path_buf),
@@ -511,6 +532,9 @@ fn import_inner(
         }
         io.flush()
             .map_err(|e| Error::io("cannot flush target", e))?;
+        if let Some(hook) = opts.before_commit.as_mut() {
+            hook()?;
+        }
         if let Some(t) = tmp {
             use std::os::unix::fs::PermissionsExt;
             t.io.file()
@@ -524,6 +548,9 @@ fn import_inner(
         report.disk_size = available;
         io.flush()
             .map_err(|e| Error::io("cannot flush target", e))?;
+        if let Some(hook) = opts.before_commit.as_mut() {
+            hook()?;
+        }
     }
     ticker.finish();
     Ok(report)
@@ -556,6 +583,7 @@ pub fn import_into(
         written: 0,
         pending: Vec::new(),
         pending_off: 0,
+        dirty: 0,
     };
     report.virtual_size = ingest_image(
         fmt,

@@ -125,6 +125,17 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 }
 
 impl BlockIo for FileIo {
+    fn release_cache(&self) {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: `fd` is the open descriptor owned by `self.file` for the whole call; these
+        // calls only give the kernel advice about its cached pages and cannot touch memory.
+        unsafe {
+            libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WAIT_BEFORE);
+            libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED);
+            libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+
     fn size(&self) -> io::Result<u64> {
         match self.fixed_size {
             Some(s) => Ok(s),

@@ -66,6 +66,11 @@ pub trait BlockIo: Send + Sync + Debug {
     }
 
     /// Reserve space for `offset..offset+len` without changing what it reads back.
+    /// Keep the page cache this file occupies small during long writes: wait for writeback
+    /// started by the previous call, drop the now-clean cached pages, and start writeback of
+    /// the pages dirtied since. Advisory; the default does nothing.
+    fn release_cache(&self) {}
+
     fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Err(io::Error::new(
             io::ErrorKind::Unsupported,
