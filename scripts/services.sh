@@ -115,6 +115,8 @@ http {
     root $S/www;
     location /auth/ { auth_basic "test"; auth_basic_user_file $n/htpasswd; }
     location /redirect/ { rewrite ^/redirect/(.*)\$ /\$1 redirect; }
+    # Paced downloads, so a test can watch the progress metric move.
+    location /paced/ { alias $S/www/; limit_rate 12m; }
   }
 }
 EOF

@@ -10,6 +10,12 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
+echo "== loopback services for the importer tests (nginx, registries, containerDisks)"
+svc=$(mktemp -d /tmp/vdisk-svc.XXXXXX)
+trap 'bash scripts/services.sh stop "$svc" >/dev/null 2>&1 || true; rm -rf "$svc"' EXIT
+bash scripts/services.sh start "$svc"
+bash scripts/push-containerdisks.sh "$svc"
+export VDISK_SERVICES=$svc
 echo "== cargo test"
 cargo test
 echo "== benches (build only)"

@@ -24,6 +24,7 @@
 //! ```
 
 pub mod archive;
+pub mod cdi;
 pub mod compare;
 pub mod convert;
 pub mod create;

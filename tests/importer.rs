@@ -1,0 +1,658 @@
+//! `vdisk-importer` end to end, against real servers on loopback: nginx (HTTP, HTTPS with a
+//! test CA, basic auth, redirects, Range, paced), a flaky server that drops or stalls a body,
+//! Debian's docker-registry (plain, TLS + htpasswd, and behind a token-auth proxy) holding
+//! containerDisks pushed with skopeo. Each case runs the binary as CDI's pod would (env vars,
+//! paths moved under `VDISK_ROOT`) and checks the disk with `qemu-img compare`, the
+//! termination message and the exit code; one case watches the progress metric.
+//!
+//! The services come from `scripts/services.sh` and `scripts/push-containerdisks.sh`: the
+//! test script starts them and names their state directory in `VDISK_SERVICES`; without it
+//! this file starts its own set and stops it when the tests end.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+struct Services {
+    env: HashMap<String, String>,
+}
+
+static SERVICES: OnceLock<Services> = OnceLock::new();
+static OWN_STATE: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn stop_own_services() {
+    if let Some(s) = OWN_STATE.get() {
+        let _ = Command::new("scripts/services.sh")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .arg("stop")
+            .arg(s)
+            .status();
+    }
+}
+
+fn services() -> &'static Services {
+    SERVICES.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let state = match std::env::var_os("VDISK_SERVICES") {
+            Some(s) => PathBuf::from(s),
+            None => {
+                let s = std::env::temp_dir().join(format!("vdisk-svc-{}", std::process::id()));
+                for (script, args) in [
+                    ("scripts/services.sh", vec!["start"]),
+                    ("scripts/push-containerdisks.sh", vec![]),
+                ] {
+                    let st = Command::new(root.join(script))
+                        .current_dir(root)
+                        .args(args)
+                        .arg(&s)
+                        .status()
+                        .expect("run the services scripts");
+                    assert!(
+                        st.success(),
+                        "{script} failed: the importer tests need its services"
+                    );
+                }
+                OWN_STATE.set(s.clone()).unwrap();
+                // SAFETY: registering a plain extern "C" function with no captured state.
+                unsafe { libc::atexit(stop_own_services) };
+                s
+            }
+        };
+        let text = std::fs::read_to_string(state.join("env"))
+            .unwrap_or_else(|e| panic!("{}/env: {e}", state.display()));
+        let env = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+            .collect();
+        Services { env }
+    })
+}
+
+fn var(name: &str) -> String {
+    services()
+        .env
+        .get(name)
+        .unwrap_or_else(|| panic!("services env has no {name}"))
+        .clone()
+}
+
+/// A pod's file system: `VDISK_ROOT` with `/data` (or the block device) and the
+/// termination log's directory.
+struct Pod {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Pod {
+    fn new() -> Pod {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        std::fs::create_dir_all(root.join("data")).unwrap();
+        std::fs::create_dir_all(root.join("dev")).unwrap();
+        Pod {
+            _dir: dir,
+            root,
+            env: Vec::new(),
+        }
+    }
+    fn set(mut self, k: &str, v: impl Into<String>) -> Pod {
+        self.env.push((k.to_string(), v.into()));
+        self
+    }
+    fn http(self, url: String) -> Pod {
+        self.set("IMPORTER_SOURCE", "http")
+            .set("IMPORTER_ENDPOINT", url)
+    }
+    fn run(&self) -> Run {
+        let port = free_port();
+        let out = self.command(port).output().unwrap();
+        self.finish(out)
+    }
+    fn command(&self, metrics_port: u16) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vdisk-importer"));
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("VDISK_ROOT", &self.root)
+            .env("VDISK_METRICS_PORT", metrics_port.to_string())
+            .env("IMPORTER_CONTENTTYPE", "kubevirt")
+            .env("OWNER_UID", "uid-1")
+            .env("FILESYSTEM_OVERHEAD", "0")
+            .env("PREALLOCATION", "false")
+            .args(["-v=3", "-alsologtostderr"]);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+    fn finish(&self, out: Output) -> Run {
+        let term = std::fs::read_to_string(self.root.join("dev/termination-log")).ok();
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            term,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+    fn disk(&self) -> PathBuf {
+        self.root.join("data/disk.img")
+    }
+}
+
+struct Run {
+    code: i32,
+    term: Option<String>,
+    stderr: String,
+}
+
+impl Run {
+    fn ok(&self) -> &Run {
+        assert_eq!(
+            self.code, 0,
+            "importer failed: {:?}\n{}",
+            self.term, self.stderr
+        );
+        assert_eq!(
+            self.term.as_deref(),
+            Some(
+                r#"{"scratchSpaceRequired":false,"preallocationApplied":false,"message":"Import Complete"}"#
+            ),
+            "{}",
+            self.stderr
+        );
+        self
+    }
+    fn failed(&self, text: &str) -> &Run {
+        assert_eq!(self.code, 1, "{:?}\n{}", self.term, self.stderr);
+        let t = self.term.as_deref().unwrap_or("");
+        assert!(t.contains(text), "termination message {t:?} lacks {text:?}");
+        self
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn same_disk(a: &Path, b: &str) {
+    let o = Command::new("qemu-img")
+        .args(["compare", "-q"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        o.status.success(),
+        "{} differs from {b}: {}",
+        a.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn http_formats_stream_to_the_volume() {
+    for (file, src) in [
+        ("disk.qcow2", "DISK_QCOW2"),
+        ("disk.raw", "DISK_RAW"),
+        ("disk.raw.gz", "DISK_RAW"),
+        ("disk.raw.xz", "DISK_RAW"),
+        ("disk.raw.zst", "DISK_RAW"),
+        ("disk.qcow2.xz", "DISK_QCOW2"),
+    ] {
+        let pod = Pod::new().http(format!("{}/{file}", var("HTTP_URL")));
+        pod.run().ok();
+        same_disk(&pod.disk(), &var(src));
+        assert_eq!(mode(&pod.disk()), 0o660, "{file}");
+        assert!(!pod.root.join("scratch").exists());
+    }
+}
+
+#[test]
+fn https_with_ca_dir_basic_auth_and_redirect() {
+    // The CA comes from IMPORTER_CERT_DIR (a ConfigMap mounted at /certs).
+    let with_ca = |pod: Pod| {
+        std::fs::create_dir_all(pod.root.join("certs")).unwrap();
+        std::fs::copy(var("CA_CERT"), pod.root.join("certs/ca.crt")).unwrap();
+        std::fs::write(pod.root.join("certs/.hidden"), b"junk").unwrap();
+        pod.set("IMPORTER_CERT_DIR", "/certs")
+    };
+    let pod = with_ca(Pod::new().http(format!("{}/disk.qcow2", var("HTTPS_URL"))));
+    pod.run().ok();
+    same_disk(&pod.disk(), &var("DISK_QCOW2"));
+
+    // Without the CA the TLS handshake fails; INSECURE_TLS skips verification.
+    let pod = Pod::new().http(format!("{}/disk.qcow2", var("HTTPS_URL")));
+    pod.run().failed("Unable to connect to http data source:");
+    assert!(!pod.disk().exists());
+    let pod = Pod::new()
+        .http(format!("{}/disk.qcow2", var("HTTPS_URL")))
+        .set("INSECURE_TLS", "true");
+    pod.run().ok();
+
+    // Basic auth only when both keys are set.
+    let url = format!("{}/auth/disk.raw.gz", var("HTTP_URL"));
+    Pod::new()
+        .http(url.clone())
+        .set("IMPORTER_ACCESS_KEY_ID", "user")
+        .run()
+        .failed("Unable to connect to http data source: expected status code 200, got 401");
+    let pod = Pod::new()
+        .http(url)
+        .set("IMPORTER_ACCESS_KEY_ID", "user")
+        .set("IMPORTER_SECRET_KEY", "pass");
+    pod.run().ok();
+    same_disk(&pod.disk(), &var("DISK_RAW"));
+
+    // A redirect from HTTP to HTTPS, followed with the CA.
+    let pod = with_ca(Pod::new().http(format!("{}/redirect/disk.raw.xz", var("HTTP_URL"))));
+    pod.run().ok();
+    same_disk(&pod.disk(), &var("DISK_RAW"));
+}
+
+#[test]
+fn dropped_connection_resumes_with_range() {
+    for file in ["disk.qcow2", "disk.raw"] {
+        let pod = Pod::new().http(format!(
+            "{}/drop/{file}?run={}",
+            var("FLAKY_URL"),
+            std::process::id()
+        ));
+        let r = pod.run();
+        r.ok();
+        same_disk(
+            &pod.disk(),
+            &var(if file == "disk.raw" {
+                "DISK_RAW"
+            } else {
+                "DISK_QCOW2"
+            }),
+        );
+    }
+}
+
+#[test]
+fn checksums_are_verified_before_the_disk_is_kept() {
+    let file = Path::new(&var("WWW")).join("disk.raw.gz");
+    let o = Command::new("sha256sum").arg(&file).output().unwrap();
+    let sum = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let url = format!("{}/disk.raw.gz", var("HTTP_URL"));
+    let pod = Pod::new()
+        .http(url.clone())
+        .set("IMPORTER_CHECKSUM", format!("sha256:{sum}"));
+    pod.run().ok();
+    same_disk(&pod.disk(), &var("DISK_RAW"));
+
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let pod = Pod::new().http(url).set("IMPORTER_CHECKSUM", wrong);
+    let r = pod.run();
+    assert_eq!(
+        r.code, 0,
+        "a checksum mismatch exits 0 as CDI does: {}",
+        r.stderr
+    );
+    let t = r.term.as_deref().unwrap();
+    assert!(
+        t.starts_with(r#"{"message":"Unable to process data: "#)
+            && t.contains(&format!(
+                "checksum mismatch: expected sha256:{}, calculated sha256:{sum}",
+                "0".repeat(64)
+            )),
+        "{t}"
+    );
+    assert!(
+        !pod.disk().exists(),
+        "a disk with the wrong checksum was left"
+    );
+}
+
+#[test]
+fn hostile_and_failing_sources() {
+    let http = var("HTTP_URL");
+    // 404.
+    Pod::new()
+        .http(format!("{http}/missing.img"))
+        .run()
+        .failed("Unable to connect to http data source: expected status code 200, got 404");
+    // A qcow2 naming a backing file (/etc/passwd) is refused and nothing is written.
+    let pod = Pod::new().http(format!("{http}/backing.qcow2"));
+    pod.run()
+        .failed("Unable to process data:")
+        .failed("backing");
+    assert!(!pod.disk().exists());
+    // An image larger than the volume: CDI's text, before writing anything.
+    let pod = Pod::new()
+        .http(format!("{http}/disk.qcow2"))
+        .set("IMPORTER_IMAGE_SIZE", "16Mi");
+    pod.run()
+        .failed("is larger than the reported available storage");
+    assert!(!pod.disk().exists());
+    // A 2 GiB zero bomb in 380 KiB of xz, for a 64 MiB volume.
+    let pod = Pod::new()
+        .http(format!("{http}/bomb.raw.xz"))
+        .set("IMPORTER_IMAGE_SIZE", "64Mi");
+    pod.run()
+        .failed("is larger than the reported available storage");
+    assert!(!pod.disk().exists());
+    // A tar escaping its target.
+    let pod = Pod::new()
+        .http(format!("{http}/escape.tar"))
+        .set("IMPORTER_CONTENTTYPE", "archive");
+    pod.run().failed("Unable to process data:");
+    assert!(!pod.root.join("evil").exists());
+    // Sources of later issues, and nonsense.
+    Pod::new()
+        .set("IMPORTER_SOURCE", "s3")
+        .run()
+        .failed("Unknown data source: s3");
+    Pod::new()
+        .set("IMPORTER_SOURCE", "glance")
+        .run()
+        .failed("Unknown data source: glance");
+    // An invalid PREALLOCATION exits 1 with no termination message.
+    let r = Pod::new()
+        .http(format!("{http}/disk.raw"))
+        .set("PREALLOCATION", "maybe")
+        .run();
+    assert_eq!((r.code, r.term.as_deref()), (1, None), "{}", r.stderr);
+    // A body that stalls: the idle timeout ends the read and the download resumes.
+    let pod = Pod::new()
+        .http(format!(
+            "{}/slow/disk.raw?run={}",
+            var("FLAKY_URL"),
+            std::process::id()
+        ))
+        .set("VDISK_IDLE_TIMEOUT", "1");
+    pod.run().ok();
+    same_disk(&pod.disk(), &var("DISK_RAW"));
+}
+
+#[test]
+fn archives_unpack_into_the_data_directory() {
+    let pod = Pod::new()
+        .http(format!("{}/archive.tar", var("HTTP_URL")))
+        .set("IMPORTER_CONTENTTYPE", "archive");
+    let r = pod.run();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let names: Vec<_> = std::fs::read_dir(pod.root.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    // Blank disks refuse archive content.
+    Pod::new()
+        .set("IMPORTER_SOURCE", "none")
+        .set("IMPORTER_CONTENTTYPE", "archive")
+        .run()
+        .failed("Cannot create empty disk with content type archive");
+}
+
+#[test]
+fn sizing_expands_to_the_usable_space() {
+    // 100Mi requested with 6% overhead: usable = RoundDown(ceil(100Mi / 1.06), 1 MiB).
+    let usable = vdisk::sizing::usable_space(0.06, 100 << 20);
+    let pod = Pod::new()
+        .http(format!("{}/disk.qcow2", var("HTTP_URL")))
+        .set("IMPORTER_IMAGE_SIZE", "100Mi")
+        .set("FILESYSTEM_OVERHEAD", "0.06");
+    pod.run().ok();
+    assert_eq!(std::fs::metadata(pod.disk()).unwrap().len(), usable);
+    same_disk(&pod.disk(), &var("DISK_QCOW2"));
+    // Preallocation: reported, and the whole disk allocated.
+    let pod = Pod::new()
+        .http(format!("{}/disk.raw.zst", var("HTTP_URL")))
+        .set("IMPORTER_IMAGE_SIZE", "40Mi")
+        .set("PREALLOCATION", "true");
+    let r = pod.run();
+    assert_eq!(
+        r.term.as_deref(),
+        Some(
+            r#"{"scratchSpaceRequired":false,"preallocationApplied":true,"message":"Import Complete"}"#
+        ),
+        "{}",
+        r.stderr
+    );
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(pod.disk()).unwrap();
+    assert!(m.blocks() * 512 >= m.len(), "not preallocated");
+}
+
+#[test]
+fn blank_disks() {
+    let pod = Pod::new()
+        .set("IMPORTER_SOURCE", "none")
+        .set("IMPORTER_IMAGE_SIZE", "100Mi")
+        .set("FILESYSTEM_OVERHEAD", "0.06");
+    let r = pod.run();
+    assert_eq!(
+        r.term.as_deref(),
+        Some(r#"{"preallocationApplied":false,"message":"Import Complete"}"#),
+        "{}",
+        r.stderr
+    );
+    let m = std::fs::metadata(pod.disk()).unwrap();
+    assert_eq!(m.len(), vdisk::sizing::usable_space(0.06, 100 << 20));
+    assert_eq!(mode(&pod.disk()), 0o660);
+    let pod = Pod::new()
+        .set("IMPORTER_SOURCE", "none")
+        .set("IMPORTER_IMAGE_SIZE", "8Mi")
+        .set("PREALLOCATION", "true");
+    let r = pod.run();
+    assert!(
+        r.term
+            .as_deref()
+            .unwrap()
+            .contains(r#""preallocationApplied":true"#)
+    );
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(pod.disk()).unwrap();
+    assert!(m.blocks() * 512 >= m.len());
+    // A block volume without preallocation: nothing written, no message; with it, zeroed.
+    let pod = Pod::new().set("IMPORTER_SOURCE", "none");
+    std::fs::write(pod.root.join("dev/cdi-block-volume"), vec![0xffu8; 1 << 20]).unwrap();
+    let r = pod.run();
+    assert_eq!((r.code, r.term.as_deref()), (0, None), "{}", r.stderr);
+    let pod = pod.set("PREALLOCATION", "true");
+    let r = pod.run();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let dev = std::fs::read(pod.root.join("dev/cdi-block-volume")).unwrap();
+    assert!(dev.iter().all(|&b| b == 0), "block volume not zeroed");
+}
+
+#[test]
+fn block_volume_target() {
+    let pod = Pod::new().http(format!("{}/disk.qcow2", var("HTTP_URL")));
+    // A file standing in for /dev/cdi-block-volume, larger than the disk and not zero.
+    let dev = pod.root.join("dev/cdi-block-volume");
+    std::fs::write(&dev, vec![0x77u8; 80 << 20]).unwrap();
+    pod.run().ok();
+    assert!(!pod.disk().exists());
+    // The image occupies the device's leading bytes (holes zeroed); the rest is untouched.
+    let flat = pod.root.join("flat.raw");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(var("DISK_QCOW2"))
+        .arg(&flat)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let want = std::fs::read(&flat).unwrap();
+    let got = std::fs::read(&dev).unwrap();
+    assert_eq!(got.len(), 80 << 20);
+    assert!(
+        got[..want.len()] == want[..],
+        "device content differs from the image"
+    );
+    assert!(
+        got[want.len()..].iter().all(|&b| b == 0x77),
+        "device tail was touched"
+    );
+}
+
+#[test]
+fn registry_container_disks() {
+    let reg = var("REGISTRY");
+    let pod_for = |image: &str| {
+        Pod::new()
+            .set("IMPORTER_SOURCE", "registry")
+            .set("IMPORTER_ENDPOINT", format!("docker://{image}"))
+            .set("INSECURE_TLS", "true")
+    };
+    for (tag, src) in [
+        ("disks/qcow2:gzip", "DISK_QCOW2"),
+        ("disks/qcow2:zstd", "DISK_QCOW2"),
+        ("disks/raw:latest", "DISK_RAW"),
+    ] {
+        let pod = pod_for(&format!("{reg}/{tag}"));
+        pod.run().ok();
+        same_disk(&pod.disk(), &var(src));
+        assert_eq!(mode(&pod.disk()), 0o660);
+    }
+    // Multi-arch: the requested architecture's disk.
+    let pod = pod_for(&format!("{reg}/disks/multi:latest"))
+        .set("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE", "arm64");
+    pod.run().ok();
+    same_disk(&pod.disk(), &var("DISK_ARM"));
+    pod_for(&format!("{reg}/disks/multi:latest"))
+        .set("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE", "s390x")
+        .run()
+        .failed("Error validating architecture");
+    // Labels from the image env.
+    let pod = pod_for(&format!("{reg}/disks/labels:latest"));
+    let r = pod.run();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let t = r.term.unwrap();
+    assert!(
+        t.contains(r#""labels":{"instancetype.kubevirt.io/default-preference":"fedora","preference.kubevirt.io/x":"y"}"#),
+        "{t}"
+    );
+    // Refusals.
+    pod_for(&format!("{reg}/disks/bootc:latest"))
+        .run()
+        .failed("bootc");
+    pod_for(&format!("{reg}/disks/nodisk:latest"))
+        .run()
+        .failed("Failed to find VM disk image file in the container image");
+    let pod = pod_for(&format!("{reg}/disks/backing:latest"));
+    pod.run().failed("backing");
+    assert!(!pod.disk().exists());
+    pod_for(&format!("{reg}/disks/missing:latest"))
+        .run()
+        .failed("Unable to process data:");
+    pod_for("not-a-reference")
+        .set("IMPORTER_ENDPOINT", "http://x/y")
+        .run()
+        .failed("Invalid image name");
+    // Archive content is not accepted from a registry.
+    pod_for(&format!("{reg}/disks/raw:latest"))
+        .set("IMPORTER_CONTENTTYPE", "archive")
+        .run()
+        .failed("kubevirt");
+}
+
+#[test]
+fn registry_auth_tls_token_and_oci_archive() {
+    // TLS registry with htpasswd: credentials and the test CA, verified.
+    let pod = Pod::new()
+        .set("IMPORTER_SOURCE", "registry")
+        .set(
+            "IMPORTER_ENDPOINT",
+            format!("docker://{}/disks/qcow2:gzip", var("REGISTRY_AUTH")),
+        )
+        .set("IMPORTER_ACCESS_KEY_ID", "user")
+        .set("IMPORTER_SECRET_KEY", "pass")
+        .set("IMPORTER_CERT_DIR", "/certs");
+    std::fs::create_dir_all(pod.root.join("certs")).unwrap();
+    std::fs::copy(var("CA_CERT"), pod.root.join("certs/ca.crt")).unwrap();
+    pod.run().ok();
+    same_disk(&pod.disk(), &var("DISK_QCOW2"));
+    // Without credentials: refused.
+    let anon = Pod::new()
+        .set("IMPORTER_SOURCE", "registry")
+        .set(
+            "IMPORTER_ENDPOINT",
+            format!("docker://{}/disks/qcow2:gzip", var("REGISTRY_AUTH")),
+        )
+        .set("INSECURE_TLS", "true");
+    anon.run().failed("Unable to process data:");
+    // Token auth (Bearer from a token endpoint with basic credentials), plain HTTP.
+    let pod = Pod::new()
+        .set("IMPORTER_SOURCE", "registry")
+        .set(
+            "IMPORTER_ENDPOINT",
+            format!("docker://{}/disks/qcow2:zstd", var("REGISTRY_TOKEN")),
+        )
+        .set("IMPORTER_ACCESS_KEY_ID", "user")
+        .set("IMPORTER_SECRET_KEY", "pass")
+        .set("INSECURE_TLS", "true");
+    pod.run().ok();
+    same_disk(&pod.disk(), &var("DISK_QCOW2"));
+    // oci-archive: a local tar of an OCI layout.
+    let pod = Pod::new().set("IMPORTER_SOURCE", "registry").set(
+        "IMPORTER_ENDPOINT",
+        format!("oci-archive:{}", var("OCI_ARCHIVE")),
+    );
+    pod.run().ok();
+    same_disk(&pod.disk(), &var("DISK_QCOW2"));
+}
+
+#[test]
+fn progress_metric_moves_and_never_goes_back() {
+    let pod = Pod::new().http(format!("{}/paced/disk.raw", var("HTTP_URL")));
+    let port = free_port();
+    let child = pod
+        .command(port)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen: Vec<f64> = Vec::new();
+    let t0 = std::time::Instant::now();
+    let mut child = child;
+    while child.try_wait().unwrap().is_none() && t0.elapsed().as_secs() < 60 {
+        let o = Command::new("curl")
+            .args(["-sk", "--max-time", "2"])
+            .arg(format!("https://127.0.0.1:{port}/metrics"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        for line in text.lines() {
+            if let Some(v) =
+                line.strip_prefix(r#"kubevirt_cdi_import_progress_total{ownerUID="uid-1"} "#)
+            {
+                seen.push(v.parse().unwrap());
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(150));
+    }
+    let out = child.wait_with_output().unwrap();
+    pod.finish(out).ok();
+    same_disk(&pod.disk(), &var("DISK_RAW"));
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "went backwards: {seen:?}"
+    );
+    assert!(seen.iter().all(|v| (0.0..=100.0).contains(v)), "{seen:?}");
+    let distinct = {
+        let mut d = seen.clone();
+        d.dedup();
+        d.len()
+    };
+    assert!(
+        distinct >= 3,
+        "the metric did not move during the import: {seen:?}"
+    );
+}
