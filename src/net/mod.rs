@@ -2,8 +2,11 @@
 //! (`http`: proxies, redirects, resumable downloads, idle timeout), a small threaded
 //! HTTP(S) server with streaming request bodies and mutual TLS (`server`, also serving the
 //! Prometheus progress metric), and the OCI distribution client for containerDisks
-//! (`registry`).
+//! (`registry`), a streaming multipart/form-data reader (`multipart`) and the upload client
+//! that feeds CDI's upload server (`upload`).
 
 pub mod http;
+pub mod multipart;
 pub mod registry;
 pub mod server;
+pub mod upload;
