@@ -92,6 +92,10 @@ typedef enum vdisk_content {
    A tar archive unpacked into a directory.
    */
   VDISK_CONTENT_ARCHIVE = 1,
+  /*
+   Bytes written as they come (no decompression, detection or sizing): a clone stream.
+   */
+  VDISK_CONTENT_RAW = 2,
 } vdisk_content;
 
 /*

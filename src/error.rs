@@ -83,7 +83,9 @@ impl Error {
         let kind = match source.kind() {
             io::ErrorKind::NotFound => ErrorKind::NotFound,
             io::ErrorKind::StorageFull => ErrorKind::NoSpace,
-            _ if source.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
+            _ if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+                ErrorKind::NoSpace
+            }
             _ => ErrorKind::Io,
         };
         Error {

@@ -38,6 +38,9 @@ pub enum ContentType {
     Kubevirt,
     /// A tar archive to unpack into the target directory.
     Archive,
+    /// Bytes written as they come: no decompression, no format detection, no sizing (the
+    /// raw device stream of a host-assisted clone, which may well start like a qcow2).
+    Raw,
 }
 
 /// Where the result goes.
@@ -374,6 +377,7 @@ fn begin<'s, 'p, 'a>(
     cancel: Option<CancelToken>,
     total: Option<u64>,
     threads: u32,
+    raw: bool,
     progress: &'p mut Option<ImportProgress<'a>>,
 ) -> Result<(
     Arc<AtomicU64>,
@@ -397,7 +401,11 @@ fn begin<'s, 'p, 'a>(
             .unwrap_or_else(Instant::now),
         progress: progress.as_deref_mut(),
     };
-    let (layers, fmt, inner) = stream::unwrap_layers(input, threads)?;
+    let (layers, fmt, inner) = if raw {
+        (Vec::new(), Format::Raw, input)
+    } else {
+        stream::unwrap_layers(input, threads)?
+    };
     let report = ImportReport {
         layers,
         ..ImportReport::default()
@@ -416,8 +424,14 @@ fn import_inner(
         opts.cancel.clone(),
         opts.input_size,
         opts.threads,
+        opts.content == ContentType::Raw,
         &mut opts.progress,
     )?;
+    // Raw (clone) streams are written as they come, with no sizing or validation.
+    let requested = match opts.content {
+        ContentType::Raw => None,
+        _ => opts.requested_size,
+    };
     if opts.content == ContentType::Archive {
         let ImportTarget::Directory(dir) = target else {
             return Err(Error::invalid("archive content needs a directory target"));
@@ -466,7 +480,7 @@ fn import_inner(
             };
             let free = crate::io::free_space(&dir)
                 .map_err(|e| Error::io("cannot measure target volume", e))?;
-            let available = opts.requested_size.map_or(free, |r| r.min(free));
+            let available = requested.map_or(free, |r| r.min(free));
             let tmp = TempTarget::create(p)?;
             let io = open_target(tmp.path(), opts.direct_io, &say, || {
                 let f = tmp
@@ -510,7 +524,7 @@ fn import_inner(
     if is_file {
         // With a requested volume size (as CDI always gives), expand to the usable space
         // (never shrink); then preallocate if asked.
-        let target_size = match opts.requested_size {
+        let target_size = match requested {
             Some(r) => sizing::usable_space(opts.overhead, available).min(r),
             None => virtual_size,
         };
@@ -574,6 +588,7 @@ pub fn import_into(
         opts.cancel.clone(),
         opts.input_size,
         opts.threads,
+        opts.content == ContentType::Raw,
         &mut opts.progress,
     )?;
     let mut sink = Sink {

@@ -433,8 +433,8 @@ fn target(paths: &Paths, content: ContentType) -> std::result::Result<ImportTarg
             "Unable to process data: archive content needs a filesystem volume",
         )),
         ContentType::Archive => Ok(ImportTarget::Directory(paths.get(DATA_DIR))),
-        ContentType::Kubevirt if block => Ok(ImportTarget::Device(dev)),
-        ContentType::Kubevirt => Ok(ImportTarget::File(paths.get(DISK_FILE))),
+        ContentType::Kubevirt | ContentType::Raw if block => Ok(ImportTarget::Device(dev)),
+        ContentType::Kubevirt | ContentType::Raw => Ok(ImportTarget::File(paths.get(DISK_FILE))),
     }
 }
 

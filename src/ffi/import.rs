@@ -14,6 +14,8 @@ pub enum vdisk_content {
     Kubevirt = 0,
     /// A tar archive unpacked into a directory.
     Archive = 1,
+    /// Bytes written as they come (no decompression, detection or sizing): a clone stream.
+    Raw = 2,
 }
 
 /// Where [`vdisk_import_fd`] writes.
@@ -110,6 +112,7 @@ pub unsafe extern "C" fn vdisk_import_options_set_content(
         o.content = match content {
             vdisk_content::Kubevirt => ContentType::Kubevirt,
             vdisk_content::Archive => ContentType::Archive,
+            vdisk_content::Raw => ContentType::Raw,
         };
         vdisk_status::Ok
     })
