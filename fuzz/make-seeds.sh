@@ -134,4 +134,10 @@ ln "$t/arch/sub/f" "$t/arch/hard"
 tar -C "$t/arch" -cf seeds/tar_unpack/plain.tar .
 tar -C "$t/arch" --format=gnu -cf seeds/tar_unpack/gnu.tar .
 
+# multipart: the first byte picks read sizes, the rest is a form body with boundary "bnd".
+mkdir -p seeds/multipart
+printf '\x07--bnd\r\nContent-Disposition: form-data; name="other"\r\n\r\ny\r\n--bnd\r\nContent-Disposition: form-data; name="file"; filename="disk.img"\r\nContent-Type: application/octet-stream\r\n\r\nab\r\n--bn\r\n--bndx\r\n--bnd--\r\n' >seeds/multipart/curl
+printf '\x99preamble\r\n--bnd \t\r\n\r\nno headers\r\n--bnd\r\nX-A: "b"\r\n\r\n\r\n--bnd--epilogue' >seeds/multipart/padding
+printf '\x02--bnd\r\nContent-Disposition: form-data; name=file\r\n\r\ncut before the close' >seeds/multipart/truncated
+
 ls -l seeds/*/ | awk '$5 > 65536 { print "seed too large: " $0; bad=1 } END { exit bad }'
