@@ -3,6 +3,7 @@
 //! and the termination message the controller reads.
 
 pub mod importer;
+pub mod uploader;
 
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
