@@ -1,19 +1,26 @@
-//! HTTP/1.1 client over TCP and rustls, for image downloads and the registry API.
+//! HTTP/1.1 client over TCP and rustls, for image downloads, the registry API and uploads.
 //!
 //! Owns: URL parsing, proxies from the environment (`http_proxy`, `https_proxy`, `no_proxy`,
 //! CONNECT tunnels for HTTPS), TLS with the system roots plus extra CA bundles (or no
-//! verification when asked), redirects, response framing (Content-Length, chunked, until
-//! close), an idle timeout on every read, and [`Download`], a body reader that resumes with
-//! a Range request when the connection drops. Memory per request is a few buffers,
-//! whatever the body size.
+//! verification when asked) and an optional client certificate (mutual TLS), redirects,
+//! response framing (Content-Length, chunked, until close), an idle timeout on every read,
+//! and [`Download`], a body reader that resumes with a Range request (re-sending the
+//! caller's headers) when the connection drops.
+//!
+//! Request bodies ([`Client::send_body`]) stream from a reader with `Content-Length` or
+//! `Transfer-Encoding: chunked`. A server may answer before the body is complete (401, 409,
+//! 503 while an upload is under way): the client looks for that between blocks and whenever
+//! a write stalls, and stops sending; when a write fails because the server closed, it still
+//! reads the answer the server left and reports that instead of the write error. Memory per
+//! request is a few buffers, whatever the body size.
 
 use crate::error::{Error, ErrorKind, Result};
 use base64::Engine as _;
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 << 10;
@@ -246,7 +253,7 @@ impl Proxy {
 }
 
 /// How a [`Client`] connects.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientConfig {
     /// `User-Agent` header.
     pub user_agent: String,
@@ -254,6 +261,10 @@ pub struct ClientConfig {
     pub insecure: bool,
     /// Extra trusted CA certificates, as PEM text (bundles allowed).
     pub ca_pem: Vec<Vec<u8>>,
+    /// A client certificate for mutual TLS: (PEM certificate chain, leaf first; PEM private
+    /// key, PKCS#8, PKCS#1 RSA or SEC1 EC). Presented when a server asks, in both verified
+    /// and insecure mode.
+    pub client_cert: Option<(Vec<u8>, Vec<u8>)>,
     /// Headers sent with every request (CDI's extra headers).
     pub headers: Vec<(String, String)>,
     /// Basic credentials sent with every request, also after redirects.
@@ -276,6 +287,7 @@ impl Default for ClientConfig {
             user_agent: concat!("vdisk/", env!("CARGO_PKG_VERSION")).into(),
             insecure: false,
             ca_pem: Vec::new(),
+            client_cert: None,
             headers: Vec::new(),
             basic_auth: None,
             idle_timeout: Duration::from_secs(600),
@@ -284,6 +296,25 @@ impl Default for ClientConfig {
             max_redirects: 10,
             max_resumes: 20,
         }
+    }
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets (the client key, passwords) are never printed.
+        f.debug_struct("ClientConfig")
+            .field("user_agent", &self.user_agent)
+            .field("insecure", &self.insecure)
+            .field("ca_pem", &self.ca_pem.len())
+            .field("client_cert", &self.client_cert.is_some())
+            .field("headers", &self.headers.len())
+            .field("basic_auth", &self.basic_auth.as_ref().map(|(u, _)| u))
+            .field("idle_timeout", &self.idle_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("proxy", &self.proxy)
+            .field("max_redirects", &self.max_redirects)
+            .field("max_resumes", &self.max_resumes)
+            .finish()
     }
 }
 
@@ -363,11 +394,28 @@ impl Client {
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::invalid(format!("TLS setup: {e}")))?;
+        let identity = cfg
+            .client_cert
+            .as_ref()
+            .map(|(cert, key)| -> Result<_> {
+                let key = PrivateKeyDer::from_pem_slice(key)
+                    .map_err(|e| Error::invalid(format!("bad PEM client key: {e}")))?;
+                Ok((parse_certs(cert)?, key))
+            })
+            .transpose()?;
+        let client_auth =
+            |b: rustls::ConfigBuilder<_, rustls::client::WantsClientCert>| match identity {
+                Some((certs, key)) => b
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| Error::invalid(format!("unusable client certificate: {e}"))),
+                None => Ok(b.with_no_client_auth()),
+            };
         let tls = if cfg.insecure {
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-                .with_no_client_auth()
+            client_auth(
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(NoVerify(provider))),
+            )?
         } else {
             let mut roots = rustls::RootCertStore::empty();
             for c in rustls_native_certs::load_native_certs().certs {
@@ -380,7 +428,7 @@ impl Client {
                         .map_err(|e| Error::invalid(format!("bad CA certificate: {e}")))?;
                 }
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            client_auth(builder.with_root_certificates(roots))?
         };
         Ok(Client {
             inner: Arc::new(Inner {
@@ -409,7 +457,7 @@ impl Client {
                 .filter(|(k, _)| same_origin || !k.eq_ignore_ascii_case("authorization"))
                 .copied()
                 .collect();
-            let r = self.once(method, &u, &hs)?;
+            let r = self.once(method, &u, &hs, None)?;
             if matches!(r.status, 301 | 302 | 303 | 307 | 308)
                 && let Some(loc) = r.header("location")
             {
@@ -424,10 +472,52 @@ impl Client {
         }
     }
 
+    /// Send `method url` with `headers` and a body streamed from `body`: `len` bytes with
+    /// `Content-Length` when known (a shorter body is an error), else
+    /// `Transfer-Encoding: chunked` up to the reader's end. The body is sent in blocks and
+    /// never held whole.
+    ///
+    /// Redirects are not followed: a streamed body cannot be replayed, so a 3xx comes back as
+    /// the response. A server that answers before the body is complete (401, 409, 503, ...)
+    /// is heard: sending stops and that response is returned, also when the server closed
+    /// the connection under a write. Any status is returned; the response body is not read.
+    pub fn send_body(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &mut dyn Read,
+        len: Option<u64>,
+    ) -> Result<Response> {
+        let u = Url::parse(url)?;
+        let cfg_headers = self.inner.cfg.headers.iter().map(|(k, _)| k.as_str());
+        if let Some(k) = headers
+            .iter()
+            .map(|(k, _)| *k)
+            .chain(cfg_headers)
+            .find(|k| {
+                k.eq_ignore_ascii_case("content-length")
+                    || k.eq_ignore_ascii_case("transfer-encoding")
+            })
+        {
+            return Err(Error::invalid(format!(
+                "header '{k}' is set by the client for a request body"
+            )));
+        }
+        self.once(method, &u, headers, Some((body, len)))
+    }
+
     /// GET `url`, which must answer 200, as a body that resumes after dropped connections
     /// (when the server accepts ranges).
     pub fn download(&self, url: &str) -> Result<Download> {
-        let r = self.send("GET", url, &[])?;
+        self.download_with_headers(url, &[])
+    }
+
+    /// [`Client::download`] with extra request headers (`Authorization: Bearer …`, ...),
+    /// sent again with every resume. As with [`Client::send`], a caller's `Authorization` is
+    /// not sent to another host a redirect leads to, neither then nor on resumes.
+    pub fn download_with_headers(&self, url: &str, headers: &[(&str, &str)]) -> Result<Download> {
+        let r = self.send("GET", url, headers)?;
         if r.status != 200 {
             return Err(net_err(format!(
                 "expected status code 200, got {}",
@@ -444,9 +534,18 @@ impl Client {
             .or(r.header("last-modified"))
             .map(str::to_string);
         let content_type = r.header("content-type").map(str::to_string);
+        // Resumes go straight to the URL that answered: keep the caller's Authorization only
+        // when that is still the host it was meant for.
+        let same_origin = Url::parse(url)?.authority() == Url::parse(&r.url)?.authority();
+        let headers = headers
+            .iter()
+            .filter(|(k, _)| same_origin || !k.eq_ignore_ascii_case("authorization"))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Ok(Download {
             client: self.clone(),
             url: r.url.clone(),
+            headers,
             total,
             pos: 0,
             ranges,
@@ -529,10 +628,17 @@ impl Client {
         }
     }
 
-    fn once(&self, method: &str, u: &Url, headers: &[(&str, &str)]) -> Result<Response> {
+    /// One request on a new connection, with an optional streamed body and its length.
+    fn once(
+        &self,
+        method: &str,
+        u: &Url,
+        headers: &[(&str, &str)],
+        body: Option<(&mut dyn Read, Option<u64>)>,
+    ) -> Result<Response> {
         let cfg = &self.inner.cfg;
         let via_proxy = u.scheme == "http" && cfg.proxy.for_url(u).is_some();
-        let mut conn = self.connect(u)?;
+        let conn = self.connect(u)?;
         let target = if via_proxy {
             u.to_string()
         } else {
@@ -569,12 +675,23 @@ impl Client {
             }
             req += &format!("{k}: {v}\r\n");
         }
+        match &body {
+            Some((_, Some(n))) => req += &format!("Content-Length: {n}\r\n"),
+            Some((_, None)) => req += "Transfer-Encoding: chunked\r\n",
+            None => {}
+        }
         req += "\r\n";
-        conn.write_all(req.as_bytes())
-            .and_then(|_| conn.flush())
-            .map_err(|e| net_io(format!("cannot send request to {u}"), e))?;
         let mut r = BufReader::with_capacity(256 << 10, conn);
-        let (status, headers) = read_head(&mut r)?;
+        let early = match write_request(&mut r, req.as_bytes(), body, cfg.idle_timeout) {
+            Ok(early) => early,
+            Err(SendError::Body(e)) => return Err(e),
+            Err(SendError::Write(e)) => answer_after_write_failure(&mut r, e)
+                .map_err(|e| net_io(format!("cannot send request to {u}"), e))?,
+        };
+        let (status, headers) = match early {
+            Some(head) => head,
+            None => read_head(&mut r)?,
+        };
         let find = |n: &str| {
             headers
                 .iter()
@@ -612,59 +729,259 @@ impl Client {
     }
 }
 
+/// Bytes of a request body read and sent at a time; between blocks the client looks for an
+/// early answer.
+const BODY_BLOCK: usize = 256 << 10;
+/// Longest a request-body write blocks before the client looks for an early answer.
+const WRITE_POLL: Duration = Duration::from_secs(1);
+
+/// A response's status and headers.
+type Head = (u16, Vec<(String, String)>);
+
+/// Why a request could not be sent.
+enum SendError {
+    /// Writing to the connection failed.
+    Write(io::Error),
+    /// The caller's body reader failed or ended short.
+    Body(Error),
+}
+
+impl From<io::Error> for SendError {
+    fn from(e: io::Error) -> Self {
+        SendError::Write(e)
+    }
+}
+
+/// Send a request head and its body. `Some(head)` when the server answered with a final
+/// status before the body was complete; sending stopped there.
+fn write_request(
+    r: &mut BufReader<Conn>,
+    head: &[u8],
+    body: Option<(&mut dyn Read, Option<u64>)>,
+    idle: Duration,
+) -> std::result::Result<Option<Head>, SendError> {
+    let Some((body, len)) = body else {
+        r.get_mut().write_all(head)?;
+        r.get_mut().flush()?;
+        return Ok(None);
+    };
+    // Writes wait at most WRITE_POLL, so that a server that answered but stopped reading is
+    // heard instead of waited on; `idle` still bounds a stall.
+    r.get_mut()
+        .sock()
+        .set_write_timeout(Some(WRITE_POLL.min(idle)))?;
+    if let Some(h) = send_all(r, head, idle)? {
+        return Ok(Some(h));
+    }
+    // Room before the data for a chunk-size line and after it for its CRLF, so that each
+    // block goes out in one write (one TLS record run, no tiny packets).
+    const PRE: usize = 16;
+    let mut buf = vec![0u8; PRE + BODY_BLOCK + 2];
+    let mut sent = 0u64;
+    loop {
+        // A server refusing the upload (401, 409, 503, ...) usually answers right away and
+        // stops reading: listen before each block instead of pushing the rest into a wall.
+        if let Some(h) = early_answer(r)? {
+            return Ok(Some(h));
+        }
+        let want = match len {
+            Some(n) => (n - sent).min(BODY_BLOCK as u64) as usize,
+            None => BODY_BLOCK,
+        };
+        if want == 0 {
+            break;
+        }
+        let n = loop {
+            match body.read(&mut buf[PRE..PRE + want]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => break r,
+            }
+        }
+        .map_err(|e| SendError::Body(Error::io("cannot read the request body", e)))?;
+        if n == 0 {
+            match len {
+                Some(len) => {
+                    return Err(SendError::Body(Error::new(
+                        ErrorKind::Io,
+                        format!("the request body ended after {sent} of {len} bytes"),
+                    )));
+                }
+                None => break,
+            }
+        }
+        let block = if len.is_none() {
+            let size = format!("{n:x}\r\n");
+            buf[PRE - size.len()..PRE].copy_from_slice(size.as_bytes());
+            buf[PRE + n..PRE + n + 2].copy_from_slice(b"\r\n");
+            &buf[PRE - size.len()..PRE + n + 2]
+        } else {
+            &buf[PRE..PRE + n]
+        };
+        if let Some(h) = send_all(r, block, idle)? {
+            return Ok(Some(h));
+        }
+        sent += n as u64;
+    }
+    if len.is_none()
+        && let Some(h) = send_all(r, b"0\r\n\r\n", idle)?
+    {
+        return Ok(Some(h));
+    }
+    let mut since = Instant::now();
+    loop {
+        match r.get_mut().flush() {
+            Ok(()) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_stall(&e) => {
+                if let Some(h) = stalled(r, &mut since, idle, e)? {
+                    return Ok(Some(h));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A final answer the server has already started to send, if any (1xx answers are read and
+/// passed over). Never blocks when the server has said nothing.
+fn early_answer(r: &mut BufReader<Conn>) -> std::result::Result<Option<Head>, SendError> {
+    while !r.buffer().is_empty() || r.get_mut().peer_spoke() {
+        let head = read_head_once(r).map_err(SendError::Body)?;
+        if !(100..200).contains(&head.0) {
+            return Ok(Some(head));
+        }
+    }
+    Ok(None)
+}
+
+/// A write that timed out (after WRITE_POLL) rather than failed.
+fn is_stall(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// The server is not taking the request: has it answered? Fails once nothing moved for
+/// `idle`.
+fn stalled(
+    r: &mut BufReader<Conn>,
+    since: &mut Instant,
+    idle: Duration,
+    e: io::Error,
+) -> std::result::Result<Option<Head>, SendError> {
+    if let Some(h) = early_answer(r)? {
+        return Ok(Some(h));
+    }
+    if since.elapsed() >= idle {
+        return Err(SendError::Write(io::Error::new(
+            e.kind(),
+            format!("the server took nothing for {} s", idle.as_secs()),
+        )));
+    }
+    Ok(None)
+}
+
+/// Write all of `data`, listening for an early answer whenever a write stalls.
+fn send_all(
+    r: &mut BufReader<Conn>,
+    data: &[u8],
+    idle: Duration,
+) -> std::result::Result<Option<Head>, SendError> {
+    let mut off = 0;
+    let mut since = Instant::now();
+    while off < data.len() {
+        match r.get_mut().write(&data[off..]) {
+            Ok(0) => return Err(SendError::Write(io::ErrorKind::WriteZero.into())),
+            Ok(n) => {
+                off += n;
+                since = Instant::now();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_stall(&e) => {
+                if let Some(h) = stalled(r, &mut since, idle, e)? {
+                    return Ok(Some(h));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
+/// After a write failed because the server closed or reset the connection, the answer it
+/// sent first (a 409 for an upload it did not want, ...) is what the caller needs: read it
+/// if it is there, else report the write error.
+fn answer_after_write_failure(r: &mut BufReader<Conn>, e: io::Error) -> io::Result<Option<Head>> {
+    if !matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+    ) {
+        return Err(e);
+    }
+    read_head(r).map(Some).map_err(|_| e)
+}
+
 fn b64(user: &str, pass: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
 }
 
 /// Read a response head (status line and headers), skipping 1xx responses.
-fn read_head<R: BufRead>(r: &mut R) -> Result<(u16, Vec<(String, String)>)> {
+fn read_head<R: BufRead>(r: &mut R) -> Result<Head> {
     loop {
-        let mut head = Vec::new();
-        loop {
-            let mut line = Vec::new();
-            let n = r
-                .by_ref()
-                .take((MAX_HEAD - head.len()) as u64 + 1)
-                .read_until(b'\n', &mut line)
-                .map_err(|e| net_io("cannot read response", e))?;
-            if n == 0 {
-                return Err(net_err(if head.is_empty() {
-                    "connection closed before a response".to_string()
-                } else {
-                    "connection closed inside the response head".to_string()
-                }));
-            }
-            head.extend_from_slice(&line);
-            if head.len() > MAX_HEAD {
-                return Err(net_err("response head too large"));
-            }
-            if line == b"\r\n" || line == b"\n" {
-                break;
-            }
+        let head = read_head_once(r)?;
+        if !(100..200).contains(&head.0) {
+            return Ok(head);
         }
-        let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut hs);
-        match resp.parse(&head) {
-            Ok(httparse::Status::Complete(_)) => {}
-            Ok(httparse::Status::Partial) => return Err(net_err("incomplete response head")),
-            Err(e) => return Err(net_err(format!("malformed response: {e}"))),
-        }
-        let status = resp.code.unwrap_or(0);
-        if (100..200).contains(&status) {
-            continue;
-        }
-        let headers = resp
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_string(),
-                    String::from_utf8_lossy(h.value).trim().to_string(),
-                )
-            })
-            .collect();
-        return Ok((status, headers));
     }
+}
+
+/// Read one response head, 1xx included.
+fn read_head_once<R: BufRead>(r: &mut R) -> Result<Head> {
+    let mut head = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        let n = r
+            .by_ref()
+            .take((MAX_HEAD - head.len()) as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| net_io("cannot read response", e))?;
+        if n == 0 {
+            return Err(net_err(if head.is_empty() {
+                "connection closed before a response".to_string()
+            } else {
+                "connection closed inside the response head".to_string()
+            }));
+        }
+        head.extend_from_slice(&line);
+        if head.len() > MAX_HEAD {
+            return Err(net_err("response head too large"));
+        }
+        if line == b"\r\n" || line == b"\n" {
+            break;
+        }
+    }
+    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut hs);
+    match resp.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(net_err("incomplete response head")),
+        Err(e) => return Err(net_err(format!("malformed response: {e}"))),
+    }
+    let status = resp.code.unwrap_or(0);
+    let headers = resp
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).trim().to_string(),
+            )
+        })
+        .collect();
+    Ok((status, headers))
 }
 
 enum Conn {
@@ -672,31 +989,99 @@ enum Conn {
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
+impl Conn {
+    fn sock(&mut self) -> &mut TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(s) => &mut s.sock,
+        }
+    }
+
+    /// Whether the server has sent something (or closed) while we are still sending, found
+    /// without blocking. On TLS, records that carry no data (session tickets) do not count.
+    /// A failure counts as "spoke": reading the answer then reports it.
+    fn peer_spoke(&mut self) -> bool {
+        if self.sock().set_nonblocking(true).is_err() {
+            return false;
+        }
+        let spoke = match self {
+            Conn::Plain(s) => {
+                !matches!(s.peek(&mut [0u8]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            Conn::Tls(s) => match s.conn.read_tls(&mut s.sock) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                Ok(0) | Err(_) => true,
+                Ok(_) => s.conn.process_new_packets().map_or(true, |st| {
+                    st.plaintext_bytes_to_read() > 0 || st.peer_has_closed()
+                }),
+            },
+        };
+        self.sock().set_nonblocking(false).is_err() || spoke
+    }
+}
+
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Conn::Plain(s) => s.read(buf),
-            Conn::Tls(s) => match s.read(buf) {
-                // A server closing without close_notify ends the body like a plain close;
-                // truncation is caught by the framing (length, chunks).
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
-                r => r,
+            Conn::Tls(s) => loop {
+                match s.conn.reader().read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // A server closing without close_notify ends the body like a plain close;
+                    // truncation is caught by the framing (length, chunks).
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                    r => return r,
+                }
+                // Records already received (by `peer_spoke`) first; a TLS error met there is
+                // reported here instead of waiting for more.
+                let state = s
+                    .conn
+                    .process_new_packets()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                if state.plaintext_bytes_to_read() == 0 {
+                    // Only read, unlike `StreamOwned::read`: after a failed upload the write
+                    // side may hold records that can never go out, and flushing them first
+                    // would hide the answer the server sent.
+                    s.conn.read_tls(&mut s.sock)?;
+                }
             },
         }
     }
+}
+
+/// Send the TLS records rustls has queued. Never reads, unlike `StreamOwned`'s writes,
+/// whose `complete_io` goes on to a blocking read when a write times out.
+fn write_tls(s: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>) -> io::Result<()> {
+    while s.conn.wants_write() {
+        if s.conn.write_tls(&mut s.sock)? == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+    }
+    Ok(())
 }
 
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Conn::Plain(s) => s.write(buf),
-            Conn::Tls(s) => s.write(buf),
+            Conn::Tls(s) => {
+                // What is queued goes first (a timeout here leaves it queued for the retry);
+                // then take what fits in rustls's buffer and try to send it. A failure after
+                // taking the bytes shows on the next call.
+                write_tls(s)?;
+                let n = s.conn.writer().write(buf)?;
+                let _ = write_tls(s);
+                Ok(n)
+            }
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Conn::Plain(s) => s.flush(),
-            Conn::Tls(s) => s.flush(),
+            Conn::Tls(s) => {
+                s.conn.writer().flush()?;
+                write_tls(s)
+            }
         }
     }
 }
@@ -849,6 +1234,7 @@ impl Response {
 pub struct Download {
     client: Client,
     url: String,
+    headers: Vec<(String, String)>,
     total: Option<u64>,
     pos: u64,
     ranges: bool,
@@ -894,7 +1280,12 @@ impl Download {
         }
         self.resumes += 1;
         let range = format!("bytes={}-", self.pos);
-        let mut hs = vec![("Range", range.as_str())];
+        let mut hs: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        hs.push(("Range", range.as_str()));
         if let Some(v) = &self.validator {
             hs.push(("If-Range", v.as_str()));
         }
@@ -1105,5 +1496,373 @@ mod tests {
         let mut v = Vec::new();
         assert!(d.read_to_end(&mut v).is_err());
         h.join().unwrap();
+    }
+
+    #[test]
+    fn download_headers_survive_resumes_but_not_other_hosts() {
+        let body: Vec<u8> = (0..100u8).collect();
+        let mut first =
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nAccept-Ranges: bytes\r\n\r\n".to_vec();
+        first.extend_from_slice(&body[..30]);
+        let mut second =
+            b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 30-99/100\r\nContent-Length: 70\r\n\r\n"
+                .to_vec();
+        second.extend_from_slice(&body[30..]);
+        let c = Client::new(ClientConfig::default()).unwrap();
+        let hs = [("Authorization", "Bearer t0k"), ("X-Trace", "7")];
+
+        // Same host: everything is sent again with the Range request.
+        let (url, h) = serve(vec![first.clone(), second.clone()]);
+        let mut d = c.download_with_headers(&url, &hs).unwrap();
+        let mut got = Vec::new();
+        d.read_to_end(&mut got).unwrap();
+        assert_eq!((got, d.resumes()), (body.clone(), 1));
+        let seen = h.join().unwrap();
+        assert!(seen[1].contains("Range: bytes=30-"), "{}", seen[1]);
+        for s in &seen {
+            assert!(s.contains("Authorization: Bearer t0k") && s.contains("X-Trace: 7"));
+        }
+
+        // Redirected to another host: Authorization is dropped there, resumes included.
+        let (other, h2) = serve(vec![first, second]);
+        let (url, h1) = serve(vec![
+            format!("HTTP/1.1 302 Found\r\nLocation: {other}/blob\r\nContent-Length: 0\r\n\r\n")
+                .into_bytes(),
+        ]);
+        let mut d = c.download_with_headers(&url, &hs).unwrap();
+        let mut got = Vec::new();
+        d.read_to_end(&mut got).unwrap();
+        assert_eq!(got, body);
+        assert!(h1.join().unwrap()[0].contains("Authorization: Bearer t0k"));
+        let seen = h2.join().unwrap();
+        assert_eq!(seen.len(), 2);
+        for s in &seen {
+            assert!(!s.to_ascii_lowercase().contains("authorization"), "{s}");
+            assert!(s.contains("X-Trace: 7"), "{s}");
+        }
+    }
+
+    /// A reader handing out at most 10007 bytes per call, so blocks and chunks are uneven.
+    struct Uneven<'a>(&'a [u8]);
+
+    impl Read for Uneven<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.0.len()).min(10007);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    fn sha256_hex(data: &[u8]) -> String {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        let mut x = 0x2545_f491u32;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// What an upload test server does with a request.
+    #[derive(Clone, Copy)]
+    enum Upload {
+        /// Read the whole body and answer 200 with its SHA-256 and the client's CN.
+        Hash,
+        /// Read 64 KiB, answer 409, then close at once or after a pause without reading.
+        Refuse { pause: Duration },
+    }
+
+    /// Serve one request, plain or over TLS; returns the request head seen.
+    fn upload_server(
+        tls: Option<Arc<rustls::ServerConfig>>,
+        mode: Upload,
+    ) -> (String, std::thread::JoinHandle<String>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}/v1beta1/upload", l.local_addr().unwrap());
+        let h = std::thread::spawn(move || {
+            let (mut tcp, _) = l.accept().unwrap();
+            // The answer must leave before the close resets the connection (Nagle could
+            // hold it back, and a reset discards what is still queued).
+            tcp.set_nodelay(true).unwrap();
+            match tls {
+                None => handle_upload(tcp, String::new(), mode),
+                Some(cfg) => {
+                    let mut conn = rustls::ServerConnection::new(cfg).unwrap();
+                    while conn.is_handshaking() {
+                        if conn.complete_io(&mut tcp).is_err() {
+                            return "handshake failed".to_string();
+                        }
+                    }
+                    let cn = conn
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| crate::net::server::subject_common_name(c))
+                        .unwrap_or_default();
+                    handle_upload(rustls::StreamOwned::new(conn, tcp), cn, mode)
+                }
+            }
+        });
+        (url, h)
+    }
+
+    fn handle_upload<S: Read + Write>(s: S, cn: String, mode: Upload) -> String {
+        let mut r = BufReader::new(s);
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                break;
+            }
+            head += &line;
+        }
+        let lower = head.to_ascii_lowercase();
+        let length = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map(|v| v.trim().parse::<u64>().unwrap());
+        let mut body: Box<dyn Read + '_> = match length {
+            Some(n) => Box::new(Exact {
+                inner: &mut r,
+                left: n,
+            }),
+            None => {
+                assert!(lower.contains("transfer-encoding: chunked"), "{head}");
+                Box::new(Chunked {
+                    inner: &mut r,
+                    left: 0,
+                    done: false,
+                })
+            }
+        };
+        let reply = match mode {
+            Upload::Hash => {
+                let mut data = Vec::new();
+                body.read_to_end(&mut data).unwrap();
+                let text = format!("{} {cn}", sha256_hex(&data));
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                    text.len()
+                )
+            }
+            Upload::Refuse { .. } => {
+                io::copy(&mut (&mut body).take(64 << 10), &mut io::sink()).unwrap();
+                "HTTP/1.1 409 Conflict\r\nContent-Length: 21\r\n\r\nupload already done\r\n".into()
+            }
+        };
+        drop(body);
+        let s = r.get_mut();
+        s.write_all(reply.as_bytes()).unwrap();
+        s.flush().unwrap();
+        if let Upload::Refuse { pause } = mode {
+            std::thread::sleep(pause);
+        }
+        head
+    }
+
+    #[test]
+    fn uploads_stream_sized_and_chunked() {
+        let data = pattern(16 << 20);
+        let want = sha256_hex(&data);
+        let c = Client::new(ClientConfig::default()).unwrap();
+        for len in [Some(data.len() as u64), None] {
+            let (url, h) = upload_server(None, Upload::Hash);
+            let r = c
+                .send_body(
+                    "POST",
+                    &url,
+                    &[("Content-Type", "application/octet-stream")],
+                    &mut Uneven(&data),
+                    len,
+                )
+                .unwrap();
+            assert_eq!(r.status, 200);
+            let got = String::from_utf8(r.read_to_vec(1000).unwrap()).unwrap();
+            assert_eq!(got.trim(), want);
+            let head = h.join().unwrap();
+            assert!(
+                head.starts_with("POST /v1beta1/upload HTTP/1.1\r\n"),
+                "{head}"
+            );
+            assert!(head.contains("Content-Type: application/octet-stream"));
+            match len {
+                Some(n) => assert!(head.contains(&format!("Content-Length: {n}\r\n")), "{head}"),
+                None => assert!(head.contains("Transfer-Encoding: chunked\r\n"), "{head}"),
+            }
+        }
+        // A sized body that ends early is the caller's error, not a server answer.
+        let (url, _h) = upload_server(None, Upload::Hash);
+        let e = c
+            .send_body("POST", &url, &[], &mut &data[..10], Some(11))
+            .unwrap_err();
+        assert!(e.to_string().contains("ended after 10 of 11 bytes"), "{e}");
+        // The client owns the framing headers.
+        let e = c
+            .send_body(
+                "POST",
+                &url,
+                &[("Content-Length", "5")],
+                &mut &b"x"[..],
+                Some(1),
+            )
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    }
+
+    #[test]
+    fn early_answer_during_upload_is_reported() {
+        let data = pattern(16 << 20);
+        let c = Client::new(ClientConfig::default()).unwrap();
+        // The server closes straight after answering (the write fails under us), or keeps
+        // the connection open without reading (the answer is heard when a write stalls,
+        // long before the server gives up).
+        for pause in [Duration::ZERO, Duration::from_secs(4)] {
+            for len in [Some(data.len() as u64), None] {
+                let (url, h) = upload_server(None, Upload::Refuse { pause });
+                let t = std::time::Instant::now();
+                let r = c
+                    .send_body("POST", &url, &[], &mut Uneven(&data), len)
+                    .unwrap();
+                assert!(
+                    t.elapsed() < Duration::from_millis(3500),
+                    "{:?}",
+                    t.elapsed()
+                );
+                assert_eq!(r.status, 409, "pause {pause:?} len {len:?}");
+                assert_eq!(r.read_to_vec(100).unwrap(), b"upload already done\r\n");
+                h.join().unwrap();
+            }
+        }
+    }
+
+    /// A CA, and a client certificate it signed: (ca_pem, cert_pem, key_pem).
+    fn client_identity(cn: &str) -> (String, String, String) {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "test upload CA");
+        ca.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &*ca).unwrap();
+        (ca.pem(), cert.pem(), key.serialize_pem())
+    }
+
+    /// A TLS server that requires a client certificate signed by `client_ca`.
+    fn mtls_config(cert: &[u8], key: &[u8], client_ca: &str) -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in parse_certs(client_ca.as_bytes()).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                parse_certs(cert).unwrap(),
+                PrivateKeyDer::from_pem_slice(key).unwrap(),
+            )
+            .unwrap();
+        Arc::new(cfg)
+    }
+
+    #[test]
+    fn mutual_tls_presents_the_client_certificate() {
+        let (server_cert, server_key) = crate::net::server::self_signed("localhost").unwrap();
+        let (ca, cert, key) = client_identity("client.upload-server.cdi.kubevirt.io");
+        let tls = mtls_config(&server_cert, &server_key, &ca);
+        let data = pattern(3 << 20);
+        let want = format!("{} client.upload-server.cdi.kubevirt.io", sha256_hex(&data));
+        let identity = Some((cert.into_bytes(), key.into_bytes()));
+        let verified = ClientConfig {
+            ca_pem: vec![server_cert.clone()],
+            client_cert: identity.clone(),
+            ..ClientConfig::default()
+        };
+        let insecure = ClientConfig {
+            insecure: true,
+            client_cert: identity,
+            ..ClientConfig::default()
+        };
+        for (cfg, len) in [
+            (verified, Some(data.len() as u64)),
+            (insecure.clone(), None),
+        ] {
+            let c = Client::new(cfg).unwrap();
+            let (url, h) = upload_server(Some(tls.clone()), Upload::Hash);
+            let r = c
+                .send_body("POST", &url, &[], &mut Uneven(&data), len)
+                .unwrap();
+            assert_eq!(r.status, 200);
+            assert_eq!(
+                String::from_utf8(r.read_to_vec(1000).unwrap()).unwrap(),
+                want
+            );
+            h.join().unwrap();
+        }
+        // Without a certificate the server ends the handshake.
+        let c = Client::new(ClientConfig {
+            insecure: true,
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let (url, h) = upload_server(Some(tls.clone()), Upload::Hash);
+        assert!(
+            c.send_body("POST", &url, &[], &mut &b"x"[..], Some(1))
+                .is_err()
+        );
+        assert_eq!(h.join().unwrap(), "handshake failed");
+        // An early answer over TLS is heard too, whether the write fails or not.
+        let c = Client::new(insecure).unwrap();
+        let big = pattern(16 << 20);
+        for pause in [Duration::ZERO, Duration::from_secs(4)] {
+            let (url, h) = upload_server(Some(tls.clone()), Upload::Refuse { pause });
+            let t = std::time::Instant::now();
+            let r = c
+                .send_body("POST", &url, &[], &mut Uneven(&big), Some(big.len() as u64))
+                .unwrap();
+            assert!(
+                t.elapsed() < Duration::from_millis(3500),
+                "{:?}",
+                t.elapsed()
+            );
+            assert_eq!(r.status, 409, "pause {pause:?}");
+            assert_eq!(r.read_to_vec(100).unwrap(), b"upload already done\r\n");
+            h.join().unwrap();
+        }
+        // Unreadable client credentials are refused up front.
+        assert!(
+            Client::new(ClientConfig {
+                client_cert: Some((b"junk".to_vec(), b"junk".to_vec())),
+                ..ClientConfig::default()
+            })
+            .is_err()
+        );
     }
 }

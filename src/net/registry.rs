@@ -1173,6 +1173,13 @@ impl RegistryConn {
 
 /// A registry blob body that resumes with `Range` after a dropped connection and
 /// re-authenticates when a token expired meanwhile.
+///
+/// Deliberately not [`Client::download_with_headers`], whose resumes re-send fixed headers to
+/// the URL that answered: here every resume goes back through [`RegistryConn::get`], so an
+/// expired Bearer token is renewed on the 401 and a 429 is waited out; it starts again at the
+/// registry's blob URL, not at a signed storage redirect that may have expired meanwhile; and
+/// it needs no `Accept-Ranges`, skipping ahead when a registry answers the Range request with
+/// a full 200 (blobs are content-addressed, so the bytes are the same).
 struct BlobBody {
     conn: Arc<RegistryConn>,
     url: String,

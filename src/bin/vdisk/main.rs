@@ -92,6 +92,9 @@ enum Cmd {
     Import(ImportArgs),
     /// Print the volume size to request for an image (and the usable size of a volume).
     Measure(MeasureArgs),
+    /// Send an image to a CDI upload proxy or upload server, as virtctl image-upload does
+    /// once the volume is ready.
+    Upload(UploadArgs),
     /// Create a new, empty image.
     Create {
         /// Format: raw or qcow2.
@@ -210,6 +213,41 @@ struct ImportArgs {
     src: PathBuf,
     /// Disk file, block device, or directory (archives).
     target: PathBuf,
+}
+
+#[derive(Args)]
+struct UploadArgs {
+    /// Do not verify the server certificate.
+    #[arg(long)]
+    insecure: bool,
+    /// CA certificates (PEM) to trust for the server, besides the system's.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Upload token, sent as Authorization: Bearer.
+    #[arg(long)]
+    token: Option<String>,
+    /// Use the async endpoint without asking the server.
+    #[arg(long = "async", conflicts_with = "sync")]
+    use_async: bool,
+    /// Use the sync endpoint without asking the server.
+    #[arg(long)]
+    sync: bool,
+    /// The file is a tar archive for the upload-archive endpoint.
+    #[arg(long, conflicts_with_all = ["use_async", "sync"])]
+    archive: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Upload proxy or server URL (https:// when no scheme is given).
+    url: String,
+    /// Image file to send.
+    image: PathBuf,
 }
 
 #[derive(Args)]
@@ -647,6 +685,58 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     )));
                 }
             }
+        }
+        Cmd::Upload(a) => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|e| Error::io("cannot read", e).with_path(p))
+            };
+            let opts = vdisk::net::upload::UploadOptions {
+                insecure: a.insecure,
+                ca_pem: a.ca.as_ref().map(read).transpose()?,
+                client_cert: match (&a.cert, &a.key) {
+                    (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                    _ => None,
+                },
+                token: a.token.clone(),
+                force_async: match (a.use_async, a.sync) {
+                    (true, _) => Some(true),
+                    (_, true) => Some(false),
+                    _ => None,
+                },
+                archive: a.archive,
+            };
+            // Drawn as convert -p draws it.
+            let mut last = -1i64;
+            let mut show = |done: u64, total: u64| {
+                if !a.progress {
+                    return;
+                }
+                let pct = if total == 0 {
+                    10000
+                } else {
+                    (done as u128 * 10000 / total as u128) as i64
+                };
+                if pct != last {
+                    last = pct;
+                    let mut so = std::io::stdout().lock();
+                    let _ = write!(so, "    ({}.{:02}/100%)\r", pct / 100, pct % 100);
+                    let _ = so.flush();
+                }
+            };
+            let r = vdisk::net::upload::upload(&a.url, &a.image, &opts, &mut show);
+            if a.progress {
+                w(&mut out, "\n")?;
+            }
+            let r = r?;
+            let secs = r.elapsed.as_secs_f64();
+            let rate = r.bytes as f64 / (1u64 << 20) as f64 / secs.max(1e-3);
+            w(
+                &mut out,
+                &format!(
+                    "Uploaded {} bytes to {} in {secs:.1} s ({rate:.1} MiB/s): HTTP {}\n",
+                    r.bytes, r.endpoint, r.status
+                ),
+            )?;
         }
         Cmd::Resize(a) => {
             let mode = Prealloc::from_name(&a.preallocation).ok_or_else(|| {
