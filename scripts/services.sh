@@ -86,7 +86,7 @@ make_certs() {
 
 start_nginx() {  # HTTP_PORT HTTPS_PORT
   local n=$S/nginx user=
-  mkdir -p "$n/tmp" "$S/www/auth" "$S/www/drop" "$S/www/slow"
+  mkdir -p "$n/tmp" "$S/www/auth" "$S/www/drop" "$S/www/slow" "$S/put"
   printf 'user:%s\n' "$(openssl passwd -apr1 pass)" >"$n/htpasswd"
   # As root, run the workers as root too, so they can read a STATE_DIR under /root.
   [ "$(id -u)" != 0 ] || user="user root;"
@@ -117,6 +117,8 @@ http {
     location /redirect/ { rewrite ^/redirect/(.*)\$ /\$1 redirect; }
     # Paced downloads, so a test can watch the progress metric move.
     location /paced/ { alias $S/www/; limit_rate 12m; }
+    # PUT target for timing a plain upload next to vdisk-uploader (scripts/bench-upload.sh).
+    location /put/ { alias $S/put/; dav_methods PUT; client_max_body_size 0; create_full_put_path on; }
   }
 }
 EOF

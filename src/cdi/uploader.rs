@@ -454,9 +454,9 @@ impl App {
                 return Ok(true);
             }
             Kind::FsClone => {
-                let disk = tar_disk_entry(src)?;
                 opts.content = ContentType::Raw;
-                crate::ingest::import(disk, &device_or_file(), &mut opts)?
+                let target = device_or_file();
+                with_tar_disk_entry(src, |disk| crate::ingest::import(disk, &target, &mut opts))?
             }
         };
         Ok(report.preallocation_applied)
@@ -474,55 +474,27 @@ fn is_block_destination(dest: &Path) -> bool {
     }
 }
 
-/// The first entry of a tar stream whose name contains `disk.img`, as a reader of exactly
-/// its bytes (a filesystem clone onto a block volume).
-fn tar_disk_entry<'a>(mut src: Box<dyn Read + 'a>) -> Result<Box<dyn Read + 'a>> {
-    let mut header = [0u8; 512];
-    loop {
-        src.read_exact(&mut header)
-            .map_err(|e| Error::io("cannot read the clone's tar stream", e))?;
-        if header.iter().all(|&b| b == 0) {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                "no disk image found in tar",
-            ));
-        }
-        let h = tar::Header::from_byte_slice(&header);
-        h.cksum()
-            .ok()
-            .filter(|&c| {
-                let sum: u32 = header
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &b)| {
-                        if (148..156).contains(&i) {
-                            32
-                        } else {
-                            u32::from(b)
-                        }
-                    })
-                    .sum();
-                sum == c
-            })
-            .ok_or_else(|| Error::corrupt("bad tar header checksum in the clone stream"))?;
-        let size = h
-            .entry_size()
-            .map_err(|e| Error::io("bad tar entry size in the clone stream", e))?;
-        let name = String::from_utf8_lossy(&h.path_bytes()).into_owned();
-        let kind = h.entry_type();
-        if kind.is_file() && name.contains("disk.img") {
-            return Ok(Box::new(src.take(size)));
-        }
-        // Skip the entry's data, padded to 512 bytes.
-        let padded = size.div_ceil(512).saturating_mul(512);
-        let skipped = std::io::copy(&mut (&mut src).take(padded), &mut std::io::sink())
-            .map_err(|e| Error::io("cannot read the clone's tar stream", e))?;
-        if skipped != padded {
-            return Err(Error::corrupt(
-                "the clone's tar stream ends inside an entry",
-            ));
+/// Call `f` with the first regular entry of a tar stream whose name contains `disk.img`, as a
+/// reader of its whole content (GNU sparse entries expanded, holes read as zeros): a
+/// filesystem clone onto a block volume.
+fn with_tar_disk_entry<'a, T>(
+    src: Box<dyn Read + 'a>,
+    f: impl FnOnce(Box<dyn Read + '_>) -> Result<T>,
+) -> Result<T> {
+    let bad = |e: std::io::Error| Error::io("cannot read the clone's tar stream", e);
+    let mut ar = tar::Archive::new(src);
+    for entry in ar.entries().map_err(bad)? {
+        let entry = entry.map_err(bad)?;
+        let t = entry.header().entry_type();
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        if (t.is_file() || t.is_gnu_sparse()) && name.contains("disk.img") {
+            return f(Box::new(entry));
         }
     }
+    Err(Error::new(
+        ErrorKind::NotFound,
+        "no disk image found in tar",
+    ))
 }
 
 #[cfg(test)]
@@ -579,23 +551,21 @@ mod tests {
             ar.append_data(&mut h, name, &data[..]).unwrap();
         }
         let bytes = ar.into_inner().unwrap();
-        let mut r = tar_disk_entry(Box::new(std::io::Cursor::new(bytes.clone()))).unwrap();
-        let mut got = Vec::new();
-        r.read_to_end(&mut got).unwrap();
-        assert_eq!(got, vec![7u8; 1000]);
-        let cut = bytes[..700].to_vec();
-        assert!(tar_disk_entry(Box::new(std::io::Cursor::new(cut))).is_err());
-        let mut empty = tar::Builder::new(Vec::new());
+        let read_all = |b: Vec<u8>| {
+            with_tar_disk_entry(Box::new(std::io::Cursor::new(b)), |mut r| {
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).map_err(|e| Error::io("read", e))?;
+                Ok(got)
+            })
+        };
+        assert_eq!(read_all(bytes.clone()).unwrap(), vec![7u8; 1000]);
+        assert!(read_all(bytes[..700].to_vec()).is_err());
+        let mut other = tar::Builder::new(Vec::new());
         let mut h = tar::Header::new_gnu();
         h.set_size(1);
         h.set_cksum();
-        empty.append_data(&mut h, "other", &b"x"[..]).unwrap();
-        let e = tar_disk_entry(Box::new(std::io::Cursor::new(empty.into_inner().unwrap())));
-        assert!(
-            e.err()
-                .unwrap()
-                .to_string()
-                .contains("no disk image found in tar")
-        );
+        other.append_data(&mut h, "other", &b"x"[..]).unwrap();
+        let e = read_all(other.into_inner().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("no disk image found in tar"), "{e}");
     }
 }

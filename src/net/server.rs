@@ -536,8 +536,10 @@ impl Conn {
         };
         let mut tcp = sock.tcp;
         let _ = tcp.shutdown(Shutdown::Write);
-        let until = Instant::now() + Duration::from_millis(500);
-        let mut budget = 1usize << 20;
+        // Long enough for a client still sending a large body to read an early answer
+        // (401, 409, 503, a 400 for an image that does not fit).
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut budget = 64usize << 20;
         let mut scratch = [0u8; 8192];
         while budget > 0 {
             let left = until.saturating_duration_since(Instant::now());
@@ -1082,6 +1084,17 @@ struct Shared {
     tls: Option<Arc<ServerConfig>>,
     stopping: AtomicBool,
     active: AtomicUsize,
+    /// Requests between their head being read and their response being written.
+    busy: AtomicUsize,
+}
+
+/// Counts a request in progress until its response is written.
+struct BusyGuard<'a>(&'a AtomicUsize);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Counts a live connection for its lifetime.
@@ -1118,6 +1131,8 @@ fn serve_connection(tcp: TcpStream, peer_addr: SocketAddr, shared: &Shared) {
                 break;
             }
         };
+        shared.busy.fetch_add(1, Ordering::AcqRel);
+        let _busy = BusyGuard(&shared.busy);
         let head_only = head.method.eq_ignore_ascii_case("HEAD");
         let kind = match head.body_kind() {
             Ok(kind) => kind,
@@ -1228,6 +1243,7 @@ impl Server {
             tls: self.tls,
             stopping: AtomicBool::new(false),
             active: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
         });
         let listener = self.listener;
         let accept_shared = shared.clone();
@@ -1301,10 +1317,16 @@ impl ServerHandle {
         self.addr
     }
 
-    /// Stop accepting, close the listener and join the accept thread. Connections in
-    /// progress finish their current request and are then closed.
+    /// Stop accepting, close the listener and join the accept thread, then wait (up to 30 s)
+    /// until every request in progress has its response written, as Go's `Shutdown` does:
+    /// a process may exit right after this without cutting a response off. Idle keep-alive
+    /// connections are not waited for.
     pub fn shutdown(mut self) {
         self.stop();
+        let until = Instant::now() + Duration::from_secs(30);
+        while self.shared.busy.load(Ordering::Acquire) > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn stop(&mut self) {
