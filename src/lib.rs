@@ -24,6 +24,7 @@
 //! ```
 
 pub mod archive;
+#[cfg(feature = "net")]
 pub mod cdi;
 pub mod compare;
 pub mod convert;

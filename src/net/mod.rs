@@ -5,8 +5,12 @@
 //! (`registry`), a streaming multipart/form-data reader (`multipart`) and the upload client
 //! that feeds CDI's upload server (`upload`).
 
+#[cfg(feature = "net")]
 pub mod http;
 pub mod multipart;
+#[cfg(feature = "net")]
 pub mod registry;
+#[cfg(feature = "net")]
 pub mod server;
+#[cfg(feature = "net")]
 pub mod upload;
