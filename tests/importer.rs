@@ -333,6 +333,25 @@ fn hostile_and_failing_sources() {
         .failed("Unable to process data:")
         .failed("backing");
     assert!(!pod.disk().exists());
+    // A qcow2 whose data lives in an external data file on the host is refused too.
+    let www = PathBuf::from(var("WWW"));
+    let name = format!("datafile-{}.qcow2", std::process::id());
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o"])
+        .arg(format!(
+            "data_file={},data_file_raw=on",
+            www.join(format!("{name}.data")).display()
+        ))
+        .arg(www.join(&name))
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let pod = Pod::new().http(format!("{http}/{name}"));
+    pod.run()
+        .failed("Unable to process data:")
+        .failed("data file");
+    assert!(!pod.disk().exists());
     // An image larger than the volume: CDI's text, before writing anything.
     let pod = Pod::new()
         .http(format!("{http}/disk.qcow2"))
@@ -378,6 +397,110 @@ fn hostile_and_failing_sources() {
         .set("VDISK_IDLE_TIMEOUT", "1");
     pod.run().ok();
     same_disk(&pod.disk(), &var("DISK_RAW"));
+}
+
+/// A forward proxy on loopback: plain requests in absolute form are sent on to the origin,
+/// CONNECT opens a tunnel. Returns its URL and the request lines it saw.
+fn start_proxy() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::{TcpListener, TcpStream};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for client in l.incoming().flatten() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(client.try_clone().unwrap());
+                let mut head = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let end = line == "\r\n";
+                    head.push(line);
+                    if end {
+                        break;
+                    }
+                }
+                let first = head[0].trim().to_string();
+                log.lock().unwrap().push(first.clone());
+                let mut parts = first.split(' ');
+                let (method, target) = (parts.next().unwrap(), parts.next().unwrap());
+                let mut client = client;
+                let (authority, rest) = if method == "CONNECT" {
+                    (target.to_string(), None)
+                } else {
+                    let t = target.strip_prefix("http://").unwrap();
+                    let (a, p) = t.split_at(t.find('/').unwrap_or(t.len()));
+                    (a.to_string(), Some(p.to_string()))
+                };
+                let mut origin = TcpStream::connect(&authority).unwrap();
+                match rest {
+                    None => client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .unwrap(),
+                    Some(path) => {
+                        head[0] = format!("{method} {path} HTTP/1.1\r\n");
+                        origin.write_all(head.concat().as_bytes()).unwrap();
+                    }
+                }
+                let buffered = r.buffer().to_vec();
+                origin.write_all(&buffered).unwrap();
+                let mut o2 = origin.try_clone().unwrap();
+                let mut c2 = client.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut r.into_inner(), &mut o2);
+                    let _ = o2.shutdown(std::net::Shutdown::Write);
+                });
+                let _ = std::io::copy(&mut origin, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn proxies_from_the_environment() {
+    let (proxy, seen) = start_proxy();
+    // HTTP through the proxy (absolute-form request).
+    let pod = Pod::new()
+        .http(format!("{}/disk.raw.gz", var("HTTP_URL")))
+        .set("http_proxy", proxy.clone());
+    pod.run().ok();
+    same_disk(&pod.disk(), &var("DISK_RAW"));
+    // HTTPS through a CONNECT tunnel, the CA from the proxy CA directory.
+    let pod = Pod::new()
+        .http(format!("{}/disk.qcow2", var("HTTPS_URL")))
+        .set("https_proxy", proxy.clone())
+        .set("IMPORTER_PROXY_CERT_DIR", "/proxycerts/");
+    std::fs::create_dir_all(pod.root.join("proxycerts")).unwrap();
+    std::fs::copy(var("CA_CERT"), pod.root.join("proxycerts/ca.pem")).unwrap();
+    pod.run().ok();
+    same_disk(&pod.disk(), &var("DISK_QCOW2"));
+    // no_proxy bypasses it.
+    let pod = Pod::new()
+        .http(format!("{}/disk.raw.zst", var("HTTP_URL")))
+        .set("http_proxy", proxy)
+        .set("no_proxy", "127.0.0.1");
+    pod.run().ok();
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("GET http://") && l.contains("/disk.raw.gz")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|l| l.starts_with("CONNECT localhost:")),
+        "{seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|l| l.contains("disk.raw.zst")),
+        "no_proxy ignored: {seen:?}"
+    );
 }
 
 #[test]
