@@ -426,7 +426,7 @@ fn start_proxy() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
                     }
                 }
                 let first = head[0].trim().to_string();
-                log.lock().unwrap().push(first.clone());
+                log.lock().unwrap().push(head.concat());
                 let mut parts = first.split(' ');
                 let (method, target) = (parts.next().unwrap(), parts.next().unwrap());
                 let mut client = client;
@@ -482,6 +482,7 @@ fn proxies_from_the_environment() {
     pod.run().ok();
     same_disk(&pod.disk(), &var("DISK_QCOW2"));
     // no_proxy bypasses it.
+    let seen_url = proxy.clone();
     let pod = Pod::new()
         .http(format!("{}/disk.raw.zst", var("HTTP_URL")))
         .set("http_proxy", proxy)
