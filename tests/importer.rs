@@ -488,7 +488,37 @@ fn proxies_from_the_environment() {
         .set("http_proxy", proxy)
         .set("no_proxy", "127.0.0.1");
     pod.run().ok();
+    // Extra headers from the environment and from secret files under /extraheaders.
+    let pod = Pod::new()
+        .http(format!("{}/disk.raw.xz", var("HTTP_URL")))
+        .set("http_proxy", seen_url)
+        .set("IMPORTER_EXTRA_HEADER_0", "X-From-Env: one")
+        .set("IMPORTER_EXTRA_HEADER_1", "not a header");
+    std::fs::create_dir_all(pod.root.join("extraheaders/secret1")).unwrap();
+    std::fs::write(
+        pod.root.join("extraheaders/secret1/h"),
+        "X-From-Secret: two\n",
+    )
+    .unwrap();
+    std::fs::write(
+        pod.root.join("extraheaders/secret1/.hidden"),
+        "X-Hidden: no",
+    )
+    .unwrap();
+    pod.run().ok();
     let seen = seen.lock().unwrap().clone();
+    let xz = seen
+        .iter()
+        .find(|h| h.contains("/disk.raw.xz"))
+        .expect("the xz request went through the proxy");
+    assert!(
+        xz.contains("X-From-Env: one\r\n") && xz.contains("X-From-Secret: two\r\n"),
+        "{xz}"
+    );
+    assert!(
+        !xz.contains("X-Hidden") && !xz.contains("not a header"),
+        "{xz}"
+    );
     assert!(
         seen.iter()
             .any(|l| l.starts_with("GET http://") && l.contains("/disk.raw.gz")),
