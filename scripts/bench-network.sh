@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 cargo build -q --release --bin vdisk-importer --bin vdisk-uploader --bin vdisk
 bin=$PWD/target/release
 S=$(mktemp -d /tmp/vdisk-bench.XXXXXX)
-trap 'bash scripts/services.sh stop "$S/svc" >/dev/null 2>&1 || true; rm -rf "$S"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null; bash scripts/services.sh stop "$S/svc" >/dev/null 2>&1 || true; rm -rf "$S"' EXIT
 bash scripts/services.sh start "$S/svc" >/dev/null
 # shellcheck disable=SC1091
 source "$S/svc/env"
@@ -21,9 +21,6 @@ timed() { # timed LABEL FILE CMD...: runs CMD, prints wall time and peak RSS
   read -r secs kib <"$S/t"
   row "$(basename "$file")" "$label" "$secs" "$((kib / 1024))"
 }
-# Server certificate for the upload server.
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
-  -addext subjectAltName=IP:127.0.0.1 -keyout "$S/tls.key" -out "$S/tls.crt" -days 1 2>/dev/null
 for f in "$@"; do
   f=$(readlink -f "$f")
   ln -sf "$f" "$WWW/$(basename "$f")"
@@ -37,12 +34,14 @@ for f in "$@"; do
   timed "curl PUT to nginx (https)" "$f" curl -sf --cacert "$CA_CERT" -T "$f" "$HTTPS_URL/put/x"
   rm -f "$S/svc/put/x"
   rm -rf "$S/pod" && mkdir -p "$S/pod/data" "$S/pod/dev" "$S/pod/etc/tls"
-  cp "$S/tls.crt" "$S/tls.key" "$S/pod/etc/tls/"
+  # The upload server uses the services' test certificate (localhost, 127.0.0.1).
+  cp "$S/svc/certs/server.crt" "$S/pod/etc/tls/tls.crt"
+  cp "$S/svc/certs/server.key" "$S/pod/etc/tls/tls.key"
   env -i PATH="$PATH" VDISK_ROOT="$S/pod" LISTEN_ADDRESS=127.0.0.1 LISTEN_PORT=18555 \
     TLS_CERT_FILE=/etc/tls/tls.crt TLS_KEY_FILE=/etc/tls/tls.key \
     $T -f '%M' -o "$S/srv" "$bin/vdisk-uploader" 2>"$S/srv.log" &
   for _ in $(seq 50); do curl -sk https://127.0.0.1:18555/healthz >/dev/null 2>&1 && break; sleep 0.1; done
-  timed "vdisk upload -> vdisk-uploader" "$f" "$bin/vdisk" upload https://127.0.0.1:18555 "$f" --ca "$S/tls.crt"
+  timed "vdisk upload -> vdisk-uploader" "$f" "$bin/vdisk" upload https://127.0.0.1:18555 "$f" --ca "$CA_CERT"
   wait
   row "" "  (vdisk-uploader peak RSS)" "" "$(($(cat "$S/srv") / 1024))"
 done
