@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 cargo build -q --release --bin vdisk-importer --bin vdisk-uploader --bin vdisk
 bin=$PWD/target/release
 S=$(mktemp -d /tmp/vdisk-bench.XXXXXX)
-trap 'kill $(jobs -p) 2>/dev/null; bash scripts/services.sh stop "$S/svc" >/dev/null 2>&1 || true; rm -rf "$S"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; bash scripts/services.sh stop "$S/svc" >/dev/null 2>&1 || true; rm -rf "$S"' EXIT
 bash scripts/services.sh start "$S/svc" >/dev/null
 # shellcheck disable=SC1091
 source "$S/svc/env"
