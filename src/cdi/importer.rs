@@ -7,6 +7,7 @@
 use super::{Paths, Termination, env, env_overhead, parse_go_bool};
 use crate::error::{Error, ErrorKind, Result};
 use crate::ingest::{ContentType, ImportOptions, ImportTarget};
+use crate::net::digest::{Algorithm, Hasher};
 use crate::net::http::{Client, ClientConfig, Proxy};
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -46,7 +47,7 @@ pub enum Source {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checksum {
     /// `md5`, `sha1`, `sha256` or `sha512`.
-    pub algorithm: String,
+    pub algorithm: Algorithm,
     /// Expected digest, lowercase hex.
     pub hex: String,
 }
@@ -60,22 +61,12 @@ impl Checksum {
             ))
         };
         let (a, h) = s.split_once(':').ok_or_else(bad)?;
-        let a = a.trim().to_ascii_lowercase();
-        let want = match a.as_str() {
-            "md5" => 32,
-            "sha1" => 40,
-            "sha256" => 64,
-            "sha512" => 128,
-            _ => return Err(bad()),
-        };
+        let algorithm = Algorithm::parse(&a.trim().to_ascii_lowercase()).ok_or_else(bad)?;
         let h = h.trim().to_ascii_lowercase();
-        if h.len() != want || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if h.len() != algorithm.hex_len() || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
-        Ok(Checksum {
-            algorithm: a,
-            hex: h,
-        })
+        Ok(Checksum { algorithm, hex: h })
     }
 }
 
@@ -311,55 +302,6 @@ impl Config {
     }
 }
 
-/// Hashes what passes through; at the end of the input, or when asked, compares with the
-/// expected digest.
-struct Hasher {
-    algo: String,
-    state: HashState,
-}
-
-enum HashState {
-    Md5(md5::Md5),
-    Sha1(sha1::Sha1),
-    Sha256(sha2::Sha256),
-    Sha512(sha2::Sha512),
-}
-
-impl Hasher {
-    fn new(algo: &str) -> Hasher {
-        use sha2::Digest;
-        let state = match algo {
-            "md5" => HashState::Md5(md5::Md5::new()),
-            "sha1" => HashState::Sha1(sha1::Sha1::new()),
-            "sha512" => HashState::Sha512(sha2::Sha512::new()),
-            _ => HashState::Sha256(sha2::Sha256::new()),
-        };
-        Hasher {
-            algo: algo.to_string(),
-            state,
-        }
-    }
-    fn update(&mut self, b: &[u8]) {
-        use sha2::Digest;
-        match &mut self.state {
-            HashState::Md5(h) => h.update(b),
-            HashState::Sha1(h) => h.update(b),
-            HashState::Sha256(h) => h.update(b),
-            HashState::Sha512(h) => h.update(b),
-        }
-    }
-    fn hex(self) -> String {
-        use sha2::Digest;
-        let bytes: Vec<u8> = match self.state {
-            HashState::Md5(h) => h.finalize().to_vec(),
-            HashState::Sha1(h) => h.finalize().to_vec(),
-            HashState::Sha256(h) => h.finalize().to_vec(),
-            HashState::Sha512(h) => h.finalize().to_vec(),
-        };
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
-
 /// The source and its running digest, shared by the reader handed to the import and the
 /// check run before the disk is committed.
 struct Tee {
@@ -401,9 +343,9 @@ fn verify(tee: &Arc<Mutex<Tee>>, want: &Checksum) -> Result<()> {
             h.update(&buf[..n]);
         }
     }
-    let h = t.hasher.take().expect("verify runs once");
-    let algo = h.algo.clone();
-    let got = h.hex();
+    let mut h = t.hasher.take().expect("verify runs once");
+    let algo = h.algorithm().name();
+    let got = h.finish_hex();
     if got != want.hex {
         return Err(Error::new(
             ErrorKind::Corrupt,
@@ -519,7 +461,7 @@ fn ingest(
     let target = target(paths, cfg.content)?;
     let tee = Arc::new(Mutex::new(Tee {
         inner: src,
-        hasher: checksum.map(|c| Hasher::new(&c.algorithm)),
+        hasher: checksum.map(|c| Hasher::new(c.algorithm)),
         eof: false,
     }));
     let mut on_progress = |done: u64, _: Option<u64>| {
@@ -755,7 +697,7 @@ mod tests {
             "sha256:ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789",
         )
         .unwrap();
-        assert_eq!(c.algorithm, "sha256");
+        assert_eq!(c.algorithm, Algorithm::Sha256);
         assert!(c.hex.starts_with("abcdef"));
         assert!(Checksum::parse("sha256:abc").is_err());
         assert!(Checksum::parse("crc32:00000000").is_err());
@@ -768,7 +710,7 @@ mod tests {
         let want = Checksum::parse("md5:5eb63bbbe01eeed093cb22bb8f5acdc3").unwrap();
         let tee = Arc::new(Mutex::new(Tee {
             inner: Box::new(std::io::Cursor::new(data.clone())),
-            hasher: Some(Hasher::new("md5")),
+            hasher: Some(Hasher::new(Algorithm::Md5)),
             eof: false,
         }));
         let mut first = [0u8; 5];
@@ -776,7 +718,7 @@ mod tests {
         verify(&tee, &want).unwrap();
         let tee = Arc::new(Mutex::new(Tee {
             inner: Box::new(std::io::Cursor::new(b"hello there".to_vec())),
-            hasher: Some(Hasher::new("md5")),
+            hasher: Some(Hasher::new(Algorithm::Md5)),
             eof: false,
         }));
         let e = verify(&tee, &want).unwrap_err().to_string();

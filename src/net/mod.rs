@@ -6,6 +6,8 @@
 //! that feeds CDI's upload server (`upload`).
 
 #[cfg(feature = "net")]
+pub mod digest;
+#[cfg(feature = "net")]
 pub mod http;
 pub mod multipart;
 #[cfg(feature = "net")]

@@ -15,10 +15,10 @@
 //! left to [`crate::ingest`].
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::net::digest::{Algorithm as Alg, Hasher};
 use crate::net::http::{Client, ClientConfig, Proxy, Response, Url};
 use base64::Engine as _;
 use serde_json::Value;
-use sha2::Digest as _;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -89,24 +89,8 @@ fn is_schema1_type(t: &str) -> bool {
     t == DOCKER_SCHEMA1 || t == DOCKER_SCHEMA1_SIGNED
 }
 
-fn hex(bytes: &[u8]) -> String {
-    const H: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(H[(b >> 4) as usize] as char);
-        s.push(H[(b & 15) as usize] as char);
-    }
-    s
-}
-
 // ------------------------------------------------------------------------------------------
 // Digests
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Alg {
-    Sha256,
-    Sha512,
-}
 
 /// A validated content digest (`sha256:` or `sha512:` with lower-case hex).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,51 +125,21 @@ impl Digest {
     fn of(alg: Alg, data: &[u8]) -> Digest {
         let mut h = Hasher::new(alg);
         h.update(data);
-        h.finish()
+        Digest::finish(&mut h)
+    }
+
+    /// The digest of what `h` has seen (and `h` starts over).
+    fn finish(h: &mut Hasher) -> Digest {
+        Digest {
+            alg: h.algorithm(),
+            hex: h.finish_hex(),
+        }
     }
 }
 
 impl std::fmt::Display for Digest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let alg = match self.alg {
-            Alg::Sha256 => "sha256",
-            Alg::Sha512 => "sha512",
-        };
-        write!(f, "{alg}:{}", self.hex)
-    }
-}
-
-enum Hasher {
-    Sha256(sha2::Sha256),
-    Sha512(sha2::Sha512),
-}
-
-impl Hasher {
-    fn new(alg: Alg) -> Hasher {
-        match alg {
-            Alg::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
-            Alg::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
-        }
-    }
-
-    fn update(&mut self, data: &[u8]) {
-        match self {
-            Hasher::Sha256(h) => h.update(data),
-            Hasher::Sha512(h) => h.update(data),
-        }
-    }
-
-    fn finish(&mut self) -> Digest {
-        match self {
-            Hasher::Sha256(h) => Digest {
-                alg: Alg::Sha256,
-                hex: hex(&h.finalize_reset()),
-            },
-            Hasher::Sha512(h) => Digest {
-                alg: Alg::Sha512,
-                hex: hex(&h.finalize_reset()),
-            },
-        }
+        write!(f, "{}:{}", self.alg.name(), self.hex)
     }
 }
 
@@ -1455,11 +1409,7 @@ impl Archive {
     }
 
     fn blob_name(d: &Digest) -> String {
-        let alg = match d.alg {
-            Alg::Sha256 => "sha256",
-            Alg::Sha512 => "sha512",
-        };
-        format!("blobs/{alg}/{}", d.hex)
+        format!("blobs/{}/{}", d.alg.name(), d.hex)
     }
 }
 
@@ -1592,7 +1542,7 @@ impl<R: Read> Verified<R> {
     }
 
     fn finish(&mut self) -> io::Result<()> {
-        let got = self.hasher.finish();
+        let got = Digest::finish(&mut self.hasher);
         if got != self.want {
             return Err(self.fail(
                 io::ErrorKind::InvalidData,
