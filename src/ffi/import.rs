@@ -1,7 +1,10 @@
 //! C ABI for the streaming import (`vdisk::ingest::import`): an options builder, a report
 //! struct, and the call that reads a file descriptor (a pipe, socket or file) to its end.
 
-use super::{Fail, boundary, path_arg, vdisk_cancel, vdisk_error, vdisk_progress_fn, vdisk_status};
+use super::{
+    Fail, boundary, path_arg, vdisk_cancel, vdisk_error, vdisk_progress_fn, vdisk_status,
+    with_builder,
+};
 use crate::ingest::{ContentType, ImportOptions, ImportTarget};
 use std::ffi::{c_char, c_void};
 use std::os::fd::{FromRawFd, RawFd};
@@ -88,17 +91,6 @@ pub unsafe extern "C" fn vdisk_import_options_free(o: *mut vdisk_import_options)
     }
 }
 
-fn with_opts(
-    o: *mut vdisk_import_options,
-    f: impl FnOnce(&mut vdisk_import_options) -> vdisk_status,
-) -> vdisk_status {
-    // SAFETY: every setter documents `o` as NULL or live options used by one thread.
-    match unsafe { o.as_mut() } {
-        Some(o) => f(o),
-        None => vdisk_status::NullParameter,
-    }
-}
-
 /// Set what the input holds (default `VDISK_CONTENT_KUBEVIRT`).
 ///
 /// # Safety
@@ -108,13 +100,12 @@ pub unsafe extern "C" fn vdisk_import_options_set_content(
     o: *mut vdisk_import_options,
     content: vdisk_content,
 ) -> vdisk_status {
-    with_opts(o, |o| {
+    with_builder(o, |o| {
         o.content = match content {
             vdisk_content::Kubevirt => ContentType::Kubevirt,
             vdisk_content::Archive => ContentType::Archive,
             vdisk_content::Raw => ContentType::Raw,
         };
-        vdisk_status::Ok
     })
 }
 
@@ -128,13 +119,10 @@ pub unsafe extern "C" fn vdisk_import_options_set_overhead(
     o: *mut vdisk_import_options,
     overhead: f64,
 ) -> vdisk_status {
-    with_opts(o, |o| {
-        if !(0.0..=1.0).contains(&overhead) {
-            return vdisk_status::InvalidArgument;
-        }
-        o.overhead = overhead;
-        vdisk_status::Ok
-    })
+    if !o.is_null() && !(0.0..=1.0).contains(&overhead) {
+        return vdisk_status::InvalidArgument;
+    }
+    with_builder(o, |o| o.overhead = overhead)
 }
 
 /// Set the requested volume size in bytes (CDI's `IMPORTER_IMAGE_SIZE`): the image must fit
@@ -147,9 +135,8 @@ pub unsafe extern "C" fn vdisk_import_options_set_requested_size(
     o: *mut vdisk_import_options,
     bytes: u64,
 ) -> vdisk_status {
-    with_opts(o, |o| {
+    with_builder(o, |o| {
         o.requested_size = (bytes > 0).then_some(bytes);
-        vdisk_status::Ok
     })
 }
 
@@ -162,9 +149,8 @@ pub unsafe extern "C" fn vdisk_import_options_set_preallocate(
     o: *mut vdisk_import_options,
     preallocate: i32,
 ) -> vdisk_status {
-    with_opts(o, |o| {
+    with_builder(o, |o| {
         o.preallocate = preallocate != 0;
-        vdisk_status::Ok
     })
 }
 
@@ -180,10 +166,9 @@ pub unsafe extern "C" fn vdisk_import_options_set_memory(
     budget: u64,
     allow_spill: i32,
 ) -> vdisk_status {
-    with_opts(o, |o| {
+    with_builder(o, |o| {
         o.memory_budget = budget;
         o.allow_spill = allow_spill != 0;
-        vdisk_status::Ok
     })
 }
 
@@ -196,13 +181,12 @@ pub unsafe extern "C" fn vdisk_import_options_set_threads(
     o: *mut vdisk_import_options,
     threads: u32,
 ) -> vdisk_status {
-    with_opts(o, |o| {
+    with_builder(o, |o| {
         o.threads = if threads == 0 {
             ImportOptions::default().threads
         } else {
             threads
         };
-        vdisk_status::Ok
     })
 }
 
@@ -215,9 +199,8 @@ pub unsafe extern "C" fn vdisk_import_options_set_input_size(
     o: *mut vdisk_import_options,
     bytes: u64,
 ) -> vdisk_status {
-    with_opts(o, |o| {
+    with_builder(o, |o| {
         o.input_size = (bytes > 0).then_some(bytes);
-        vdisk_status::Ok
     })
 }
 
@@ -231,9 +214,8 @@ pub unsafe extern "C" fn vdisk_import_options_set_direct_io(
     o: *mut vdisk_import_options,
     direct: i32,
 ) -> vdisk_status {
-    with_opts(o, |o| {
+    with_builder(o, |o| {
         o.direct_io = direct != 0;
-        vdisk_status::Ok
     })
 }
 
@@ -249,10 +231,9 @@ pub unsafe extern "C" fn vdisk_import_options_set_progress(
     progress: vdisk_progress_fn,
     user_data: *mut c_void,
 ) -> vdisk_status {
-    with_opts(o, |o| {
+    with_builder(o, |o| {
         o.progress = progress;
         o.user_data = user_data;
-        vdisk_status::Ok
     })
 }
 
@@ -267,9 +248,8 @@ pub unsafe extern "C" fn vdisk_import_options_set_cancel(
 ) -> vdisk_status {
     // SAFETY: per the contract, a non-NULL `cancel` is a live token.
     let token = unsafe { cancel.as_ref() }.map(|c| c.inner.clone());
-    with_opts(o, |o| {
+    with_builder(o, |o| {
         o.cancel = token;
-        vdisk_status::Ok
     })
 }
 

@@ -127,6 +127,27 @@ fn boundary(err: *mut *mut vdisk_error, f: impl FnOnce() -> Result<(), Fail>) ->
     }
 }
 
+/// The trust policy a C caller's `untrusted` flag asks for.
+fn policy(untrusted: bool) -> Policy {
+    if untrusted {
+        Policy::Untrusted
+    } else {
+        Policy::Trusted
+    }
+}
+
+/// Apply the setter `f` to the options object behind `o`, or report NULL.
+fn with_builder<T>(o: *mut T, f: impl FnOnce(&mut T)) -> vdisk_status {
+    // SAFETY: every setter documents `o` as NULL or a live options object used by one thread.
+    match unsafe { o.as_mut() } {
+        Some(o) => {
+            f(o);
+            vdisk_status::Ok
+        }
+        None => vdisk_status::NullParameter,
+    }
+}
+
 fn path_arg(p: *const c_char, what: &str) -> Result<PathBuf, Fail> {
     if p.is_null() {
         return Err(null(what));
@@ -234,11 +255,7 @@ pub unsafe extern "C" fn vdisk_image_open(
         if out.is_null() {
             return Err(null("out"));
         }
-        let policy = if untrusted != 0 {
-            Policy::Untrusted
-        } else {
-            Policy::Trusted
-        };
+        let policy = policy(untrusted != 0);
         let img = Image::open(
             &p,
             &OpenOptions {

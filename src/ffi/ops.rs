@@ -2,10 +2,10 @@
 //! check (and repair), compare and internal snapshots.
 
 use super::{
-    Fail, boundary, image_ref, null, path_arg, vdisk_cancel, vdisk_error, vdisk_image,
-    vdisk_progress_fn, vdisk_status,
+    Fail, boundary, image_ref, null, path_arg, policy, vdisk_cancel, vdisk_error, vdisk_image,
+    vdisk_progress_fn, vdisk_status, with_builder,
 };
-use crate::image::{Image, OpenOptions, Policy};
+use crate::image::{Image, OpenOptions};
 use crate::qcow2::writer::{CreateOptions, Prealloc};
 use std::ffi::{CStr, c_char, c_void};
 
@@ -52,14 +52,6 @@ impl From<Prealloc> for vdisk_preallocation {
             Prealloc::Falloc => vdisk_preallocation::Falloc,
             Prealloc::Full => vdisk_preallocation::Full,
         }
-    }
-}
-
-fn policy(untrusted: bool) -> Policy {
-    if untrusted {
-        Policy::Untrusted
-    } else {
-        Policy::Trusted
     }
 }
 
@@ -119,21 +111,6 @@ pub unsafe extern "C" fn vdisk_convert_options_free(o: *mut vdisk_convert_option
     }
 }
 
-/// Apply `f` to the options behind `o`, or report NULL.
-fn with_opts(
-    o: *mut vdisk_convert_options,
-    f: impl FnOnce(&mut vdisk_convert_options),
-) -> vdisk_status {
-    // SAFETY: every setter documents `o` as NULL or live options used by one thread.
-    match unsafe { o.as_mut() } {
-        Some(o) => {
-            f(o);
-            vdisk_status::Ok
-        }
-        None => vdisk_status::NullParameter,
-    }
-}
-
 /// Set the output format (default raw).
 ///
 /// # Safety
@@ -143,7 +120,7 @@ pub unsafe extern "C" fn vdisk_convert_options_set_format(
     o: *mut vdisk_convert_options,
     format: vdisk_format,
 ) -> vdisk_status {
-    with_opts(o, |o| o.format = format)
+    with_builder(o, |o| o.format = format)
 }
 
 /// Parse qemu-img `-o` text for the output (`cluster_size=64k,compat=1.1,compression_type=zstd,
@@ -178,7 +155,7 @@ pub unsafe extern "C" fn vdisk_convert_options_set_preallocation(
     o: *mut vdisk_convert_options,
     mode: vdisk_preallocation,
 ) -> vdisk_status {
-    with_opts(o, |o| o.create.prealloc = mode.into())
+    with_builder(o, |o| o.create.prealloc = mode.into())
 }
 
 /// Non-zero: write compressed qcow2 clusters (qemu-img `-c`); ignored for raw output.
@@ -190,7 +167,7 @@ pub unsafe extern "C" fn vdisk_convert_options_set_compress(
     o: *mut vdisk_convert_options,
     compress: i32,
 ) -> vdisk_status {
-    with_opts(o, |o| o.compress = compress != 0)
+    with_builder(o, |o| o.compress = compress != 0)
 }
 
 /// Zero runs of at least `bytes` become holes (qemu-img `-S`, default 4096; 0 writes every
@@ -203,7 +180,7 @@ pub unsafe extern "C" fn vdisk_convert_options_set_min_sparse(
     o: *mut vdisk_convert_options,
     bytes: u64,
 ) -> vdisk_status {
-    with_opts(o, |o| o.min_sparse = bytes)
+    with_builder(o, |o| o.min_sparse = bytes)
 }
 
 /// Non-zero: the source is untrusted, so a backing or external data file it names is refused
@@ -216,7 +193,7 @@ pub unsafe extern "C" fn vdisk_convert_options_set_untrusted(
     o: *mut vdisk_convert_options,
     untrusted: i32,
 ) -> vdisk_status {
-    with_opts(o, |o| o.untrusted = untrusted != 0)
+    with_builder(o, |o| o.untrusted = untrusted != 0)
 }
 
 /// Set the progress callback (NULL for none) and the `user_data` passed to it. The callback
@@ -230,7 +207,7 @@ pub unsafe extern "C" fn vdisk_convert_options_set_progress(
     progress: vdisk_progress_fn,
     user_data: *mut c_void,
 ) -> vdisk_status {
-    with_opts(o, |o| {
+    with_builder(o, |o| {
         o.progress = progress;
         o.user_data = user_data;
     })
@@ -248,7 +225,7 @@ pub unsafe extern "C" fn vdisk_convert_options_set_cancel(
 ) -> vdisk_status {
     // SAFETY: per the contract, a non-NULL `cancel` is a live token.
     let token = unsafe { cancel.as_ref() }.map(|c| c.inner.clone());
-    with_opts(o, |o| o.cancel = token)
+    with_builder(o, |o| o.cancel = token)
 }
 
 /// Convert the image at `src` into a new image at `dst` as `opts` says (NULL: the defaults,
