@@ -9,6 +9,10 @@
 //! test script starts them and names their state directory in `VDISK_SERVICES`; without it
 //! this file starts its own set and stops it when the tests end.
 
+mod common;
+
+use common::{free_port, same_disk};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -171,29 +175,6 @@ impl Run {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn same_disk(a: &Path, b: &str) {
-    let o = Command::new("qemu-img")
-        .args(["compare", "-q"])
-        .arg(a)
-        .arg(b)
-        .output()
-        .expect("qemu-img");
-    assert!(
-        o.status.success(),
-        "{} differs from {b}: {}",
-        a.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 fn mode(p: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
@@ -211,7 +192,7 @@ fn http_formats_stream_to_the_volume() {
     ] {
         let pod = Pod::new().http(format!("{}/{file}", var("HTTP_URL")));
         pod.run().ok();
-        same_disk(&pod.disk(), &var(src));
+        same_disk(pod.disk(), var(src));
         assert_eq!(mode(&pod.disk()), 0o660, "{file}");
         assert!(!pod.root.join("scratch").exists());
     }
@@ -228,7 +209,7 @@ fn https_with_ca_dir_basic_auth_and_redirect() {
     };
     let pod = with_ca(Pod::new().http(format!("{}/disk.qcow2", var("HTTPS_URL"))));
     pod.run().ok();
-    same_disk(&pod.disk(), &var("DISK_QCOW2"));
+    same_disk(pod.disk(), var("DISK_QCOW2"));
 
     // Without the CA the TLS handshake fails; INSECURE_TLS skips verification.
     let pod = Pod::new().http(format!("{}/disk.qcow2", var("HTTPS_URL")));
@@ -251,12 +232,12 @@ fn https_with_ca_dir_basic_auth_and_redirect() {
         .set("IMPORTER_ACCESS_KEY_ID", "user")
         .set("IMPORTER_SECRET_KEY", "pass");
     pod.run().ok();
-    same_disk(&pod.disk(), &var("DISK_RAW"));
+    same_disk(pod.disk(), var("DISK_RAW"));
 
     // A redirect from HTTP to HTTPS, followed with the CA.
     let pod = with_ca(Pod::new().http(format!("{}/redirect/disk.raw.xz", var("HTTP_URL"))));
     pod.run().ok();
-    same_disk(&pod.disk(), &var("DISK_RAW"));
+    same_disk(pod.disk(), var("DISK_RAW"));
 }
 
 #[test]
@@ -270,8 +251,8 @@ fn dropped_connection_resumes_with_range() {
         let r = pod.run();
         r.ok();
         same_disk(
-            &pod.disk(),
-            &var(if file == "disk.raw" {
+            pod.disk(),
+            var(if file == "disk.raw" {
                 "DISK_RAW"
             } else {
                 "DISK_QCOW2"
@@ -294,7 +275,7 @@ fn checksums_are_verified_before_the_disk_is_kept() {
         .http(url.clone())
         .set("IMPORTER_CHECKSUM", format!("sha256:{sum}"));
     pod.run().ok();
-    same_disk(&pod.disk(), &var("DISK_RAW"));
+    same_disk(pod.disk(), var("DISK_RAW"));
 
     let wrong = format!("sha256:{}", "0".repeat(64));
     let pod = Pod::new().http(url).set("IMPORTER_CHECKSUM", wrong);
@@ -396,7 +377,7 @@ fn hostile_and_failing_sources() {
         ))
         .set("VDISK_IDLE_TIMEOUT", "1");
     pod.run().ok();
-    same_disk(&pod.disk(), &var("DISK_RAW"));
+    same_disk(pod.disk(), var("DISK_RAW"));
 }
 
 /// A forward proxy on loopback: plain requests in absolute form are sent on to the origin,
@@ -471,7 +452,7 @@ fn proxies_from_the_environment() {
         .http(format!("{}/disk.raw.gz", var("HTTP_URL")))
         .set("http_proxy", proxy.clone());
     pod.run().ok();
-    same_disk(&pod.disk(), &var("DISK_RAW"));
+    same_disk(pod.disk(), var("DISK_RAW"));
     // HTTPS through a CONNECT tunnel, the CA from the proxy CA directory.
     let pod = Pod::new()
         .http(format!("{}/disk.qcow2", var("HTTPS_URL")))
@@ -480,7 +461,7 @@ fn proxies_from_the_environment() {
     std::fs::create_dir_all(pod.root.join("proxycerts")).unwrap();
     std::fs::copy(var("CA_CERT"), pod.root.join("proxycerts/ca.pem")).unwrap();
     pod.run().ok();
-    same_disk(&pod.disk(), &var("DISK_QCOW2"));
+    same_disk(pod.disk(), var("DISK_QCOW2"));
     // no_proxy bypasses it.
     let seen_url = proxy.clone();
     let pod = Pod::new()
@@ -564,7 +545,7 @@ fn sizing_expands_to_the_usable_space() {
         .set("FILESYSTEM_OVERHEAD", "0.06");
     pod.run().ok();
     assert_eq!(std::fs::metadata(pod.disk()).unwrap().len(), usable);
-    same_disk(&pod.disk(), &var("DISK_QCOW2"));
+    same_disk(pod.disk(), var("DISK_QCOW2"));
     // Preallocation: reported, and the whole disk allocated.
     let pod = Pod::new()
         .http(format!("{}/disk.raw.zst", var("HTTP_URL")))
@@ -672,14 +653,14 @@ fn registry_container_disks() {
     ] {
         let pod = pod_for(&format!("{reg}/{tag}"));
         pod.run().ok();
-        same_disk(&pod.disk(), &var(src));
+        same_disk(pod.disk(), var(src));
         assert_eq!(mode(&pod.disk()), 0o660);
     }
     // Multi-arch: the requested architecture's disk.
     let pod = pod_for(&format!("{reg}/disks/multi:latest"))
         .set("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE", "arm64");
     pod.run().ok();
-    same_disk(&pod.disk(), &var("DISK_ARM"));
+    same_disk(pod.disk(), var("DISK_ARM"));
     pod_for(&format!("{reg}/disks/multi:latest"))
         .set("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE", "s390x")
         .run()
@@ -732,7 +713,7 @@ fn registry_auth_tls_token_and_oci_archive() {
     std::fs::create_dir_all(pod.root.join("certs")).unwrap();
     std::fs::copy(var("CA_CERT"), pod.root.join("certs/ca.crt")).unwrap();
     pod.run().ok();
-    same_disk(&pod.disk(), &var("DISK_QCOW2"));
+    same_disk(pod.disk(), var("DISK_QCOW2"));
     // Without credentials: refused.
     let anon = Pod::new()
         .set("IMPORTER_SOURCE", "registry")
@@ -753,14 +734,14 @@ fn registry_auth_tls_token_and_oci_archive() {
         .set("IMPORTER_SECRET_KEY", "pass")
         .set("INSECURE_TLS", "true");
     pod.run().ok();
-    same_disk(&pod.disk(), &var("DISK_QCOW2"));
+    same_disk(pod.disk(), var("DISK_QCOW2"));
     // oci-archive: a local tar of an OCI layout.
     let pod = Pod::new().set("IMPORTER_SOURCE", "registry").set(
         "IMPORTER_ENDPOINT",
         format!("oci-archive:{}", var("OCI_ARCHIVE")),
     );
     pod.run().ok();
-    same_disk(&pod.disk(), &var("DISK_QCOW2"));
+    same_disk(pod.disk(), var("DISK_QCOW2"));
 }
 
 #[test]
@@ -794,7 +775,7 @@ fn progress_metric_moves_and_never_goes_back() {
     }
     let out = child.wait_with_output().unwrap();
     pod.finish(out).ok();
-    same_disk(&pod.disk(), &var("DISK_RAW"));
+    same_disk(pod.disk(), var("DISK_RAW"));
     assert!(
         seen.windows(2).all(|w| w[0] <= w[1]),
         "went backwards: {seen:?}"

@@ -11,6 +11,10 @@
 //! CN, and a second client CA signing a certificate with the right CN. Images come from
 //! qemu-img, gzip, xz, zstd and tar at test time.
 
+mod common;
+
+use common::{free_port, same_disk};
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -506,14 +510,6 @@ impl Pod {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Who the client says it is.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Who {
@@ -698,22 +694,6 @@ fn assert_reply(r: &Reply, code: u16, what: &str, s: &Server) {
 fn assert_ok(r: &Reply, what: &str, s: &Server) {
     assert_reply(r, 200, what, s);
     assert_eq!(r.body, "", "{what}: a success has an empty body");
-}
-
-fn same_disk(a: &Path, b: &Path) {
-    let o = Command::new("qemu-img")
-        .args(["compare", "-q"])
-        .arg(a)
-        .arg(b)
-        .output()
-        .expect("qemu-img");
-    assert!(
-        o.status.success(),
-        "{} differs from {}: {}",
-        a.display(),
-        b.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 fn same_bytes(a: &Path, b: &Path) {
@@ -931,7 +911,7 @@ fn upload_ok(pod: Pod, path: &str, file: &Path) -> Pod {
     let r = s.post_file(path, Who::Proxy, file, &[]);
     assert_ok(&r, &format!("{path} {}", file.display()), &s);
     s.wait().ok(UPLOAD_COMPLETE);
-    same_disk(&pod.disk(), &fx().qcow2);
+    same_disk(pod.disk(), &fx().qcow2);
     pod
 }
 
@@ -947,7 +927,7 @@ fn raw_sync_converts_and_resizes_before_answering() {
         vdisk::sizing::usable_space(0.06, 100 << 20),
         "the disk is resized to the usable space of the volume"
     );
-    same_disk(&pod.disk(), &f.raw);
+    same_disk(pod.disk(), &f.raw);
 }
 
 #[test]
@@ -986,7 +966,7 @@ fn multipart_forms_sync_and_async() {
     );
     assert_ok(&r, "upload-form", &s);
     s.wait().ok(UPLOAD_COMPLETE);
-    same_disk(&pod.disk(), &f.qcow2);
+    same_disk(pod.disk(), &f.qcow2);
 
     let pod = Pod::new();
     let s = pod.start();
@@ -994,7 +974,7 @@ fn multipart_forms_sync_and_async() {
     let r = s.curl(Who::Proxy, "/v1beta1/upload-form-async", &["-F", &file]);
     assert_ok(&r, "upload-form-async", &s);
     s.wait().ok(UPLOAD_COMPLETE);
-    same_disk(&pod.disk(), &f.qcow2);
+    same_disk(pod.disk(), &f.qcow2);
 }
 
 #[test]
@@ -1089,7 +1069,7 @@ fn routes_methods_and_client_certificates() {
     let r = s.post_file("/v1beta1/upload", Who::Proxy, &f.raw_gz, &[]);
     assert_ok(&r, "upload after the refusals", &s);
     s.wait().ok(UPLOAD_COMPLETE);
-    same_disk(&pod.disk(), &f.raw);
+    same_disk(pod.disk(), &f.raw);
 }
 
 #[test]
@@ -1165,7 +1145,7 @@ fn concurrent_upload_gets_503_and_the_first_completes() {
         s.log()
     );
     s.wait().ok(UPLOAD_COMPLETE);
-    same_disk(&pod.disk(), &f.raw);
+    same_disk(pod.disk(), &f.raw);
 }
 
 #[test]
@@ -1185,7 +1165,7 @@ fn after_completion_409_while_lingering() {
     }
     assert!(s.alive(), "exited although VDISK_LINGER_SECONDS=4");
     s.wait().ok(UPLOAD_COMPLETE);
-    same_disk(&pod.disk(), &f.raw);
+    same_disk(pod.disk(), &f.raw);
 }
 
 #[test]
@@ -1228,7 +1208,7 @@ fn cut_off_upload_leaves_nothing_and_a_new_one_succeeds() {
     };
     assert_ok(&r, "the upload after the cut-off ones", &s);
     s.wait().ok(UPLOAD_COMPLETE);
-    same_disk(&pod.disk(), &f.qcow2);
+    same_disk(pod.disk(), &f.qcow2);
 }
 
 #[test]
@@ -1263,7 +1243,7 @@ fn backing_file_is_refused_with_500_and_the_server_recovers() {
     let r = s.post_file("/v1beta1/upload", Who::Proxy, &f.compressed, &[]);
     assert_ok(&r, "an upload after the refusal", &s);
     s.wait().ok(UPLOAD_COMPLETE);
-    same_disk(&pod.disk(), &f.qcow2);
+    same_disk(pod.disk(), &f.qcow2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1415,7 +1395,7 @@ fn deadline_waits_for_the_upload_in_flight() {
     let (code, body) = held.finish();
     assert_eq!((code, body.as_str()), (200, ""), "{}", s.log());
     s.wait().ok(UPLOAD_COMPLETE);
-    same_disk(&pod.disk(), &f.raw);
+    same_disk(pod.disk(), &f.raw);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1456,7 +1436,7 @@ fn vdisk_upload_client() {
     let o = vdisk_upload(&s.base(), &f.qcow2, &opts);
     assert_success(&o, "qcow2", &s);
     s.wait().ok(UPLOAD_COMPLETE);
-    same_disk(&pod.disk(), &f.qcow2);
+    same_disk(pod.disk(), &f.qcow2);
 
     // --sync, a compressed raw.
     let pod = Pod::new();
@@ -1466,7 +1446,7 @@ fn vdisk_upload_client() {
     let o = vdisk_upload(&s.base(), &f.raw_xz, &opts);
     assert_success(&o, "--sync raw.xz", &s);
     s.wait().ok(UPLOAD_COMPLETE);
-    same_disk(&pod.disk(), &f.raw);
+    same_disk(pod.disk(), &f.raw);
 
     // --archive.
     let pod = Pod::new();
@@ -1506,5 +1486,5 @@ fn vdisk_upload_client() {
     );
     assert_success(&o, "--insecure", &s);
     s.wait().ok(UPLOAD_COMPLETE);
-    same_disk(&pod.disk(), &f.qcow2);
+    same_disk(pod.disk(), &f.qcow2);
 }

@@ -744,3 +744,30 @@ impl Env {
         f.write_all_at(data, off).unwrap();
     }
 }
+
+/// Assert that `qemu-img compare` finds the two images' content identical.
+pub fn same_disk(a: impl AsRef<Path>, b: impl AsRef<Path>) {
+    let (a, b) = (a.as_ref(), b.as_ref());
+    let o = Command::new("qemu-img")
+        .args(["compare", "-q"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        o.status.success(),
+        "{} differs from {}: {}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
