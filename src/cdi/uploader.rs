@@ -41,6 +41,8 @@ pub struct Config {
     pub deadline: Option<i64>,
     /// `DESTINATION`, relocated.
     pub destination: PathBuf,
+    /// The destination is CDI's block volume path (or any block device).
+    pub block: bool,
     /// Seconds to keep serving after completion (`VDISK_LINGER_SECONDS`, tests).
     pub linger: Duration,
 }
@@ -133,6 +135,8 @@ impl Config {
             .map(|v| crate::sizing::parse_quantity(&v))
             .transpose()
             .map_err(|e| format!("UPLOAD_IMAGE_SIZE: {e}"))?;
+        let destination =
+            paths.relocate(&env("DESTINATION").unwrap_or_else(|| DEFAULT_DESTINATION.into()));
         let deadline = match env("DEADLINE") {
             Some(d) => Some(parse_rfc3339(&d).ok_or_else(|| format!("invalid DEADLINE '{d}'"))?),
             None => None,
@@ -147,8 +151,9 @@ impl Config {
                 .and_then(|v| parse_go_bool(&v))
                 .unwrap_or(false),
             deadline,
-            destination: paths
-                .relocate(&env("DESTINATION").unwrap_or_else(|| DEFAULT_DESTINATION.into())),
+            block: destination == paths.get(super::importer::BLOCK_DEVICE)
+                || is_block_device(&destination),
+            destination,
             linger: Duration::from_secs(
                 env("VDISK_LINGER_SECONDS")
                     .and_then(|v| v.parse().ok())
@@ -412,7 +417,7 @@ impl App {
 
     fn store(&self, src: Box<dyn Read + '_>, kind: Kind, total: Option<u64>) -> Result<bool> {
         let dest = &self.cfg.destination;
-        let block = is_block_destination(dest);
+        let block = self.cfg.block;
         let data_dir = dest
             .parent()
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
@@ -463,15 +468,9 @@ impl App {
     }
 }
 
-/// The destination is a block volume when it exists and is a block device (or, under
-/// `VDISK_ROOT` in tests, the stand-in at CDI's block path).
-fn is_block_destination(dest: &Path) -> bool {
+fn is_block_device(p: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
-    match std::fs::metadata(dest) {
-        Ok(m) if m.file_type().is_block_device() => true,
-        Ok(_) => dest.ends_with("dev/cdi-block-volume"),
-        Err(_) => false,
-    }
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
 }
 
 /// Call `f` with the first regular entry of a tar stream whose name contains `disk.img`, as a
