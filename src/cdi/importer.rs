@@ -153,7 +153,7 @@ fn read_cert_dir(dir: &Path, log: &dyn Fn(&str)) -> Vec<Vec<u8>> {
         if name.starts_with('.') || !is_file {
             continue;
         }
-        match std::fs::read(e.path()) {
+        match super::read_config_file(&e.path()) {
             Ok(b) if crate::net::http::parse_certs(&b).is_ok() => out.push(b),
             Ok(_) => log(&format!(
                 "{}: no PEM certificate, ignored",
@@ -249,7 +249,9 @@ impl Config {
                     {
                         continue;
                     }
-                    let text = std::fs::read_to_string(f.path()).unwrap_or_default();
+                    let text = super::read_config_file(&f.path())
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default();
                     match parse_header_line(text.lines().next().unwrap_or("")) {
                         Some(h) => extra_headers.push(h),
                         None => log(&format!(
@@ -418,7 +420,9 @@ fn wait_ready(cfg: &Config) -> std::result::Result<String, Outcome> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let name = std::fs::read_to_string(ready).unwrap_or_default();
+    let name = super::read_config_file(ready)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let name = name.trim();
     Ok(match cfg.endpoint.strip_suffix("disk.img") {
         Some(base) if !name.is_empty() => format!("{base}{name}"),

@@ -49,6 +49,26 @@ impl Paths {
     }
 }
 
+/// Largest configuration file read (certificates, header secrets, ready files): Kubernetes
+/// caps ConfigMaps and Secrets at 1 MiB.
+pub const MAX_CONFIG_FILE: u64 = 1 << 20;
+
+/// Read a small configuration file, refusing one larger than [`MAX_CONFIG_FILE`].
+pub fn read_config_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut v = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_CONFIG_FILE + 1)
+        .read_to_end(&mut v)?;
+    if v.len() as u64 > MAX_CONFIG_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_CONFIG_FILE} bytes"),
+        ));
+    }
+    Ok(v)
+}
+
 /// Go's `strconv.ParseBool`.
 pub fn parse_go_bool(s: &str) -> Option<bool> {
     match s {
@@ -169,6 +189,20 @@ mod tests {
         );
         t.labels.insert("big".into(), "x".repeat(5000));
         assert!(!t.to_json().contains("labels") && t.to_json().len() < MAX_TERMINATION);
+    }
+
+    #[test]
+    fn config_files_are_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let small = d.path().join("ca.crt");
+        std::fs::write(&small, b"pem").unwrap();
+        assert_eq!(read_config_file(&small).unwrap(), b"pem");
+        let big = d.path().join("big");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_CONFIG_FILE + 1)
+            .unwrap();
+        assert!(read_config_file(&big).is_err());
     }
 
     #[test]

@@ -102,7 +102,7 @@ fn read_file(paths: &Paths, var: &str) -> std::result::Result<Option<Vec<u8>>, S
         None => Ok(None),
         Some(p) => {
             let path = paths.relocate(&p);
-            std::fs::read(&path)
+            super::read_config_file(&path)
                 .map(Some)
                 .map_err(|e| format!("{var}: cannot read {}: {e}", path.display()))
         }
