@@ -271,7 +271,9 @@ fn open_io(
             })
         }
         Format::Qcow2 => {
-            let mut q = Qcow2::open(io, opts.snapshot.as_deref())?;
+            // Untrusted input is refused right after its header, as the streaming reader does.
+            let refuse = opts.policy == Policy::Untrusted && !opts.metadata_only;
+            let mut q = Qcow2::open_with(io, opts.snapshot.as_deref(), refuse)?;
             attach_files(&mut q, path, opts, depth, visited)?;
             Ok(Image {
                 path: None,

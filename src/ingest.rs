@@ -16,14 +16,10 @@
 
 use crate::convert::{CancelToken, TempTarget};
 use crate::detect::Format;
-use crate::error::{Error, ErrorKind, Result, corrupt};
+use crate::error::{Error, ErrorKind, Result};
 use crate::io::{BlockIo, FileIo};
-use crate::qcow2::compressed;
-use crate::qcow2::header::Header;
 use crate::sizing;
 use crate::stream::{self, Stream};
-use byteorder::{BigEndian, ByteOrder};
-use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -207,6 +203,13 @@ impl Ticker<'_, '_> {
 
 const CANCELLED: &str = "import cancelled";
 
+/// Memory the qcow2 stream reader may hold besides the caller's budget for held-back data:
+/// its working buffers and a share for mapping state (tables still awaited, mappings waiting
+/// for their data), together at least this.
+const STREAM_BASE: u64 = 16 << 20;
+/// The share of [`STREAM_BASE`] for mapping state.
+const MAPPING_ALLOWANCE: u64 = 8 << 20;
+
 fn stream_err(what: &str, e: std::io::Error) -> Error {
     if e.kind() == std::io::ErrorKind::Interrupted && e.to_string() == CANCELLED {
         return Error::new(ErrorKind::Cancelled, CANCELLED);
@@ -241,17 +244,15 @@ fn too_large(virtual_size: Option<u64>, available: u64) -> Error {
 }
 
 /// Writes guest data to the target, leaving zero runs as holes on a zero-initialised target
-/// and never writing past its capacity.
+/// and never writing past its capacity. Shared by the threads that write (raw writer, qcow2
+/// decoders).
 struct Sink<'a> {
     io: &'a dyn BlockIo,
     zero_init: bool,
     capacity: u64,
-    written: u64,
-    /// Small writes at consecutive guest offsets, gathered into one request.
-    pending: Vec<u8>,
-    pending_off: u64,
+    written: AtomicU64,
     /// Bytes written since the page cache was last released.
-    dirty: u64,
+    dirty: AtomicU64,
 }
 
 /// Written bytes between two releases of the target's page cache: dirty and cached pages of
@@ -259,10 +260,17 @@ struct Sink<'a> {
 /// page cache counts against).
 const RELEASE_EVERY: u64 = 32 << 20;
 
-/// Writes smaller than this are gathered (qcow2 data arrives a cluster at a time).
-const GATHER: usize = 1 << 20;
+impl<'a> Sink<'a> {
+    fn new(io: &'a dyn BlockIo, zero_init: bool, capacity: u64) -> Sink<'a> {
+        Sink {
+            io,
+            zero_init,
+            capacity,
+            written: AtomicU64::new(0),
+            dirty: AtomicU64::new(0),
+        }
+    }
 
-impl Sink<'_> {
     fn check(&self, off: u64, len: u64) -> Result<()> {
         match off.checked_add(len) {
             Some(end) if end <= self.capacity => Ok(()),
@@ -270,34 +278,14 @@ impl Sink<'_> {
         }
     }
 
-    fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
+    fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+}
+
+impl crate::qcow2::stream::Target for Sink<'_> {
+    fn write(&self, off: u64, data: &[u8]) -> Result<()> {
         self.check(off, data.len() as u64)?;
-        let end = self.pending_off + self.pending.len() as u64;
-        if !self.pending.is_empty() && (off != end || self.pending.len() + data.len() > GATHER) {
-            self.flush_pending()?;
-        }
-        if data.len() < GATHER {
-            if self.pending.is_empty() {
-                self.pending_off = off;
-            }
-            self.pending.extend_from_slice(data);
-            return Ok(());
-        }
-        self.write_now(off, data)
-    }
-
-    fn flush_pending(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let data = std::mem::take(&mut self.pending);
-        let r = self.write_now(self.pending_off, &data);
-        self.pending = data;
-        self.pending.clear();
-        r
-    }
-
-    fn write_now(&mut self, off: u64, data: &[u8]) -> Result<()> {
         const BLOCK: usize = 4096;
         let mut i = 0;
         while i < data.len() {
@@ -322,11 +310,11 @@ impl Sink<'_> {
                 self.io
                     .write_all_at(&data[i..j], off + i as u64)
                     .map_err(|e| Error::io("cannot write target", e))?;
-                self.written += (j - i) as u64;
-                self.dirty += (j - i) as u64;
-                if self.dirty >= RELEASE_EVERY {
+                let n = (j - i) as u64;
+                self.written.fetch_add(n, Ordering::Relaxed);
+                if self.dirty.fetch_add(n, Ordering::Relaxed) + n >= RELEASE_EVERY {
+                    self.dirty.store(0, Ordering::Relaxed);
                     self.io.release_cache();
-                    self.dirty = 0;
                 }
             }
             i = j;
@@ -334,15 +322,21 @@ impl Sink<'_> {
         Ok(())
     }
 
-    fn zero(&mut self, off: u64, len: u64) -> Result<()> {
+    fn zero(&self, off: u64, len: u64) -> Result<()> {
         self.check(off, len)?;
-        self.flush_pending()?;
         if !self.zero_init && len > 0 {
             self.io
                 .write_zeroes(off, len)
                 .map_err(|e| Error::io("cannot zero target", e))?;
         }
         Ok(())
+    }
+
+    fn read_back(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        // Zero blocks may have been left as holes past the end written so far.
+        self.io
+            .read_at_zero_padded(buf, off)
+            .map_err(|e| Error::io("cannot read back target", e))
     }
 }
 
@@ -493,15 +487,7 @@ fn import_inner(
             (io, Some(tmp), available, true, true)
         }
     };
-    let mut sink = Sink {
-        io: io.as_ref(),
-        zero_init,
-        capacity: available,
-        written: 0,
-        pending: Vec::new(),
-        pending_off: 0,
-        dirty: 0,
-    };
+    let sink = Sink::new(io.as_ref(), zero_init, available);
     let spill_dir = match (target, opts.allow_spill) {
         (ImportTarget::File(p), true) => p.parent().map(Path::to_path_buf),
         _ => None,
@@ -509,7 +495,7 @@ fn import_inner(
     let virtual_size = ingest_image(
         fmt,
         inner,
-        &mut sink,
+        &sink,
         &mut ticker,
         opts.memory_budget,
         spill_dir.as_deref(),
@@ -517,9 +503,8 @@ fn import_inner(
         &say,
         &mut report,
     )?;
-    sink.flush_pending()?;
     report.virtual_size = virtual_size;
-    report.bytes_written = sink.written;
+    report.bytes_written = sink.written();
     report.bytes_read = count.load(Ordering::Relaxed);
     if is_file {
         // With a requested volume size (as CDI always gives), expand to the usable space
@@ -591,19 +576,11 @@ pub fn import_into(
         opts.content == ContentType::Raw,
         &mut opts.progress,
     )?;
-    let mut sink = Sink {
-        io,
-        zero_init,
-        capacity,
-        written: 0,
-        pending: Vec::new(),
-        pending_off: 0,
-        dirty: 0,
-    };
+    let sink = Sink::new(io, zero_init, capacity);
     report.virtual_size = ingest_image(
         fmt,
         inner,
-        &mut sink,
+        &sink,
         &mut ticker,
         opts.memory_budget,
         None,
@@ -611,8 +588,7 @@ pub fn import_into(
         &say,
         &mut report,
     )?;
-    sink.flush_pending()?;
-    report.bytes_written = sink.written;
+    report.bytes_written = sink.written();
     report.bytes_read = count.load(Ordering::Relaxed);
     report.disk_size = report.virtual_size;
     ticker.finish();
@@ -644,7 +620,7 @@ fn open_target(
 fn ingest_image(
     fmt: Format,
     inner: Stream<'_>,
-    sink: &mut Sink<'_>,
+    sink: &Sink<'_>,
     ticker: &mut Ticker<'_, '_>,
     budget: u64,
     spill_dir: Option<&Path>,
@@ -656,13 +632,32 @@ fn ingest_image(
     match fmt {
         Format::Raw | Format::Iso => ingest_raw(inner, sink, ticker),
         Format::Qcow2 => {
-            let mut q = QcowStream::new(inner, budget, spill_dir, say)?;
-            if q.header.size > sink.capacity {
-                return Err(too_large(Some(q.header.size), sink.capacity));
+            use crate::qcow2::stream;
+            let mut inner = inner;
+            let mut fill = |b: &mut [u8]| read_full(&mut inner, b);
+            let opened = stream::open(&mut fill)?;
+            let h = opened.header();
+            if h.size > sink.capacity {
+                return Err(too_large(Some(h.size), sink.capacity));
             }
-            let size = q.run(sink, ticker)?;
-            report.spilled_bytes = q.spill.spilled;
-            Ok(size)
+            // One budget for all the reader holds: the caller's share for held-back data
+            // and mapping state, on top of the reader's fixed working buffers.
+            let cs = h.cluster_size();
+            let base = stream::working_set(cs, threads).max(STREAM_BASE - MAPPING_ALLOWANCE);
+            let limit = budget
+                .saturating_add(base)
+                .saturating_add(MAPPING_ALLOWANCE);
+            let mem = crate::budget::Budget::new(limit);
+            let sopts = stream::Options {
+                memory: budget,
+                budget: &mem,
+                spill_dir,
+                threads,
+                say,
+            };
+            let r = stream::run(opened, &mut fill, sink, &sopts, &mut || ticker.tick())?;
+            report.spilled_bytes = r.spilled_bytes;
+            Ok(r.virtual_size)
         }
         Format::Tar => {
             // A tar holding a disk: the first regular file is the image.
@@ -699,11 +694,7 @@ fn ingest_image(
     }
 }
 
-fn ingest_raw(
-    mut inner: Stream<'_>,
-    sink: &mut Sink<'_>,
-    ticker: &mut Ticker<'_, '_>,
-) -> Result<u64> {
+fn ingest_raw(mut inner: Stream<'_>, sink: &Sink<'_>, ticker: &mut Ticker<'_, '_>) -> Result<u64> {
     // Decoding (this thread) and zero-scanning + writing (a helper thread) overlap; a few
     // 1 MiB buffers circulate between them, so memory stays bounded.
     const BUF: usize = 1 << 20;
@@ -716,6 +707,7 @@ fn ingest_raw(
     let capacity = sink.capacity;
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> Result<()> {
+            use crate::qcow2::stream::Target;
             for (pos, buf, n) in full_rx {
                 sink.write(pos, &buf[..n])?;
                 let _ = free_tx.send(buf);
@@ -752,514 +744,4 @@ fn ingest_raw(
         // qemu sees raw images in whole sectors.
         Ok(pos.div_ceil(512) * 512)
     })
-}
-
-/// Where qcow2 clusters whose role is not known yet are kept: memory up to a budget, then an
-/// unlinked temporary file on the target's volume.
-struct Spill<'s> {
-    budget: u64,
-    used: u64,
-    mem: HashMap<u64, Vec<u8>>,
-    dir: Option<&'s Path>,
-    file: Option<std::fs::File>,
-    file_end: u64,
-    on_file: HashMap<u64, (u64, usize)>,
-    spilled: u64,
-    say: &'s dyn Fn(&str),
-}
-
-impl Spill<'_> {
-    fn put(&mut self, host: u64, data: &[u8]) -> Result<()> {
-        if self.used + data.len() as u64 <= self.budget {
-            self.used += data.len() as u64;
-            self.mem.insert(host, data.to_vec());
-            return Ok(());
-        }
-        let Some(dir) = self.dir else {
-            return Err(Error::new(
-                ErrorKind::TooLarge,
-                "qcow2 data arrives before the tables that map it and exceeds the memory budget; \
-                 spilling is not allowed (use seekable input, a larger budget, or allow spilling)",
-            ));
-        };
-        if self.file.is_none() {
-            let p = dir.join(format!(".vdisk-spill-{}", std::process::id()));
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&p)
-                .map_err(|e| Error::io("cannot create spill file", e).with_path(&p))?;
-            let _ = std::fs::remove_file(&p);
-            (self.say)(&format!(
-                "qcow2 data arrives before its mapping; spilling past {} MiB of memory to a temporary file in {}",
-                self.budget >> 20,
-                dir.display()
-            ));
-            self.file = Some(f);
-        }
-        use std::os::unix::fs::FileExt;
-        let f = self
-            .file
-            .as_ref()
-            .ok_or_else(|| Error::invalid("spill file"))?;
-        f.write_all_at(data, self.file_end)
-            .map_err(|e| Error::io("cannot write spill file", e))?;
-        self.on_file.insert(host, (self.file_end, data.len()));
-        self.file_end += data.len() as u64;
-        self.spilled += data.len() as u64;
-        Ok(())
-    }
-
-    fn take(&mut self, host: u64) -> Result<Option<Vec<u8>>> {
-        if let Some(v) = self.mem.remove(&host) {
-            self.used -= v.len() as u64;
-            return Ok(Some(v));
-        }
-        self.get_file(host, true)
-    }
-
-    fn get(&mut self, host: u64) -> Result<Option<Vec<u8>>> {
-        if let Some(v) = self.mem.get(&host) {
-            return Ok(Some(v.clone()));
-        }
-        self.get_file(host, false)
-    }
-
-    fn get_file(&mut self, host: u64, remove: bool) -> Result<Option<Vec<u8>>> {
-        let found = if remove {
-            self.on_file.remove(&host)
-        } else {
-            self.on_file.get(&host).copied()
-        };
-        let Some((off, len)) = found else {
-            return Ok(None);
-        };
-        use std::os::unix::fs::FileExt;
-        let f = self
-            .file
-            .as_ref()
-            .ok_or_else(|| Error::invalid("spill file"))?;
-        let mut v = vec![0u8; len];
-        f.read_exact_at(&mut v, off)
-            .map_err(|e| Error::io("cannot read spill file", e))?;
-        Ok(Some(v))
-    }
-
-    fn clear(&mut self) {
-        self.mem.clear();
-        self.used = 0;
-        self.on_file.clear();
-    }
-}
-
-const COPIED: u64 = 1 << 63;
-const COMPRESSED_FLAG: u64 = 1 << 62;
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Mapping entries waiting for their data, at most (bounds memory on hostile streams).
-const MAX_PENDING: usize = 4 << 20;
-
-/// A qcow2 image read front to back from a non-seekable stream.
-struct QcowStream<'a, 's> {
-    input: Stream<'a>,
-    header: Header,
-    cs: u64,
-    /// Bytes consumed from the stream.
-    pos: u64,
-    l1: Option<Vec<u64>>,
-    l1_raw: Vec<u8>,
-    /// L2 tables not seen yet: host offset -> L1 index.
-    l2_pending: HashMap<u64, u64>,
-    /// Plain data clusters not seen yet: host cluster offset -> (guest offset, bytes, within).
-    data: BTreeMap<u64, Vec<(u64, u64, u64)>>,
-    /// Compressed clusters not decoded yet: host byte offset -> (guest, compressed size).
-    compressed: BTreeMap<u64, Vec<(u64, u64)>>,
-    pending: usize,
-    spill: Spill<'s>,
-    /// The previous cluster's bytes (compressed data may span two clusters).
-    prev: Vec<u8>,
-    /// Decompression buffer.
-    out: Vec<u8>,
-    /// Refcount blocks still ahead in the stream.
-    refblocks: std::collections::HashSet<u64>,
-}
-
-impl<'a, 's> QcowStream<'a, 's> {
-    fn new(
-        mut input: Stream<'a>,
-        budget: u64,
-        dir: Option<&'s Path>,
-        say: &'s dyn Fn(&str),
-    ) -> Result<Self> {
-        let mut fixed = [0u8; 24];
-        let n = read_full(&mut input, &mut fixed)?;
-        if n < 24 {
-            return Err(corrupt!("qcow2 stream too short for a header"));
-        }
-        let bits = BigEndian::read_u32(&fixed[20..24]);
-        if !(9..=21).contains(&bits) {
-            return Err(corrupt!("unsupported cluster size: 2^{bits}"));
-        }
-        let cs = 1u64 << bits;
-        let mut head = vec![0u8; cs as usize];
-        head[..24].copy_from_slice(&fixed);
-        let n = read_full(&mut input, &mut head[24..])?;
-        head.truncate(24 + n);
-        let header = Header::parse(&head, u64::MAX)?;
-        if let Some(b) = &header.backing_file {
-            return Err(Error::new(
-                ErrorKind::Denied,
-                format!("image has backing file '{b}', which untrusted input may not"),
-            ));
-        }
-        if let Some(d) = &header.data_file {
-            return Err(Error::new(
-                ErrorKind::Denied,
-                format!("image uses external data file '{d}', which untrusted input may not"),
-            ));
-        }
-        head.resize(cs as usize, 0);
-        let l1_bytes = u64::from(header.l1_size) * 8;
-        let spill = Spill {
-            budget,
-            used: 0,
-            mem: HashMap::new(),
-            dir,
-            file: None,
-            file_end: 0,
-            on_file: HashMap::new(),
-            spilled: 0,
-            say,
-        };
-        let mut q = QcowStream {
-            input,
-            cs,
-            pos: cs,
-            l1: None,
-            l1_raw: Vec::with_capacity(l1_bytes as usize),
-            l2_pending: HashMap::new(),
-            data: BTreeMap::new(),
-            compressed: BTreeMap::new(),
-            pending: 0,
-            spill,
-            prev: Vec::new(),
-            out: Vec::new(),
-            refblocks: std::collections::HashSet::new(),
-            header,
-        };
-        if q.header.l1_table_offset < cs && l1_bytes > 0 {
-            return Err(corrupt!("L1 table overlaps the header"));
-        }
-        if l1_bytes == 0 {
-            q.l1 = Some(Vec::new());
-        }
-        Ok(q)
-    }
-
-    fn mapping_known(&self) -> bool {
-        self.l1.is_some() && self.l2_pending.is_empty()
-    }
-
-    fn done(&self) -> bool {
-        self.mapping_known() && self.data.is_empty() && self.compressed.is_empty()
-    }
-
-    fn run(&mut self, sink: &mut Sink<'_>, ticker: &mut Ticker<'_, '_>) -> Result<u64> {
-        let cs = self.cs as usize;
-        let mut buf = vec![0u8; cs];
-        loop {
-            let n = read_full(&mut self.input, &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            buf[n..].fill(0);
-            if !self.done() {
-                self.cluster(&buf, sink)?;
-            }
-            self.prev.clear();
-            self.prev.extend_from_slice(&buf);
-            self.pos += self.cs;
-            ticker.tick()?;
-        }
-        if self.l1.is_none() {
-            return Err(corrupt!(
-                "stream ended before the L1 table (truncated image?)"
-            ));
-        }
-        if !self.l2_pending.is_empty() || !self.data.is_empty() || !self.compressed.is_empty() {
-            return Err(corrupt!(
-                "stream ended at {} bytes before all of the image's data arrived (truncated image?)",
-                self.pos
-            ));
-        }
-        Ok(self.header.size)
-    }
-
-    /// Handle the cluster at `self.pos`.
-    fn cluster(&mut self, c: &[u8], sink: &mut Sink<'_>) -> Result<()> {
-        let pos = self.pos;
-        let mut claimed = false;
-        let l1_off = self.header.l1_table_offset;
-        let l1_bytes = u64::from(self.header.l1_size) * 8;
-        if self.l1.is_none() && pos + self.cs > l1_off && pos < l1_off + l1_bytes {
-            let a = l1_off.saturating_sub(pos) as usize;
-            let b = ((l1_off + l1_bytes - pos) as usize).min(c.len());
-            self.l1_raw.extend_from_slice(&c[a..b]);
-            claimed = true;
-            if self.l1_raw.len() as u64 == l1_bytes {
-                self.parse_l1(sink)?;
-            }
-        }
-        // Refcount structures are not needed to read the image: recognise them so they are
-        // never held back as possible data (the refcount table lists every refcount block).
-        let rt = self.header.refcount_table_offset;
-        let rt_end =
-            rt + (u64::from(self.header.refcount_table_clusters) << self.header.cluster_bits);
-        if pos >= rt && pos < rt_end {
-            for e in c.chunks_exact(8).map(BigEndian::read_u64) {
-                let off = e & 0xffff_ffff_ffff_fe00;
-                if off > pos && off % self.cs == 0 && self.refblocks.len() < MAX_PENDING {
-                    self.refblocks.insert(off);
-                }
-            }
-            claimed = true;
-        }
-        if self.refblocks.remove(&pos) {
-            claimed = true;
-        }
-        if let Some(l1i) = self.l2_pending.remove(&pos) {
-            self.parse_l2(c, l1i, sink)?;
-            claimed = true;
-        }
-        if let Some(users) = self.data.remove(&pos) {
-            self.pending -= users.len();
-            for (guest, len, within) in users {
-                sink.write(guest, &c[within as usize..(within + len) as usize])?;
-            }
-            claimed = true;
-        }
-        self.decode_ready(Some(c), sink)?;
-        if !claimed && !self.mapping_known() {
-            self.spill.put(pos, c)?;
-        }
-        if self.mapping_known()
-            && (!self.spill.mem.is_empty() || !self.spill.on_file.is_empty())
-            && self.data.is_empty()
-            && self.compressed.is_empty()
-        {
-            self.spill.clear();
-        }
-        Ok(())
-    }
-
-    fn parse_l1(&mut self, sink: &mut Sink<'_>) -> Result<()> {
-        let cs = self.cs;
-        let per_l2 = cs * self.header.l2_entries();
-        let size = self.header.size;
-        let mut l1 = Vec::with_capacity(self.l1_raw.len() / 8);
-        let raw = std::mem::take(&mut self.l1_raw);
-        for (i, e) in raw.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
-            let i = i as u64;
-            if i * per_l2 >= size {
-                break;
-            }
-            if e & 0x7f00_0000_0000_01ff != 0 {
-                return Err(corrupt!("L1 entry {i} has reserved bits set ({e:#x})"));
-            }
-            let off = e & OFFSET_MASK;
-            l1.push(off);
-            if off == 0 {
-                sink.zero(i * per_l2, per_l2.min(size - i * per_l2))?;
-                continue;
-            }
-            if off % cs != 0 || off < cs {
-                return Err(corrupt!("L2 table offset {off:#x} is invalid"));
-            }
-            if off < self.pos {
-                // Passed before the L1 arrived: it was kept.
-                let t = self.spill.take(off)?.ok_or_else(|| {
-                    corrupt!("L2 table at {off:#x} precedes the L1 table and was not kept")
-                })?;
-                self.parse_l2(&t, i, sink)?;
-            } else if self.l2_pending.insert(off, i).is_some() {
-                return Err(corrupt!("two L1 entries name the L2 table at {off:#x}"));
-            }
-        }
-        self.l1 = Some(l1);
-        Ok(())
-    }
-
-    fn parse_l2(&mut self, t: &[u8], l1i: u64, sink: &mut Sink<'_>) -> Result<()> {
-        let cs = self.cs;
-        let bits = self.header.cluster_bits;
-        let ext = self.header.extended_l2();
-        let step = if ext { 16 } else { 8 };
-        let size = self.header.size;
-        let base = l1i * self.header.l2_entries() * cs;
-        let sub = cs / 32;
-        for (k, e) in t.chunks_exact(step).enumerate() {
-            let guest = base + k as u64 * cs;
-            if guest >= size {
-                break;
-            }
-            let len = cs.min(size - guest);
-            let v = BigEndian::read_u64(&e[..8]);
-            if v & COMPRESSED_FLAG != 0 {
-                let x = 62 - (bits - 8);
-                let off = v & ((1u64 << x) - 1);
-                let nsect = (v >> x) & ((1u64 << (bits - 8)) - 1);
-                let csize = (nsect + 1) * 512 - (off & 511);
-                self.compressed.entry(off).or_default().push((guest, csize));
-                self.pending += 1;
-                continue;
-            }
-            let host = v & OFFSET_MASK;
-            // Bit 0: the zero flag, or unused with extended L2 (ignored, as qemu does).
-            if v & 0x3f00_0000_0000_01fe != 0 {
-                return Err(corrupt!(
-                    "L2 entry for guest offset {guest:#x} has reserved bits set ({v:#x})"
-                ));
-            }
-            if host % cs != 0 {
-                return Err(corrupt!(
-                    "data cluster offset {host:#x} is not cluster aligned"
-                ));
-            }
-            let _ = COPIED;
-            // Runs of (allocated?, zero?) per unit: one unit, or 32 subclusters.
-            // (offset in cluster, state) per unit: 0 reads zero, 1 data, 2 invalid. Without a
-            // backing file, unallocated and zero both read as zeros.
-            let units: Vec<(u64, u8)> = if ext {
-                let bm = BigEndian::read_u64(&e[8..16]);
-                (0..32u64)
-                    .map(|s| {
-                        let (a, z) = ((bm >> s) & 1 == 1, (bm >> (32 + s)) & 1 == 1);
-                        (
-                            s * sub,
-                            if a && (z || host == 0) {
-                                2
-                            } else {
-                                u8::from(a)
-                            },
-                        )
-                    })
-                    .collect()
-            } else if host != 0 && v & 1 == 0 {
-                vec![(0, 1)]
-            } else {
-                vec![(0, 0)]
-            };
-            let unit = if ext { sub } else { cs };
-            for (o, alloc) in units {
-                if o >= len {
-                    break;
-                }
-                let ulen = unit.min(len - o);
-                match alloc {
-                    2 => {
-                        return Err(corrupt!(
-                            "invalid subcluster bitmap for guest offset {guest:#x}"
-                        ));
-                    }
-                    1 => {
-                        let h = host;
-                        if h < self.pos + cs {
-                            let bytes = if h == self.pos {
-                                None
-                            } else {
-                                self.spill.get(h)?
-                            };
-                            match bytes {
-                                Some(b) => {
-                                    sink.write(guest + o, &b[o as usize..(o + ulen) as usize])?
-                                }
-                                None if h == self.pos => {
-                                    self.data.entry(h).or_default().push((guest + o, ulen, o));
-                                    self.pending += 1;
-                                }
-                                None => {
-                                    return Err(corrupt!(
-                                        "data at {h:#x} for guest offset {guest:#x} was passed and not kept"
-                                    ));
-                                }
-                            }
-                        } else {
-                            self.data.entry(h).or_default().push((guest + o, ulen, o));
-                            self.pending += 1;
-                        }
-                    }
-                    _ => sink.zero(guest + o, ulen)?,
-                }
-            }
-            if self.pending > MAX_PENDING {
-                return Err(Error::new(
-                    ErrorKind::TooLarge,
-                    "too many mappings waiting for their data",
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Decode every compressed cluster whose bytes are all available (spill, previous and
-    /// current cluster).
-    fn decode_ready(&mut self, cur: Option<&[u8]>, sink: &mut Sink<'_>) -> Result<()> {
-        let cs = self.cs;
-        let window_end = self.pos + cs;
-        let ready: Vec<u64> = self
-            .compressed
-            .range(..window_end)
-            .map(|(k, _)| *k)
-            .collect();
-        let mut out = std::mem::take(&mut self.out);
-        out.resize(cs as usize, 0);
-        for off in ready {
-            let Some(users) = self.compressed.get(&off) else {
-                continue;
-            };
-            let csize = users.iter().map(|u| u.1).max().unwrap_or(0);
-            let end = off + csize;
-            if end > window_end {
-                // Wait for the next cluster, unless the tail is already known to be spilled.
-                continue;
-            }
-            let mut bytes: Vec<u8> = Vec::with_capacity(csize as usize);
-            let mut p = off;
-            while p < end {
-                let c = p / cs * cs;
-                let owned;
-                let piece: &[u8] = if c == self.pos {
-                    cur.unwrap_or(&[])
-                } else if c + cs == self.pos && !self.prev.is_empty() {
-                    &self.prev
-                } else {
-                    owned = self.spill.get(c)?.ok_or_else(|| {
-                        corrupt!("compressed data at {p:#x} was passed and not kept")
-                    })?;
-                    &owned
-                };
-                let a = (p - c) as usize;
-                let b = ((end - c) as usize).min(piece.len());
-                if a >= b {
-                    return Err(corrupt!("compressed data at {off:#x} is incomplete"));
-                }
-                bytes.extend_from_slice(&piece[a..b]);
-                p = c + b as u64;
-            }
-            let users = self.compressed.remove(&off).unwrap_or_default();
-            self.pending -= users.len();
-            compressed::decode(self.header.compression_type, &bytes, &mut out).map_err(|e| {
-                corrupt!(
-                    "cannot decompress cluster at host {off:#x}: {}",
-                    e.message()
-                )
-            })?;
-            for (guest, _) in users {
-                let len = cs.min(self.header.size - guest);
-                sink.write(guest, &out[..len as usize])?;
-            }
-        }
-        self.out = out;
-        Ok(())
-    }
 }

@@ -24,6 +24,7 @@
 //! ```
 
 pub mod archive;
+pub mod budget;
 #[cfg(feature = "net")]
 pub mod cdi;
 pub mod compare;

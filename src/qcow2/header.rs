@@ -312,9 +312,19 @@ impl Header {
             h.backing_file_offset
         } else {
             cluster_size
-        }
-        .min(head.len() as u64) as usize;
-        h.parse_extensions(head, area_end, cluster_size)?;
+        } as usize;
+        // Bytes past the end of a short file read as zeros (as qemu's reads do): a zero
+        // type ends the list.
+        let padded;
+        let area: &[u8] = if head.len() < area_end {
+            let mut v = head.to_vec();
+            v.resize(area_end, 0);
+            padded = v;
+            &padded
+        } else {
+            head
+        };
+        h.parse_extensions(area, area_end, cluster_size)?;
         if h.backing_file_offset != 0 {
             let len = h.backing_file_size;
             if len > MAX_BACKING_NAME || u64::from(len) > cluster_size - h.backing_file_offset {
@@ -371,7 +381,12 @@ impl Header {
     fn parse_extensions(&mut self, head: &[u8], end: usize, cluster_size: u64) -> Result<()> {
         let mut off = self.header_length as usize;
         let mut seen: Vec<u32> = Vec::new();
-        while off + 8 <= end {
+        while off < end {
+            // qemu reads each extension header whole; one that straddles the end of the
+            // extension area (the backing file name, or the cluster end) is too large.
+            if off + 8 > end {
+                return Err(corrupt!("header extension at {off:#x} too large"));
+            }
             let typ = BigEndian::read_u32(&head[off..off + 4]);
             let len = BigEndian::read_u32(&head[off + 4..off + 8]) as usize;
             off += 8;
@@ -496,13 +511,30 @@ impl Header {
         if self.nb_snapshots > MAX_SNAPSHOTS {
             return Err(Error::new(ErrorKind::TooLarge, "too many snapshots"));
         }
-        if self.nb_snapshots > 0 {
-            check_table(
-                "snapshot table",
-                self.snapshots_offset,
-                u64::from(self.nb_snapshots) * 40,
-                cluster_size,
-            )?;
+        // qemu validates the snapshot table's offset even when there are no snapshots.
+        check_table(
+            "snapshot table",
+            self.snapshots_offset,
+            u64::from(self.nb_snapshots) * 40,
+            cluster_size,
+        )?;
+        Ok(())
+    }
+
+    /// Refuse an image that names a backing file or an external data file (for input that
+    /// may not make us open other files). Both readers call this right after the header.
+    pub fn refuse_external_files(&self) -> Result<()> {
+        if let Some(d) = &self.data_file {
+            return Err(Error::new(
+                ErrorKind::Denied,
+                format!("image uses external data file '{d}', which untrusted input may not"),
+            ));
+        }
+        if let Some(b) = &self.backing_file {
+            return Err(Error::new(
+                ErrorKind::Denied,
+                format!("image has backing file '{b}', which untrusted input may not"),
+            ));
         }
         Ok(())
     }

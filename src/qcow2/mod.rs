@@ -14,27 +14,21 @@ pub mod writer;
 
 mod cache;
 pub mod compressed;
+pub mod entry;
+pub mod stream;
 
 use crate::error::{Error, ErrorKind, Result, corrupt};
 use crate::image::{Extent, Image};
 use crate::io::BlockIo;
 use byteorder::{BigEndian, ByteOrder};
 use cache::L2Cache;
+#[allow(unused_imports)]
+use entry::{COMPRESSED, COPIED, L1_OFFSET_MASK, L1_RESERVED_MASK, L2_OFFSET_MASK, ZERO};
+use entry::{Metadata, Rules, Unit};
 pub use header::{CompressionType, Header};
 pub use snapshot::Snapshot;
 use std::sync::{Arc, OnceLock};
 
-/// L1 entry: offset bits.
-const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// L1 entry: bits that must be zero.
-const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
-/// L2 entry: offset bits.
-const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// L2 entry: bits that must be zero in a standard uncompressed entry.
-const L2_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
-const COPIED: u64 = 1 << 63;
-const COMPRESSED: u64 = 1 << 62;
-const ZERO: u64 = 1;
 /// Upper bound on the L2 cache, whatever the cluster size.
 const L2_CACHE_BYTES: usize = 8 << 20;
 /// The L1 table is read in pieces of this size.
@@ -44,20 +38,6 @@ const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 /// Most refcount block bytes read to guess whether an image is preallocated (hostile images
 /// could otherwise make the guess read without end; real images need far less).
 const PREALLOC_SCAN_BYTES: u64 = 256 << 20;
-
-/// How one cluster (or subcluster, with extended L2) is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Unit {
-    /// Not allocated here: read the backing file (or zeros). `host` is set for an unallocated
-    /// subcluster of an allocated cluster (extended L2), whose space qemu still reports.
-    Unallocated { host: Option<u64> },
-    /// Reads as zeros; `host` is set when space stays allocated (preallocated zero cluster).
-    Zero { host: Option<u64> },
-    /// Guest data at `host` in the data file.
-    Data { host: u64 },
-    /// A compressed cluster: its data starts at byte `offset` and spans at most `size` bytes.
-    Compressed { offset: u64, size: u64 },
-}
 
 /// An open qcow2 image.
 #[derive(Debug)]
@@ -71,8 +51,10 @@ pub struct Qcow2 {
     backing: Option<Box<Image>>,
     snapshots: Vec<Snapshot>,
     file_size: u64,
-    /// Subclusters per cluster: 32 with extended L2, else 1.
-    unit_bits: u32,
+    /// The entry rules of this image.
+    rules: Rules,
+    /// The L1 and L2 clusters, which data may not alias.
+    metadata: Metadata,
     /// qemu's guess whether the image has preallocated metadata, made on first use.
     prealloc: OnceLock<bool>,
 }
@@ -82,10 +64,24 @@ impl Qcow2 {
     /// Backing and data files are attached afterwards by the caller ([`Qcow2::set_backing`],
     /// [`Qcow2::set_data_file`]).
     pub fn open(io: Arc<dyn BlockIo>, snapshot: Option<&str>) -> Result<Qcow2> {
+        Self::open_with(io, snapshot, false)
+    }
+
+    /// [`Qcow2::open`]; with `refuse_external`, an image naming a backing file or an
+    /// external data file is refused right after its header (as the streaming reader does,
+    /// so both give the same verdict on untrusted input).
+    pub fn open_with(
+        io: Arc<dyn BlockIo>,
+        snapshot: Option<&str>,
+        refuse_external: bool,
+    ) -> Result<Qcow2> {
         let file_size = io.size().map_err(|e| Error::io("cannot stat image", e))?;
         let head = header::read_cluster0(io.as_ref(), file_size)?;
         let header = Header::parse(&head, file_size)?;
-        let snapshots = snapshot::read_table(io.as_ref(), &header)?;
+        if refuse_external {
+            header.refuse_external_files()?;
+        }
+        let snapshots = snapshot::read_table(io.as_ref(), &header, file_size)?;
         // A snapshot is read with the image's current virtual size, as qemu-img convert -l
         // does (qcow2_snapshot_load_tmp swaps only the L1 table): clusters past the snapshot's
         // own size read as zeros.
@@ -120,7 +116,15 @@ impl Qcow2 {
             done += raw.len() as u64;
         }
         drop(piece);
-        let unit_bits = if header.extended_l2() { 5 } else { 0 };
+        let rules = Rules::of(&header);
+        let needed = header.l1_entries_for(size).unwrap_or(0) as usize;
+        let tables: Vec<u64> = l1
+            .iter()
+            .take(needed)
+            .map(|e| e & L1_OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect();
+        let metadata = Metadata::new(&rules, l1_offset, l1_bytes, tables);
         let table_bytes = header.cluster_size() as usize;
         let l2_cache = L2Cache::new((L2_CACHE_BYTES / table_bytes).max(2));
         let has_data_file = header.data_file.is_some();
@@ -138,7 +142,8 @@ impl Qcow2 {
             backing: None,
             snapshots,
             file_size,
-            unit_bits,
+            rules,
+            metadata,
             prealloc: OnceLock::new(),
         })
     }
@@ -183,7 +188,7 @@ impl Qcow2 {
     }
 
     fn unit_size(&self) -> u64 {
-        1 << (self.cluster_bits() - self.unit_bits)
+        1 << self.rules.unit_bits()
     }
 
     /// Load the L2 table for guest cluster index `cluster` (None: L1 says unallocated).
@@ -192,25 +197,14 @@ impl Qcow2 {
         let Some(&entry) = self.l1.get(l1_index as usize) else {
             return Ok(None);
         };
-        if entry & L1_RESERVED_MASK != 0 {
-            return Err(corrupt!(
-                "L1 entry {l1_index} has reserved bits set ({entry:#x})"
-            ));
-        }
-        let off = entry & L1_OFFSET_MASK;
-        if off == 0 {
+        let Some(off) = self.rules.l1_entry(l1_index, entry)? else {
             return Ok(None);
-        }
-        let cs = self.header.cluster_size();
-        if off % cs != 0 {
-            return Err(corrupt!("L2 table offset {off:#x} is not cluster aligned"));
-        }
+        };
+        self.metadata.check_l2(off)?;
         if off >= self.file_size {
             return Err(corrupt!("L2 table offset {off:#x} lies past end of file"));
         }
-        if off < cs {
-            return Err(corrupt!("L2 table at {off:#x} overlaps the header"));
-        }
+        let cs = self.header.cluster_size();
         self.l2_cache.get_or_load(off, || {
             let mut raw = vec![0u8; cs as usize];
             self.io
@@ -220,102 +214,49 @@ impl Qcow2 {
         })
     }
 
-    /// Classify the unit containing guest offset `off`; returns the unit and how many units
-    /// after it (within the same L2 table) the caller may look at with the same table.
+    /// Classify unit `sub` of guest cluster `cluster` through its L2 table.
     fn classify(&self, table: Option<&[u64]>, cluster: u64, sub: u64) -> Result<Unit> {
         let Some(table) = table else {
             return Ok(Unit::Unallocated { host: None });
         };
         let idx = (cluster % self.header.l2_entries()) as usize;
-        let ext = self.header.extended_l2();
-        let entry = table[if ext { idx * 2 } else { idx }];
-        let has_data_file = self.header.data_file.is_some();
-        if entry & COMPRESSED != 0 {
-            if has_data_file {
-                return Err(corrupt!(
-                    "compressed cluster entry found in image with external data file"
-                ));
-            }
-            let x = 62 - (self.cluster_bits() - 8);
-            let offset = entry & ((1u64 << x) - 1);
-            let nsect = (entry >> x) & ((1u64 << (self.cluster_bits() - 8)) - 1);
-            if offset >> 56 != 0 {
-                return Err(corrupt!(
-                    "compressed cluster offset {offset:#x} out of range"
-                ));
-            }
-            // Compressed clusters have no subclusters: their bitmap is reserved (qemu:
-            // QCOW2_SUBCLUSTER_INVALID).
-            if ext && table[idx * 2 + 1] != 0 {
-                return Err(corrupt!(
-                    "compressed guest cluster {cluster} has a non-zero subcluster bitmap"
-                ));
-            }
-            let size = (nsect + 1) * 512 - (offset & 511);
-            return Ok(Unit::Compressed { offset, size });
-        }
-        // Bit 0 is the zero flag in standard entries and unused (ignored, as qemu does) in
-        // extended ones.
-        if entry & L2_RESERVED_MASK != 0 {
-            return Err(corrupt!(
-                "L2 entry for guest cluster {cluster} has reserved bits set ({entry:#x})"
-            ));
-        }
-        let host = entry & L2_OFFSET_MASK;
-        let cs = self.header.cluster_size();
-        if host % cs != 0 {
-            return Err(corrupt!(
-                "data cluster offset {host:#x} is not cluster aligned"
-            ));
-        }
-        let allocated = host != 0 || (has_data_file && entry & COPIED != 0);
-        if !ext {
-            if entry & ZERO != 0 {
-                if self.header.version < 3 {
-                    return Err(corrupt!("zero cluster entry found in pre-v3 image"));
+        let ext = self.rules.extended;
+        let (entry, bitmap) = if ext {
+            (table[idx * 2], table[idx * 2 + 1])
+        } else {
+            (table[idx], 0)
+        };
+        let m = self.rules.l2_entry(cluster, entry, bitmap)?;
+        let unit = self.rules.unit(m, sub as u32);
+        match unit {
+            Unit::Data { host } => {
+                self.metadata
+                    .check_data(host, self.unit_size(), self.cluster_bits())?;
+                if !self.rules.data_file && host >= self.file_size {
+                    return Err(entry::data_past_end(host));
                 }
-                return Ok(Unit::Zero {
-                    host: allocated.then_some(host),
-                });
             }
-            return Ok(if allocated {
-                Unit::Data { host }
-            } else {
-                Unit::Unallocated { host: None }
-            });
+            Unit::Compressed { offset, size } => {
+                self.metadata
+                    .check_data(offset, size, self.cluster_bits())?
+            }
+            _ => {}
         }
-        let bitmap = table[idx * 2 + 1];
-        let alloc = (bitmap >> sub) & 1 != 0;
-        let zero = (bitmap >> (32 + sub)) & 1 != 0;
-        // Zero and unallocated subclusters of an allocated cluster keep their host space
-        // (qemu's ZERO_ALLOC and UNALLOCATED_ALLOC).
-        let sub_host = allocated.then_some(host + (sub << (self.cluster_bits() - 5)));
-        match (alloc, zero) {
-            (true, true) => Err(corrupt!(
-                "subcluster {sub} of guest cluster {cluster} is both allocated and zero"
-            )),
-            (true, false) if !allocated => Err(corrupt!(
-                "subcluster {sub} of unallocated guest cluster {cluster} is marked allocated"
-            )),
-            (true, false) => Ok(Unit::Data {
-                host: host + (sub << (self.cluster_bits() - 5)),
-            }),
-            (false, true) => Ok(Unit::Zero { host: sub_host }),
-            (false, false) => Ok(Unit::Unallocated { host: sub_host }),
-        }
+        Ok(unit)
     }
 
     /// The longest run starting at `off` (at most `max` bytes, within one L2 table) whose
     /// units are stored alike: same kind, and contiguous on the host for data.
     fn run(&self, off: u64, max: u64) -> Result<(Unit, u64)> {
-        let ubits = self.cluster_bits() - self.unit_bits;
+        let unit_bits = self.cluster_bits() - self.rules.unit_bits();
+        let ubits = self.rules.unit_bits();
         let usize_ = self.unit_size();
         let first_unit = off >> ubits;
         let cluster = off >> self.cluster_bits();
         let table = self.l2_for(cluster)?;
-        let per_table_units = self.header.l2_entries() << self.unit_bits;
+        let per_table_units = self.header.l2_entries() << unit_bits;
         let table_end_unit = (first_unit / per_table_units + 1) * per_table_units;
-        let sub_mask = (1u64 << self.unit_bits) - 1;
+        let sub_mask = (1u64 << unit_bits) - 1;
         if table.is_none() {
             return Ok((
                 Unit::Unallocated { host: None },
@@ -346,7 +287,7 @@ impl Qcow2 {
         }
         let mut u = first_unit + 1;
         while len < max && u < table_end_unit {
-            let next = self.classify(table.as_deref(), u >> self.unit_bits, u & sub_mask)?;
+            let next = self.classify(table.as_deref(), u >> unit_bits, u & sub_mask)?;
             let same = match (first, next) {
                 (Unit::Unallocated { host: None }, Unit::Unallocated { host: None }) => true,
                 (Unit::Zero { host: None }, Unit::Zero { host: None }) => true,

@@ -90,7 +90,7 @@ impl Model {
                 "image file too large to modify",
             ));
         }
-        let snaps = snapshot::read_table(io.as_ref(), &header)?;
+        let snaps = snapshot::read_table(io.as_ref(), &header, file_size)?;
         let mut m = Model {
             io,
             size: header.size,

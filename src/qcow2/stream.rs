@@ -1,0 +1,1221 @@
+//! The streaming strategy of the qcow2 reader: an image read front to back, once, from input
+//! that cannot seek (a pipe, an HTTP body, an upload), written to a [`Target`] at its guest
+//! offsets. It owns no format rules: the header, extensions and limits come from
+//! [`super::header`], the snapshot table from [`super::snapshot::TableParser`], every L1/L2
+//! entry from [`super::entry::Rules`] and every data reference is checked against
+//! [`super::entry::Metadata`], exactly as the random-access reader ([`super::Qcow2`]) does, so
+//! both give the same verdict on the same bytes.
+//!
+//! What a stream adds is ordering. Bytes whose role is not known when they pass (before the
+//! L1 table, or before the L2 table that maps them) are kept: in memory within the budget's
+//! data share, then in an unlinked spill file on the target's volume, or (without spilling)
+//! dropped, and an image that later needs dropped bytes is refused. Data already written to
+//! the target is not kept twice: it is read back from there. Everything held (tables still
+//! awaited, mappings waiting for their data, kept bytes, buffers) is charged to one
+//! [`Budget`] in bytes, so hostile input ends in a clear error, never an allocation without
+//! bound.
+//!
+//! Errors follow the random-access reader's order: those it finds when opening (the header,
+//! the snapshot table, the L1 table's extent) beat those it finds while reading (entries,
+//! data), which beat running out of budget. A reading error found early is held until the
+//! open-time checks it could be outranked by are settled.
+//!
+//! Compressed clusters are decoded in batches on `threads` worker threads, which write their
+//! output to the target directly.
+
+use super::compressed;
+use super::entry::{Mapping, Metadata, Rules, Unit};
+use super::header::{CompressionType, Header, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
+use super::snapshot::TableParser;
+use crate::budget::{Account, Budget};
+use crate::error::{Error, ErrorKind, Result, corrupt};
+use byteorder::{BigEndian, ByteOrder};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, SyncSender};
+
+/// Where a streamed image's guest data goes. Methods may be called from several threads
+/// (compressed clusters are decoded and written by workers).
+pub trait Target: Sync {
+    /// Write guest bytes at `off` (runs of zeros may be left as holes on a target that reads
+    /// as zeros).
+    fn write(&self, off: u64, data: &[u8]) -> Result<()>;
+    /// Make `len` guest bytes at `off` read as zeros.
+    fn zero(&self, off: u64, len: u64) -> Result<()>;
+    /// Read back guest bytes written before (data the image maps twice).
+    fn read_back(&self, off: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// Fills a buffer from the input: returns the bytes read, fewer than asked only at its end.
+pub type Fill<'a> = dyn FnMut(&mut [u8]) -> Result<usize> + 'a;
+
+/// How to stream.
+pub struct Options<'a> {
+    /// Bytes of held-back image data that may stay in memory (beyond it: spill or refuse).
+    pub memory: u64,
+    /// The budget everything held is charged to (held-back data included).
+    pub budget: &'a Budget,
+    /// Where to spill held-back data past `memory`; `None` refuses such images.
+    pub spill_dir: Option<&'a Path>,
+    /// Compressed-cluster decoder threads (1: decode on the reading thread).
+    pub threads: u32,
+    /// Log lines (spilling).
+    pub say: &'a dyn Fn(&str),
+}
+
+/// What streaming did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Virtual size of the image.
+    pub virtual_size: u64,
+    /// Image bytes read.
+    pub bytes_in: u64,
+    /// Bytes of held-back data written to the spill file.
+    pub spilled_bytes: u64,
+    /// The most bytes charged to the budget at once.
+    pub peak_memory: u64,
+}
+
+/// Fixed working memory of the reader for an image with `cluster_size` clusters and
+/// `threads` decoders: input chunk, gathering, carried compressed bytes, decode batches and
+/// outputs. The budget must hold at least this much besides what the image needs.
+pub fn working_set(cluster_size: u64, threads: u32) -> u64 {
+    let chunk = cluster_size.max(CHUNK);
+    let batch_in = cluster_size.saturating_mul(2).max(BATCH_IN);
+    let out = cluster_size.max(BATCH_OUT);
+    let t = u64::from(threads.max(1));
+    chunk + GATHER as u64 + 2 * cluster_size + cluster_size + (t + 2) * batch_in + t * out
+}
+
+/// Input is processed in chunks of this size (or one cluster, if larger).
+const CHUNK: u64 = 1 << 20;
+/// Guest writes smaller than this are gathered.
+const GATHER: usize = 256 << 10;
+/// A decode batch holds at most this many compressed bytes (or one cluster's worth)...
+const BATCH_IN: u64 = 512 << 10;
+/// ... and decodes into at most this many bytes (or one cluster).
+const BATCH_OUT: u64 = 2 << 20;
+/// Bytes charged for one entry of a map of waiting mappings or held ranges (key, value,
+/// tree overhead).
+const NODE: u64 = 64;
+
+/// The first cluster of a qcow2 stream, parsed.
+#[derive(Debug)]
+pub struct Opened {
+    header: Header,
+    head: Vec<u8>,
+}
+
+impl Opened {
+    /// The image's header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+}
+
+/// Read and check the header of a qcow2 stream (cluster 0, as the random-access reader reads
+/// it), refusing backing and external data files (streams are untrusted).
+pub fn open(fill: &mut Fill<'_>) -> Result<Opened> {
+    let mut head = vec![0u8; 112];
+    let n = fill(&mut head)?;
+    head.truncate(n);
+    if n < 24 {
+        return Err(corrupt!("file too short for a qcow2 header ({n} bytes)"));
+    }
+    let bits = BigEndian::read_u32(&head[20..24]);
+    if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) && n == 112 {
+        let cs = 1usize << bits;
+        head.resize(cs.max(112), 0);
+        let more = if cs > 112 {
+            fill(&mut head[112..cs])?
+        } else {
+            0
+        };
+        head.truncate(112 + more);
+        // A cluster smaller than the fixed fields read: the rest belongs to cluster 1.
+        head.truncate(head.len().max(cs.min(head.len())));
+    }
+    let header = Header::parse(&head, u64::MAX)?;
+    header.refuse_external_files()?;
+    Ok(Opened { header, head })
+}
+
+/// Stream the image opened as `opened` (the rest of its bytes come from `fill`) into
+/// `target`; `tick` is called between chunks (progress, cancellation).
+pub fn run(
+    opened: Opened,
+    fill: &mut Fill<'_>,
+    target: &dyn Target,
+    opts: &Options<'_>,
+    tick: &mut dyn FnMut() -> Result<()>,
+) -> Result<Report> {
+    let Opened { header, head } = opened;
+    let cs = header.cluster_size();
+    let threads = opts.threads.max(1);
+    let budget = opts.budget;
+    let mut fixed = Account::new(budget);
+    fixed.add(
+        working_set(cs, if threads > 1 { threads } else { 1 }),
+        "the stream reader's working buffers",
+    )?;
+    let slot: Mutex<Option<Error>> = Mutex::new(None);
+    let (sender, rx) = if threads > 1 {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(1);
+        (Some(tx), Some(Mutex::new(rx)))
+    } else {
+        (None, None)
+    };
+    let ctype = header.compression_type;
+    let size = header.size;
+    let report = std::thread::scope(|scope| {
+        if let Some(rx) = &rx {
+            for _ in 0..threads {
+                let slot = &slot;
+                scope.spawn(move || worker(rx, slot, ctype, cs, size, target));
+            }
+        }
+        let mut r = Reader::new(header, target, opts, sender, &slot)?;
+        let chunk_len = cs.max(CHUNK) as usize;
+        let mut buf = vec![0u8; chunk_len];
+        let hn = head.len().min(chunk_len);
+        buf[..hn].copy_from_slice(&head[..hn]);
+        drop(head);
+        let mut n = hn;
+        let mut ended = hn < cs as usize;
+        let mut start = 0u64;
+        loop {
+            if !ended {
+                n += fill(&mut buf[n..])?;
+                ended = n < chunk_len;
+            }
+            if n == 0 {
+                break;
+            }
+            // Once everything is mapped and written, the rest is only read through.
+            if !r.idle() {
+                r.chunk(start, &buf[..n])?;
+            }
+            start += n as u64;
+            n = 0;
+            tick()?;
+            if ended {
+                break;
+            }
+        }
+        r.finish(start)
+    })?;
+    // Errors of the last batches, decoded after the reader finished.
+    if let Some(e) = slot.lock().ok().and_then(|mut s| s.take()) {
+        return Err(e);
+    }
+    Ok(report)
+}
+
+/// A decoder thread: decodes batches and writes them until the reader hangs up; the first
+/// error is left in `slot` (later batches are then only drained).
+fn worker(
+    rx: &Mutex<Receiver<Batch>>,
+    slot: &Mutex<Option<Error>>,
+    ctype: CompressionType,
+    cs: u64,
+    size: u64,
+    target: &dyn Target,
+) {
+    let mut out = Vec::new();
+    loop {
+        let b = match rx.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(b) = b else {
+            return;
+        };
+        let failed = slot.lock().map_or(true, |s| s.is_some());
+        if failed {
+            continue;
+        }
+        if let Err(e) = decode(&b, &mut out, ctype, cs, size, target)
+            && let Ok(mut s) = slot.lock()
+            && s.is_none()
+        {
+            *s = Some(e);
+        }
+    }
+}
+
+/// Compressed clusters handed to a decoder together.
+#[derive(Debug, Default)]
+struct Batch {
+    input: Vec<u8>,
+    items: Vec<Item>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Item {
+    guest: u64,
+    host: u64,
+    at: usize,
+    len: usize,
+}
+
+/// Where an error ranks: a lower rank is what the random-access reader would report first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Rank {
+    /// The header's L1 table offset lies past the end (known only at the end).
+    L1Start = 1,
+    /// The snapshot table.
+    Snapshots = 2,
+    /// The L1 table runs past the end.
+    L1End = 3,
+    /// A table entry or the data it maps.
+    Mapping = 4,
+    /// The budget ran out.
+    Budget = 5,
+}
+
+/// A compressed cluster waiting for its bytes.
+#[derive(Debug, Clone, Copy)]
+struct Comp {
+    size: u64,
+    guest: u64,
+}
+
+/// Bytes passed while the mapping was incomplete: kept in memory, spilled, read back from
+/// the target (data written there), or dropped.
+struct Kept<'a> {
+    acct: Account<'a>,
+    memory: u64,
+    mem_bytes: u64,
+    mem: BTreeMap<u64, Vec<u8>>,
+    dir: Option<&'a Path>,
+    file: Option<std::fs::File>,
+    file_end: u64,
+    on_file: BTreeMap<u64, (u64, u64)>,
+    /// (host, guest, len): data written to the target.
+    readback: Vec<(u64, u64, u64)>,
+    /// Host ranges passed and not kept.
+    dropped: Vec<(u64, u64)>,
+    spilled: u64,
+    say: &'a dyn Fn(&str),
+}
+
+impl Kept<'_> {
+    fn is_empty(&self) -> bool {
+        self.mem.is_empty()
+            && self.on_file.is_empty()
+            && self.readback.is_empty()
+            && self.dropped.is_empty()
+    }
+
+    fn store(&mut self, host: u64, data: &[u8]) -> Result<()> {
+        let len = data.len() as u64;
+        if self.mem_bytes + len <= self.memory && self.acct.try_add(len + NODE) {
+            self.mem_bytes += len;
+            self.mem.insert(host, data.to_vec());
+            return Ok(());
+        }
+        let Some(dir) = self.dir else {
+            if let Some(last) = self.dropped.last_mut()
+                && last.1 == host
+            {
+                last.1 += len;
+                return Ok(());
+            }
+            self.acct.add(16, "ranges of data passed and not kept")?;
+            self.dropped.push((host, host + len));
+            return Ok(());
+        };
+        if self.file.is_none() {
+            let p = dir.join(format!(".vdisk-spill-{}", std::process::id()));
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&p)
+                .map_err(|e| Error::io("cannot create spill file", e).with_path(&p))?;
+            let _ = std::fs::remove_file(&p);
+            (self.say)(&format!(
+                "qcow2 data arrives before its mapping; spilling past {} MiB of memory to a temporary file in {}",
+                self.memory >> 20,
+                dir.display()
+            ));
+            self.file = Some(f);
+        }
+        use std::os::unix::fs::FileExt;
+        let f = self
+            .file
+            .as_ref()
+            .ok_or_else(|| Error::invalid("spill file"))?;
+        if let Some((&k, v)) = self.on_file.iter_mut().next_back()
+            && k + v.1 == host
+            && v.0 + v.1 == self.file_end
+        {
+            v.1 += len;
+        } else {
+            self.acct
+                .add(NODE, "the index of data spilled before its mapping")?;
+            self.on_file.insert(host, (self.file_end, len));
+        }
+        f.write_all_at(data, self.file_end)
+            .map_err(|e| Error::io("cannot write spill file", e))?;
+        self.file_end += len;
+        self.spilled += len;
+        Ok(())
+    }
+
+    fn record_readback(&mut self, host: u64, guest: u64, len: u64) -> Result<()> {
+        if let Some(last) = self.readback.last_mut()
+            && last.0 + last.2 == host
+            && last.1 + last.2 == guest
+        {
+            last.2 += len;
+            return Ok(());
+        }
+        self.acct
+            .add(24, "records of data written before its mapping")?;
+        self.readback.push((host, guest, len));
+        Ok(())
+    }
+
+    /// Fill `out` with the passed bytes at host offset `off`.
+    fn fetch(&self, off: u64, out: &mut [u8], target: &dyn Target) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut done = 0usize;
+        while done < out.len() {
+            let cur = off + done as u64;
+            let want = (out.len() - done) as u64;
+            if let Some((&k, v)) = self.mem.range(..=cur).next_back()
+                && k + v.len() as u64 > cur
+            {
+                let a = (cur - k) as usize;
+                let n = (v.len() - a).min(want as usize);
+                out[done..done + n].copy_from_slice(&v[a..a + n]);
+                done += n;
+                continue;
+            }
+            if let Some((&k, &(foff, len))) = self.on_file.range(..=cur).next_back()
+                && k + len > cur
+                && let Some(f) = &self.file
+            {
+                let n = (k + len - cur).min(want) as usize;
+                f.read_exact_at(&mut out[done..done + n], foff + (cur - k))
+                    .map_err(|e| Error::io("cannot read spill file", e))?;
+                done += n;
+                continue;
+            }
+            let i = self.readback.partition_point(|r| r.0 + r.2 <= cur);
+            if let Some(&(h, g, len)) = self.readback.get(i)
+                && h <= cur
+            {
+                let n = (h + len - cur).min(want) as usize;
+                target.read_back(g + (cur - h), &mut out[done..done + n])?;
+                done += n;
+                continue;
+            }
+            let i = self.dropped.partition_point(|r| r.1 <= cur);
+            if self.dropped.get(i).is_some_and(|r| r.0 <= cur) {
+                return Err(Error::new(
+                    ErrorKind::TooLarge,
+                    format!(
+                        "qcow2 data at {cur:#x} arrives before the tables that map it and exceeds the memory budget; \
+                         spilling is not allowed (use seekable input, a larger budget, or allow spilling)"
+                    ),
+                ));
+            }
+            return Err(corrupt!(
+                "image data at {cur:#x} was passed before its mapping and not kept"
+            ));
+        }
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        self.mem.clear();
+        self.mem_bytes = 0;
+        self.on_file.clear();
+        self.readback = Vec::new();
+        self.dropped = Vec::new();
+        if let Some(f) = &self.file {
+            let _ = f.set_len(0);
+        }
+        self.file_end = 0;
+        let held = self.acct.bytes();
+        self.acct.sub(held);
+    }
+}
+
+/// The reading state of one stream.
+struct Reader<'a> {
+    h: Header,
+    rules: Rules,
+    cs: u64,
+    cb: u32,
+    size: u64,
+    l2_entries: u64,
+    needed: u64,
+    ctype: CompressionType,
+    target: &'a dyn Target,
+    budget: &'a Budget,
+    // The snapshot table (validated as it passes; nothing kept).
+    snap: TableParser,
+    snap_acct: Account<'a>,
+    // The L1 table.
+    l1_off: u64,
+    l1_bytes: u64,
+    l1_got: u64,
+    l1_part: [u8; 8],
+    l1_done: bool,
+    /// (L2 host offset, L1 index), sorted by host once the L1 table is complete.
+    tables: Vec<(u64, u32)>,
+    tables_acct: Account<'a>,
+    /// Tables before this index are done.
+    cursor: usize,
+    metadata: Metadata,
+    // Mappings waiting for their data.
+    data: BTreeMap<(u64, u64), (u64, u64)>,
+    data_acct: Account<'a>,
+    seq: u64,
+    last: Option<(u64, u64)>,
+    comp: BTreeMap<(u64, u64), Comp>,
+    comp_acct: Account<'a>,
+    kept: Kept<'a>,
+    // Bytes of the previous chunks still needed by compressed clusters.
+    carry_start: u64,
+    carry: Vec<u8>,
+    // Output.
+    gather: Vec<u8>,
+    gather_off: u64,
+    zeros: (u64, u64),
+    batch: Batch,
+    max_items: usize,
+    sender: Option<SyncSender<Batch>>,
+    slot: &'a Mutex<Option<Error>>,
+    out: Vec<u8>,
+    pad: Vec<u8>,
+    /// Ranges of the current chunk: claimed (tables, written data) while the mapping is
+    /// incomplete.
+    claimed: Vec<(u64, u64)>,
+    ready: Vec<(u64, u64)>,
+    verdict: Option<(Rank, Error)>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(
+        h: Header,
+        target: &'a dyn Target,
+        opts: &Options<'a>,
+        sender: Option<SyncSender<Batch>>,
+        slot: &'a Mutex<Option<Error>>,
+    ) -> Result<Reader<'a>> {
+        let rules = Rules::of(&h);
+        let cs = h.cluster_size();
+        let budget = opts.budget;
+        let needed = h.l1_entries_for(h.size).unwrap_or(0);
+        let l1_bytes = u64::from(h.l1_size) * 8;
+        let r = Reader {
+            rules,
+            cs,
+            cb: h.cluster_bits,
+            size: h.size,
+            l2_entries: h.l2_entries(),
+            needed,
+            ctype: h.compression_type,
+            target,
+            budget,
+            snap: TableParser::new(&h, false),
+            snap_acct: Account::new(budget),
+            l1_off: h.l1_table_offset,
+            l1_bytes,
+            l1_got: 0,
+            l1_part: [0; 8],
+            l1_done: l1_bytes == 0,
+            tables: Vec::new(),
+            tables_acct: Account::new(budget),
+            cursor: 0,
+            metadata: Metadata::new(&rules, h.l1_table_offset, l1_bytes, Vec::new()),
+            data: BTreeMap::new(),
+            data_acct: Account::new(budget),
+            seq: 0,
+            last: None,
+            comp: BTreeMap::new(),
+            comp_acct: Account::new(budget),
+            kept: Kept {
+                acct: Account::new(budget),
+                memory: opts.memory,
+                mem_bytes: 0,
+                mem: BTreeMap::new(),
+                dir: opts.spill_dir,
+                file: None,
+                file_end: 0,
+                on_file: BTreeMap::new(),
+                readback: Vec::new(),
+                dropped: Vec::new(),
+                spilled: 0,
+                say: opts.say,
+            },
+            carry_start: 0,
+            carry: Vec::new(),
+            gather: Vec::with_capacity(GATHER),
+            gather_off: 0,
+            zeros: (0, 0),
+            batch: Batch::default(),
+            max_items: (BATCH_OUT / cs).max(1) as usize,
+            sender,
+            slot,
+            out: Vec::new(),
+            pad: Vec::new(),
+            claimed: Vec::new(),
+            ready: Vec::new(),
+            verdict: None,
+            h,
+        };
+        Ok(r)
+    }
+
+    fn mapping_known(&self) -> bool {
+        self.l1_done && self.cursor == self.tables.len()
+    }
+
+    /// Nothing more is needed from the input.
+    fn idle(&self) -> bool {
+        self.mapping_known() && self.data.is_empty() && self.comp.is_empty() && self.snap.done()
+    }
+
+    /// Record an error found while reading; errors that are not about the image's contents
+    /// (I/O, cancellation, space) stop at once.
+    fn note(&mut self, rank: Rank, e: Error) -> Result<()> {
+        match e.kind() {
+            ErrorKind::Io | ErrorKind::Cancelled | ErrorKind::NoSpace | ErrorKind::Denied => {
+                return Err(e);
+            }
+            _ => {}
+        }
+        let rank = if rank == Rank::Mapping && e.kind() == ErrorKind::TooLarge {
+            Rank::Budget
+        } else {
+            rank
+        };
+        if self.verdict.as_ref().is_none_or(|(r, _)| rank < *r) {
+            self.verdict = Some((rank, e));
+        }
+        Ok(())
+    }
+
+    /// The held error, once nothing the random-access reader would report first can still
+    /// turn up.
+    fn settled(&mut self, pos: u64) -> Result<()> {
+        let Some((rank, _)) = &self.verdict else {
+            return Ok(());
+        };
+        let rank = *rank;
+        let l1_start_known = self.l1_bytes == 0 || pos > self.l1_off;
+        let open = [
+            (Rank::L1Start, l1_start_known),
+            (Rank::Snapshots, self.snap.done()),
+            (Rank::L1End, self.l1_done),
+        ];
+        if open.iter().all(|(r, ok)| *r >= rank || *ok)
+            && let Some((_, e)) = self.verdict.take()
+        {
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn draining(&self) -> bool {
+        self.verdict.is_some()
+    }
+
+    /// Handle the input bytes `bytes` at stream offset `start`.
+    fn chunk(&mut self, start: u64, bytes: &[u8]) -> Result<()> {
+        let end = start + bytes.len() as u64;
+        self.claimed.clear();
+        // The snapshot table.
+        if !self.snap.done() {
+            let next = self.h.snapshots_offset + self.snap.consumed();
+            if next >= start && next < end {
+                let r = self.snap.feed(&bytes[(next - start) as usize..]);
+                let held = self.snap.bytes();
+                let r = r.and_then(|_| self.snap_acct.set(held, "the snapshot table"));
+                if let Err(e) = r {
+                    self.note(Rank::Snapshots, e)?;
+                    // Nothing more of the table will be read.
+                    self.snap.abandon();
+                }
+            }
+        }
+        // The L1 table.
+        if !self.l1_done {
+            let a = self.l1_off + self.l1_got;
+            if a >= start && a < end {
+                let b = (self.l1_off + self.l1_bytes).min(end);
+                self.claimed.push((a, b));
+                let r = self.feed_l1(&bytes[(a - start) as usize..(b - start) as usize], start);
+                if let Err(e) = r {
+                    self.note(Rank::Mapping, e)?;
+                }
+            }
+        } else if self.l1_off < end && self.l1_off + self.l1_bytes > start {
+            self.claimed.push((
+                self.l1_off.max(start),
+                (self.l1_off + self.l1_bytes).min(end),
+            ));
+        }
+        // L2 tables.
+        if self.l1_done {
+            while let Some(&(host, l1i)) = self.tables.get(self.cursor) {
+                if host >= end {
+                    break;
+                }
+                self.cursor += 1;
+                if host < start {
+                    // Named by a duplicate entry, handled when the L1 table completed.
+                    continue;
+                }
+                let a = (host - start) as usize;
+                let b = (a + self.cs as usize).min(bytes.len());
+                self.claimed.push((host, host + self.cs));
+                let mut pad = std::mem::take(&mut self.pad);
+                let table: &[u8] = if b - a == self.cs as usize {
+                    &bytes[a..b]
+                } else {
+                    pad.clear();
+                    pad.extend_from_slice(&bytes[a..b]);
+                    pad.resize(self.cs as usize, 0);
+                    &pad
+                };
+                let r = self.l2(table, l1i, start);
+                self.pad = pad;
+                if let Err(e) = r {
+                    self.note(Rank::Mapping, e)?;
+                }
+            }
+        }
+        if !self.draining() {
+            let r = self.data_in(start, bytes);
+            if let Err(e) = r {
+                self.note(Rank::Mapping, e)?;
+            }
+        }
+        if !self.draining() {
+            let r = self.compressed_in(start, bytes, false);
+            if let Err(e) = r {
+                self.note(Rank::Mapping, e)?;
+            }
+        }
+        if !self.draining() && !self.mapping_known() {
+            let r = self.keep(start, bytes);
+            if let Err(e) = r {
+                self.note(Rank::Mapping, e)?;
+            }
+        }
+        if !self.draining() {
+            let r = self.carry_over(start, bytes);
+            if let Err(e) = r {
+                self.note(Rank::Mapping, e)?;
+            }
+        }
+        if self.mapping_known() && !self.kept.is_empty() {
+            self.kept.clear();
+        }
+        self.worker_errors()?;
+        self.settled(end)
+    }
+
+    fn feed_l1(&mut self, mut b: &[u8], start: u64) -> Result<()> {
+        let per_l2 = self.l2_entries << self.cb;
+        while !b.is_empty() {
+            let have = (self.l1_got % 8) as usize;
+            let n = (8 - have).min(b.len());
+            self.l1_part[have..have + n].copy_from_slice(&b[..n]);
+            b = &b[n..];
+            self.l1_got += n as u64;
+            if self.l1_got % 8 != 0 {
+                continue;
+            }
+            let i = self.l1_got / 8 - 1;
+            if i >= self.needed || self.draining() {
+                continue;
+            }
+            let e = BigEndian::read_u64(&self.l1_part);
+            let r = match self.rules.l1_entry(i, e) {
+                Ok(Some(off)) => self
+                    .tables_acct
+                    .add(16, "the L1 table's entries")
+                    .map(|_| self.tables.push((off, i as u32))),
+                Ok(None) => {
+                    let guest = i * per_l2;
+                    self.zero(guest, per_l2.min(self.size - guest))
+                }
+                Err(e) => Err(e),
+            };
+            // The table is read to its end whatever its entries say.
+            if let Err(e) = r {
+                self.note(Rank::Mapping, e)?;
+            }
+        }
+        if self.l1_got == self.l1_bytes {
+            self.l1_done = true;
+            if let Err(e) = self.l1_complete(start) {
+                self.note(Rank::Mapping, e)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn l1_complete(&mut self, start: u64) -> Result<()> {
+        self.tables.sort_unstable();
+        let hosts: Vec<u64> = self.tables.iter().map(|t| t.0).collect();
+        self.tables_acct.add(
+            hosts.len() as u64 * 8,
+            "the list of L2 tables the L1 table names",
+        )?;
+        self.metadata = Metadata::new(&self.rules, self.l1_off, self.l1_bytes, hosts);
+        let passed = self.tables.partition_point(|t| t.0 < start);
+        if self.draining() {
+            // Only validating from here on: tables that passed were not kept.
+            self.cursor = passed;
+        }
+        for i in 0..self.tables.len() {
+            self.metadata.check_l2(self.tables[i].0)?;
+        }
+        // Tables passed before the L1 table was complete were kept.
+        let mut t = vec![0u8; self.cs as usize];
+        while self.cursor < passed {
+            let (host, l1i) = self.tables[self.cursor];
+            self.cursor += 1;
+            self.flush_gather()?;
+            self.kept.fetch(host, &mut t, self.target)?;
+            self.l2(&t, l1i, start)?;
+        }
+        Ok(())
+    }
+
+    /// Decode the L2 table `t` of L1 entry `l1i`; `start` is the current chunk's offset (data
+    /// before it has passed).
+    fn l2(&mut self, t: &[u8], l1i: u32, start: u64) -> Result<()> {
+        let ext = self.rules.extended;
+        let step = if ext { 16 } else { 8 };
+        let ubits = self.rules.unit_bits();
+        let usz = 1u64 << ubits;
+        let base = u64::from(l1i) * self.l2_entries;
+        let validate_only = self.draining();
+        for k in 0..self.l2_entries {
+            let cluster = base + k;
+            let guest = cluster << self.cb;
+            if guest >= self.size {
+                break;
+            }
+            let e = &t[(k * step) as usize..];
+            let entry = BigEndian::read_u64(&e[..8]);
+            let bitmap = if ext {
+                BigEndian::read_u64(&e[8..16])
+            } else {
+                0
+            };
+            let m = self.rules.l2_entry(cluster, entry, bitmap)?;
+            let len = self.cs.min(self.size - guest);
+            if let Mapping::Compressed { offset, size } = m {
+                self.metadata.check_data(offset, size, self.cb)?;
+                if !validate_only {
+                    self.comp_acct
+                        .add(NODE, "compressed clusters waiting for their data")?;
+                    self.comp.insert((offset, self.seq), Comp { size, guest });
+                    self.seq += 1;
+                }
+                continue;
+            }
+            for sub in 0..self.rules.units() {
+                let o = u64::from(sub) << ubits;
+                if o >= len {
+                    break;
+                }
+                let ulen = usz.min(len - o);
+                match self.rules.unit(m, sub) {
+                    Unit::Data { host } => {
+                        self.metadata.check_data(host, usz, self.cb)?;
+                        if !validate_only {
+                            self.add_data(host, guest + o, ulen, start)?;
+                        }
+                    }
+                    _ if validate_only => {}
+                    _ => self.zero(guest + o, ulen)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn add_data(&mut self, host: u64, guest: u64, len: u64, start: u64) -> Result<()> {
+        if host < start {
+            let mut piece = std::mem::take(&mut self.pad);
+            piece.resize(len as usize, 0);
+            self.flush_gather()?;
+            let r = self.kept.fetch(host, &mut piece, self.target);
+            let r = r.and_then(|_| self.write(guest, &piece));
+            self.pad = piece;
+            return r;
+        }
+        if let Some(k) = self.last
+            && let Some(v) = self.data.get_mut(&k)
+            && k.0 + v.1 == host
+            && v.0 + v.1 == guest
+        {
+            v.1 += len;
+            return Ok(());
+        }
+        self.data_acct
+            .add(NODE, "mappings waiting for their data")?;
+        let key = (host, self.seq);
+        self.seq += 1;
+        self.data.insert(key, (guest, len));
+        self.last = Some(key);
+        Ok(())
+    }
+
+    /// Write the waiting data that lies in this chunk.
+    fn data_in(&mut self, start: u64, bytes: &[u8]) -> Result<()> {
+        let end = start + bytes.len() as u64;
+        let incomplete = !self.mapping_known();
+        while let Some((&(h, s), &(g, l))) = self.data.range(..(end, 0)).next() {
+            self.data.remove(&(h, s));
+            self.last = None;
+            let a = h.max(start);
+            let skip = a - h;
+            let b = (h + l).min(end);
+            if b > a {
+                self.write(g + skip, &bytes[(a - start) as usize..(b - start) as usize])?;
+                if incomplete {
+                    self.claimed.push((a, b));
+                    self.kept.record_readback(a, g + skip, b - a)?;
+                }
+            }
+            if h + l > end {
+                let done = b - h;
+                self.data.insert((end, s), (g + done, l - done));
+            } else {
+                self.data_acct.sub(NODE);
+            }
+        }
+        Ok(())
+    }
+
+    /// Fill `dst` with the image bytes at `off`: from this chunk (`bytes`, at `start`), the
+    /// carried bytes, or what was kept.
+    fn assemble(&mut self, off: u64, dst: &mut [u8], start: u64, bytes: &[u8]) -> Result<()> {
+        let mut p = off;
+        let mut i = 0usize;
+        while i < dst.len() {
+            let n;
+            let cend = self.carry_start + self.carry.len() as u64;
+            if p >= start {
+                let a = (p - start) as usize;
+                n = (dst.len() - i).min(bytes.len().saturating_sub(a));
+                if n == 0 {
+                    return Err(corrupt!("image data at {p:#x} has not arrived"));
+                }
+                dst[i..i + n].copy_from_slice(&bytes[a..a + n]);
+            } else if p >= self.carry_start && p < cend {
+                let a = (p - self.carry_start) as usize;
+                n = (dst.len() - i).min(self.carry.len() - a);
+                dst[i..i + n].copy_from_slice(&self.carry[a..a + n]);
+            } else {
+                let lim = if p < self.carry_start && self.carry_start < start {
+                    self.carry_start
+                } else {
+                    start
+                };
+                n = (lim - p).min((dst.len() - i) as u64) as usize;
+                self.flush_gather()?;
+                self.kept.fetch(p, &mut dst[i..i + n], self.target)?;
+            }
+            i += n;
+            p += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Queue every waiting compressed cluster whose bytes have all arrived (at the end of
+    /// the input: all of them, cut to what there is).
+    fn compressed_in(&mut self, start: u64, bytes: &[u8], at_end: bool) -> Result<()> {
+        let end = start + bytes.len() as u64;
+        self.ready.clear();
+        for (&(off, s), c) in self.comp.range(..(end, 0)) {
+            if off + c.size <= end || at_end {
+                self.ready.push((off, s));
+            }
+        }
+        let ready = std::mem::take(&mut self.ready);
+        for &(off, s) in &ready {
+            let Some(c) = self.comp.remove(&(off, s)) else {
+                continue;
+            };
+            self.comp_acct.sub(NODE);
+            let len = (off + c.size).min(end) - off;
+            let full = self.batch.items.len() >= self.max_items
+                || (!self.batch.items.is_empty()
+                    && self.batch.input.len() as u64 + len > BATCH_IN.max(2 * self.cs));
+            if full {
+                self.flush_batch()?;
+            }
+            if self.batch.items.is_empty() {
+                self.batch.input.reserve(BATCH_IN.max(2 * self.cs) as usize);
+            }
+            let mut input = std::mem::take(&mut self.batch.input);
+            let at = input.len();
+            input.resize(at + len as usize, 0);
+            let r = self.assemble(off, &mut input[at..], start, bytes);
+            self.batch.input = input;
+            r?;
+            self.batch.items.push(Item {
+                guest: c.guest,
+                host: off,
+                at,
+                len: len as usize,
+            });
+        }
+        self.ready = ready;
+        Ok(())
+    }
+
+    /// Keep what passed and may still be needed (the mapping is incomplete).
+    fn keep(&mut self, start: u64, bytes: &[u8]) -> Result<()> {
+        let end = start + bytes.len() as u64;
+        let mut claimed = std::mem::take(&mut self.claimed);
+        claimed.sort_unstable();
+        let mut p = start;
+        let mut r = Ok(());
+        for &(a, b) in claimed.iter().chain(std::iter::once(&(end, end))) {
+            let a = a.clamp(start, end);
+            if a > p {
+                r = self
+                    .kept
+                    .store(p, &bytes[(p - start) as usize..(a - start) as usize]);
+                if r.is_err() {
+                    break;
+                }
+            }
+            p = p.max(b.min(end));
+        }
+        self.claimed = claimed;
+        r
+    }
+
+    /// Carry the bytes that waiting compressed clusters begun before the end of this chunk
+    /// still need (at most two clusters: the largest compressed size).
+    fn carry_over(&mut self, start: u64, bytes: &[u8]) -> Result<()> {
+        let end = start + bytes.len() as u64;
+        let first = self.comp.keys().next().map(|k| k.0).filter(|&o| o < end);
+        let Some(first) = first else {
+            self.carry.clear();
+            self.carry_start = end;
+            return Ok(());
+        };
+        let mut next = vec![0u8; (end - first) as usize];
+        self.assemble(first, &mut next, start, bytes)?;
+        self.carry = next;
+        self.carry_start = first;
+        Ok(())
+    }
+
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        if !self.gather.is_empty()
+            && (off != self.gather_off + self.gather.len() as u64
+                || self.gather.len() + data.len() > GATHER)
+        {
+            self.flush_gather()?;
+        }
+        if data.len() >= GATHER {
+            return self.target.write(off, data);
+        }
+        if self.gather.is_empty() {
+            self.gather_off = off;
+        }
+        self.gather.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn flush_gather(&mut self) -> Result<()> {
+        if self.gather.is_empty() {
+            return Ok(());
+        }
+        let r = self.target.write(self.gather_off, &self.gather);
+        self.gather.clear();
+        r
+    }
+
+    fn zero(&mut self, off: u64, len: u64) -> Result<()> {
+        if self.zeros.1 > 0 && self.zeros.0 + self.zeros.1 == off {
+            self.zeros.1 += len;
+            return Ok(());
+        }
+        self.flush_zeros()?;
+        self.zeros = (off, len);
+        Ok(())
+    }
+
+    fn flush_zeros(&mut self) -> Result<()> {
+        let (off, len) = std::mem::take(&mut self.zeros);
+        if len > 0 {
+            self.target.zero(off, len)?;
+        }
+        Ok(())
+    }
+
+    fn flush_batch(&mut self) -> Result<()> {
+        if self.batch.items.is_empty() {
+            return Ok(());
+        }
+        let b = std::mem::take(&mut self.batch);
+        match &self.sender {
+            Some(tx) => {
+                if tx.send(b).is_err() {
+                    return Err(Error::new(ErrorKind::Io, "decoder threads stopped"));
+                }
+                Ok(())
+            }
+            None => {
+                let mut out = std::mem::take(&mut self.out);
+                let r = decode(&b, &mut out, self.ctype, self.cs, self.size, self.target);
+                self.out = out;
+                let mut b = b;
+                b.input.clear();
+                b.items.clear();
+                self.batch = b;
+                r
+            }
+        }
+    }
+
+    fn worker_errors(&mut self) -> Result<()> {
+        let e = self.slot.lock().ok().and_then(|mut s| s.take());
+        if let Some(e) = e {
+            self.note(Rank::Mapping, e)?;
+        }
+        Ok(())
+    }
+
+    /// The input ended after `len` bytes.
+    fn finish(mut self, len: u64) -> Result<Report> {
+        if self.l1_bytes > 0 && self.l1_off >= len {
+            let e = corrupt!(
+                "active L1 table at {:#x} lies past end of file",
+                self.l1_off
+            );
+            self.note(Rank::L1Start, e)?;
+        }
+        if !self.snap.done() {
+            let e = corrupt!(
+                "snapshot table entry {} lies past end of file",
+                self.snap.index()
+            );
+            self.note(Rank::Snapshots, e)?;
+        }
+        if !self.l1_done {
+            let e = corrupt!(
+                "L1 table at {:#x} ({} entries) runs past end of file",
+                self.l1_off,
+                self.h.l1_size
+            );
+            self.note(Rank::L1End, e)?;
+        }
+        if self.verdict.is_none()
+            && let Some(&(host, _)) = self.tables.get(self.cursor)
+        {
+            let e = corrupt!("L2 table offset {host:#x} lies past end of file");
+            self.note(Rank::Mapping, e)?;
+        }
+        if self.verdict.is_none()
+            && let Some((&(off, _), _)) = self.comp.range((len, 0)..).next()
+        {
+            let e = corrupt!("compressed cluster at {off:#x} lies past end of file");
+            self.note(Rank::Mapping, e)?;
+        }
+        if let Some((_, e)) = self.verdict.take() {
+            return Err(e);
+        }
+        // Compressed clusters cut short by the end: decoded from what there is, as the
+        // random-access reader does.
+        let carry = std::mem::take(&mut self.carry);
+        let cstart = self.carry_start;
+        self.carry_start = len;
+        let r = self.compressed_in(cstart, &carry, true);
+        if let Err(e) = r {
+            self.note(Rank::Mapping, e)?;
+        }
+        // Data of a unit begun before the end reads as zeros past it; data mapped wholly past
+        // the end is refused (as the random-access reader does).
+        let usz = 1u64 << self.rules.unit_bits();
+        let rest: Vec<(u64, u64, u64)> = self.data.iter().map(|(k, v)| (k.0, v.0, v.1)).collect();
+        self.data.clear();
+        for (h, g, l) in rest {
+            let tail = ((usz - h % usz) % usz).min(l);
+            self.zero(g, tail)?;
+            if l > tail {
+                self.note(Rank::Mapping, super::entry::data_past_end(h + tail))?;
+            }
+        }
+        if let Some((_, e)) = self.verdict.take() {
+            return Err(e);
+        }
+        self.flush_gather()?;
+        self.flush_zeros()?;
+        self.flush_batch()?;
+        self.worker_errors()?;
+        if let Some((_, e)) = self.verdict.take() {
+            return Err(e);
+        }
+        // Hang up: the workers finish what they have, and the scope waits for them.
+        self.sender = None;
+        Ok(Report {
+            virtual_size: self.size,
+            bytes_in: len,
+            spilled_bytes: self.kept.spilled,
+            peak_memory: self.budget.peak(),
+        })
+    }
+}
+
+/// Decode a batch into `out` and write it: runs of consecutive guest clusters go out in one
+/// write.
+fn decode(
+    b: &Batch,
+    out: &mut Vec<u8>,
+    ctype: CompressionType,
+    cs: u64,
+    size: u64,
+    target: &dyn Target,
+) -> Result<()> {
+    let cap = BATCH_OUT.max(cs) as usize;
+    if out.len() < cap {
+        out.resize(cap, 0);
+    }
+    let mut run_start = 0u64;
+    let mut run_len = 0usize;
+    for it in &b.items {
+        let len = cs.min(size - it.guest) as usize;
+        if run_len > 0 && (it.guest != run_start + run_len as u64 || run_len + len > cap) {
+            target.write(run_start, &out[..run_len])?;
+            run_len = 0;
+        }
+        if run_len == 0 {
+            run_start = it.guest;
+        }
+        let src = &b.input[it.at..it.at + it.len];
+        let dst = &mut out[run_len..run_len + cs as usize];
+        compressed::decode(ctype, src, dst).map_err(|e| {
+            corrupt!(
+                "cannot decompress cluster at guest offset {:#x} (host {:#x}): {}",
+                it.guest,
+                it.host,
+                e.message()
+            )
+        })?;
+        run_len += len;
+    }
+    if run_len > 0 {
+        target.write(run_start, &out[..run_len])?;
+    }
+    Ok(())
+}
