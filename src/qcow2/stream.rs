@@ -498,6 +498,9 @@ struct Reader<'a> {
     claimed: Vec<(u64, u64)>,
     ready: Vec<(u64, u64)>,
     verdict: Option<(Rank, Error)>,
+    /// The highest host offset any data unit or compressed cluster starts at (data mapped
+    /// past the end is refused, also when the budget ran out before it could be queued).
+    max_ref: Option<u64>,
 }
 
 impl<'a> Reader<'a> {
@@ -568,6 +571,7 @@ impl<'a> Reader<'a> {
             claimed: Vec::new(),
             ready: Vec::new(),
             verdict: None,
+            max_ref: None,
             h,
         };
         Ok(r)
@@ -609,6 +613,10 @@ impl<'a> Reader<'a> {
             return Ok(());
         };
         let rank = *rank;
+        // Running out of budget is outranked by any corruption, wherever it is: read on.
+        if rank == Rank::Budget {
+            return Ok(());
+        }
         let l1_start_known = self.l1_bytes == 0 || pos > self.l1_off;
         let open = [
             (Rank::L1Start, l1_start_known),
@@ -818,6 +826,7 @@ impl<'a> Reader<'a> {
             let len = self.cs.min(self.size - guest);
             if let Mapping::Compressed { offset, size } = m {
                 self.metadata.check_data(offset, size, self.cb)?;
+                self.max_ref = self.max_ref.max(Some(offset));
                 if !validate_only {
                     self.comp_acct
                         .add(NODE, "compressed clusters waiting for their data")?;
@@ -835,6 +844,7 @@ impl<'a> Reader<'a> {
                 match self.rules.unit(m, sub) {
                     Unit::Data { host } => {
                         self.metadata.check_data(host, usz, self.cb)?;
+                        self.max_ref = self.max_ref.max(Some(host));
                         if !validate_only {
                             self.add_data(host, guest + o, ulen, start)?;
                         }
@@ -1119,6 +1129,12 @@ impl<'a> Reader<'a> {
                 self.h.l1_size
             );
             self.note(Rank::L1End, e)?;
+        }
+        if let Some(m) = self.max_ref
+            && m >= len
+            && self.verdict.as_ref().is_some_and(|v| v.0 == Rank::Budget)
+        {
+            self.note(Rank::Mapping, super::entry::data_past_end(m))?;
         }
         if self.verdict.is_none()
             && let Some(&(host, _)) = self.tables.get(self.cursor)
