@@ -366,10 +366,25 @@ fn hostile_archives_fail_cleanly() {
     let corrupt = &[ErrorKind::Corrupt][..];
     let bounded = &[ErrorKind::TooLarge][..];
     // A GNU long name header claiming 1 TiB (or 2^62): refused before any allocation.
-    fails(&header("x", 1 << 40, b'L'), "huge long name", bounded, "GNU long name");
-    fails(&header("x", 1 << 62, b'K'), "huge long link", bounded, "GNU long link");
+    fails(
+        &header("x", 1 << 40, b'L'),
+        "huge long name",
+        bounded,
+        "GNU long name",
+    );
+    fails(
+        &header("x", 1 << 62, b'K'),
+        "huge long link",
+        bounded,
+        "GNU long link",
+    );
     fails(&header("x", 1 << 40, b'x'), "huge PAX", bounded, "PAX");
-    fails(&header("x", 1 << 40, b'g'), "huge global PAX", bounded, "PAX");
+    fails(
+        &header("x", 1 << 40, b'g'),
+        "huge global PAX",
+        bounded,
+        "PAX",
+    );
     // A PAX record whose length runs far past its header.
     let mut t = Vec::new();
     entry(&mut t, "PaxHeaders/x", b"99999999999999999 path=x\n", b'x');
@@ -377,23 +392,58 @@ fn hostile_archives_fail_cleanly() {
     end(&mut t);
     fails(&t, "huge PAX record", corrupt, "PAX record");
     let mut t = Vec::new();
-    entry(&mut t, "PaxHeaders/x", b"999999999999999999999999 path=x\n", b'x');
+    entry(
+        &mut t,
+        "PaxHeaders/x",
+        b"999999999999999999999999 path=x\n",
+        b'x',
+    );
     entry(&mut t, "f", b"", b'0');
     end(&mut t);
     fails(&t, "PAX record length overflow", corrupt, "PAX record");
     // Sparse maps: overlapping, unsorted, past the real size, data size mismatch.
-    fails(&pax01("o", 10, "0,4,2,2", b"abcdef"), "overlap", corrupt, "overlapping");
-    fails(&pax01("u", 10, "5,1,0,1", b"ab"), "unsorted", corrupt, "unsorted");
-    fails(&pax01("p", 10, "8,4", b"abcd"), "past size", corrupt, "past the file size");
-    fails(&pax01("m", 10, "0,4", b"ab"), "data mismatch", corrupt, "archive stores 2");
+    fails(
+        &pax01("o", 10, "0,4,2,2", b"abcdef"),
+        "overlap",
+        corrupt,
+        "overlapping",
+    );
+    fails(
+        &pax01("u", 10, "5,1,0,1", b"ab"),
+        "unsorted",
+        corrupt,
+        "unsorted",
+    );
+    fails(
+        &pax01("p", 10, "8,4", b"abcd"),
+        "past size",
+        corrupt,
+        "past the file size",
+    );
+    fails(
+        &pax01("m", 10, "0,4", b"ab"),
+        "data mismatch",
+        corrupt,
+        "archive stores 2",
+    );
     fails(
         &pax01("v", 10, "18446744073709551615,2", b"ab"),
         "overflow",
         corrupt,
         "tar entry 'v'",
     );
-    fails(&pax01("q", 10, "0,1,2", b"a"), "odd map", corrupt, "odd number");
-    fails(&pax10("w", 10, "1\n8\n4\n", b"abcd"), "1.0 past size", corrupt, "past");
+    fails(
+        &pax01("q", 10, "0,1,2", b"a"),
+        "odd map",
+        corrupt,
+        "odd number",
+    );
+    fails(
+        &pax10("w", 10, "1\n8\n4\n", b"abcd"),
+        "1.0 past size",
+        corrupt,
+        "past",
+    );
     // Too many segments: the count is refused, not allocated.
     fails(
         &pax10("n", 10, "99999999999\n", b""),
@@ -402,8 +452,18 @@ fn hostile_archives_fail_cleanly() {
         "segments",
     );
     // The 1.0 map running past the entry's data, and a garbage number in it.
-    fails(&pax10("r", 10, "3\n0\n1\n", b""), "1.0 short map", corrupt, "tar entry 'r'");
-    fails(&pax10("g", 10, "1\nzz\n1\n", b"a"), "1.0 garbage", corrupt, "tar entry 'g'");
+    fails(
+        &pax10("r", 10, "3\n0\n1\n", b""),
+        "1.0 short map",
+        corrupt,
+        "tar entry 'r'",
+    );
+    fails(
+        &pax10("g", 10, "1\nzz\n1\n", b"a"),
+        "1.0 garbage",
+        corrupt,
+        "tar entry 'g'",
+    );
     fails(
         &pax10("l", 10, &format!("{}\n", "1".repeat(40)), b""),
         "1.0 long number",
@@ -444,9 +504,19 @@ fn hostile_archives_fail_cleanly() {
     let mut t = Vec::new();
     entry(&mut t, "a", &[7u8; 3000], b'0');
     end(&mut t);
-    fails(&t[..700], "cut header", corrupt, "cut off");
+    fails(
+        &t[..3584 + 300],
+        "cut header",
+        corrupt,
+        "cut off inside a header",
+    );
     // (Inside the content, the reader's `io::Error` says so; callers wrap it.)
-    fails(&t[..2048], "cut data", &[ErrorKind::Io], "cut off inside entry 'a'");
+    fails(
+        &t[..2048],
+        "cut data",
+        &[ErrorKind::Io],
+        "cut off inside entry 'a'",
+    );
     fails(&t[..3584], "no end marker", corrupt, "end-of-archive");
     let t = pax10("c", 10, "1\n0\n4\n", b"abcd");
     fails(&t[..1536 + 100], "cut map", corrupt, "cut off");
@@ -520,10 +590,7 @@ fn unpack_refuses_escapes_through_links() {
     vdisk::archive::unpack(Box::new(&t[..]), &out, 1 << 20, &mut || Ok(())).unwrap();
     assert_eq!(fs::read(out.join("ro/f")).unwrap(), b"two");
     assert_eq!(fs::read(out.join("hard")).unwrap(), b"two");
-    assert_eq!(
-        fs::metadata(out.join("ro")).unwrap().mode() & 0o777,
-        0o555
-    );
+    assert_eq!(fs::metadata(out.join("ro")).unwrap().mode() & 0o777, 0o555);
     // Let the temporary directory be removed.
     let mut p = fs::metadata(out.join("ro")).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut p, 0o755);

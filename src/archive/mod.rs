@@ -86,9 +86,8 @@ fn ensure_dirs(root: &Path, rel: &Path, raw: &Path) -> Result<PathBuf> {
         match fs::symlink_metadata(&next) {
             Ok(m) if m.is_dir() => cur = next,
             Ok(m) if m.file_type().is_symlink() => {
-                let real = fs::canonicalize(&next).map_err(|e| {
-                    Error::io(format!("cannot resolve '{}'", next.display()), e)
-                })?;
+                let real = fs::canonicalize(&next)
+                    .map_err(|e| Error::io(format!("cannot resolve '{}'", next.display()), e))?;
                 if !real.starts_with(root) || !real.is_dir() {
                     return Err(escapes(raw));
                 }
@@ -144,7 +143,10 @@ fn write_file<R: Read>(ar: &mut TarReader<R>, e: &Entry, dest: &Path) -> Result<
         } else {
             ErrorKind::Io
         };
-        Error::new(kind, format!("cannot read archive entry '{}': {err}", e.path))
+        Error::new(
+            kind,
+            format!("cannot read archive entry '{}': {err}", e.path),
+        )
     };
     let mut buf = vec![0u8; 128 << 10];
     loop {
@@ -250,10 +252,9 @@ pub fn unpack(
                 // A hard link: its target must be an earlier entry, reached without leaving.
                 let target = safe_relative(link.as_deref().unwrap_or(Path::new("")))?;
                 let tparent = target.parent().unwrap_or(Path::new(""));
-                let treal = fs::canonicalize(root.join(tparent))
-                    .map_err(|err| {
-                        Error::io(format!("cannot resolve link '{}'", raw.display()), err)
-                    })?;
+                let treal = fs::canonicalize(root.join(tparent)).map_err(|err| {
+                    Error::io(format!("cannot resolve link '{}'", raw.display()), err)
+                })?;
                 if !treal.starts_with(&root) {
                     return Err(escapes(&raw));
                 }

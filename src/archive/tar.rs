@@ -541,9 +541,7 @@ impl<R: Read> TarReader<R> {
         let mut b = [0u8; 512];
         loop {
             if !self.block(&mut b)? {
-                return Err(corrupt(
-                    "tar stream ends without its end-of-archive marker",
-                ));
+                return Err(corrupt("tar stream ends without its end-of-archive marker"));
             }
             if b.iter().all(|&x| x == 0) {
                 if meta > 0 {
@@ -684,7 +682,10 @@ impl<R: Read> TarReader<R> {
             let major = pax.sparse_major;
             let minor = pax.sparse_minor.unwrap_or(0);
             logical = pax.sparse_size.ok_or_else(|| {
-                entry_err(&name, "PAX sparse file without GNU.sparse.realsize or .size")
+                entry_err(
+                    &name,
+                    "PAX sparse file without GNU.sparse.realsize or .size",
+                )
             })?;
             if logical > MAX_ENTRY_SIZE {
                 return Err(entry_err(&name, format!("sparse size {logical} is absurd")));
@@ -699,9 +700,9 @@ impl<R: Read> TarReader<R> {
                     if pax.pending_offset.is_some() {
                         return Err(entry_err(&name, "GNU.sparse.offset without its numbytes"));
                     }
-                    let map = pax.map.ok_or_else(|| {
-                        entry_err(&name, "PAX sparse file without a sparse map")
-                    })?;
+                    let map = pax
+                        .map
+                        .ok_or_else(|| entry_err(&name, "PAX sparse file without a sparse map"))?;
                     if pax.numblocks.is_some_and(|n| n != map.len() as u64) {
                         return Err(entry_err(
                             &name,
