@@ -134,6 +134,20 @@ ln "$t/arch/sub/f" "$t/arch/hard"
 tar -C "$t/arch" -cf seeds/tar_unpack/plain.tar .
 tar -C "$t/arch" --format=gnu -cf seeds/tar_unpack/gnu.tar .
 
+# tar_read: the tar_unpack seeds, plus a sparse file (data at 20000 and at the end) and a
+# 120-character name in old GNU sparse and PAX sparse 0.0, 0.1 and 1.0 form.
+mkdir -p seeds/tar_read "$t/sp"
+cp seeds/tar_unpack/*.tar seeds/tar_read/
+truncate -s 64k "$t/sp/sp"
+printf abc | dd of="$t/sp/sp" bs=1 seek=20000 conv=notrunc 2>/dev/null
+printf xy | dd of="$t/sp/sp" bs=1 seek=65000 conv=notrunc 2>/dev/null
+long=$(printf 'l%.0s' $(seq 120))
+echo hi >"$t/sp/$long"
+tar --format=gnu -S -C "$t/sp" -cf seeds/tar_read/gnu-sparse.tar sp "$long"
+for v in 0.0 0.1 1.0; do
+  tar --format=pax -S --sparse-version=$v -C "$t/sp" -cf seeds/tar_read/pax-sparse-$v.tar sp "$long"
+done
+
 # multipart: the first byte picks read sizes, the rest is a form body with boundary "bnd".
 mkdir -p seeds/multipart
 printf '\x07--bnd\r\nContent-Disposition: form-data; name="other"\r\n\r\ny\r\n--bnd\r\nContent-Disposition: form-data; name="file"; filename="disk.img"\r\nContent-Type: application/octet-stream\r\n\r\nab\r\n--bn\r\n--bndx\r\n--bnd--\r\n' >seeds/multipart/curl

@@ -480,14 +480,10 @@ fn with_tar_disk_entry<'a, T>(
     src: Box<dyn Read + 'a>,
     f: impl FnOnce(Box<dyn Read + '_>) -> Result<T>,
 ) -> Result<T> {
-    let bad = |e: std::io::Error| Error::io("cannot read the clone's tar stream", e);
-    let mut ar = tar::Archive::new(src);
-    for entry in ar.entries().map_err(bad)? {
-        let entry = entry.map_err(bad)?;
-        let t = entry.header().entry_type();
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        if (t.is_file() || t.is_gnu_sparse()) && name.contains("disk.img") {
-            return f(Box::new(entry));
+    let mut ar = crate::archive::tar::TarReader::new(src);
+    while let Some(entry) = ar.next_entry()? {
+        if entry.is_file() && entry.path.contains("disk.img") {
+            return f(Box::new(ar.into_entry_reader()));
         }
     }
     Err(Error::new(

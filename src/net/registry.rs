@@ -6,7 +6,8 @@
 //! and blob fetches that resume after dropped connections), manifest and index parsing with
 //! platform selection, the image config checks (architecture, bootc refusal) and CDI's labels
 //! from `Env`, reading an OCI layout tar by offsets, the layer decoders picked by magic bytes,
-//! and a bounded streaming tar header walker that finds the first `disk*` regular file.
+//! and CDI's rule for the first `disk*` regular file of a layer (the tar itself is read by
+//! [`crate::archive::tar`], the bounded reader every untrusted tar goes through).
 //!
 //! Every blob is checked against its descriptor: small ones (manifests, config) before use,
 //! layers while they stream. The [`DiskStream`] drains the rest of the disk's layer when the
@@ -14,6 +15,7 @@
 //! Decompressing the disk file itself (gz/xz/zstd inside the layer) and qcow2 conversion are
 //! left to [`crate::ingest`].
 
+use crate::archive::tar::{Entry, EntryKind, TarReader};
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::digest::{Algorithm as Alg, Hasher};
 use crate::net::http::{Client, ClientConfig, Proxy, Response, Url};
@@ -21,7 +23,7 @@ use base64::Engine as _;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,14 +45,6 @@ const MAX_INDEX_DEPTH: usize = 2;
 const MAX_LAYERS: usize = 256;
 /// Largest layer blob accepted (4 TiB).
 const MAX_BLOB: u64 = 1 << 42;
-/// Largest GNU long name or long link.
-const MAX_LONG_NAME: u64 = 64 << 10;
-/// Largest PAX extended header.
-const MAX_PAX: u64 = 1 << 20;
-/// Most consecutive metadata headers (`L`, `K`, `x`, `g`) before an entry.
-const MAX_META_HEADERS: usize = 32;
-/// Largest tar entry size (keeps offset arithmetic far from overflow).
-const MAX_TAR_SIZE: u64 = 1 << 62;
 /// Most entries in an `oci-archive:` tar.
 const MAX_ARCHIVE_ENTRIES: usize = 100_000;
 /// Largest zstd window accepted (2^27 = 128 MiB, zstd's default limit).
@@ -1286,8 +1280,13 @@ impl Read for FileCursor {
     }
 }
 
-impl Skip for FileCursor {
-    fn skip(&mut self, n: u64) -> io::Result<()> {
+impl Seek for FileCursor {
+    /// Only forward moves inside the file: the tar reader skips entries this way.
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let SeekFrom::Current(n) = to else {
+            return Err(io::Error::other("FileCursor only seeks forward"));
+        };
+        let n = u64::try_from(n).map_err(|_| io::Error::other("FileCursor only seeks forward"))?;
         if n > self.end.saturating_sub(self.pos) {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -1295,7 +1294,7 @@ impl Skip for FileCursor {
             ));
         }
         self.pos += n;
-        Ok(())
+        Ok(self.pos)
     }
 }
 
@@ -1330,22 +1329,24 @@ impl Archive {
             )
             .with_path(path));
         }
-        let bad =
-            |e: io::Error| map_io("cannot read the OCI archive", e, ErrorKind::Io).with_path(path);
-        let mut w = TarWalker::new(FileCursor {
+        let bad = |e: Error| {
+            Error::new(e.kind(), format!("cannot read the OCI archive: {e}")).with_path(path)
+        };
+        let mut w = TarReader::seekable(FileCursor {
             file: file.clone(),
             pos: 0,
             end: len,
         });
         let mut entries = HashMap::new();
         while let Some(e) = w.next_entry().map_err(bad)? {
-            let name = normalize_name(&e.name).trim_end_matches('/').to_string();
+            let name = normalize_name(&e.path).trim_end_matches('/').to_string();
             match e.kind {
                 EntryKind::Dir => continue,
-                EntryKind::File => {}
+                // Blobs are read in place: a sparse entry's stored bytes are not its content.
+                EntryKind::File if e.sparse.is_none() => {}
                 _ if name == "index.json" || name.starts_with("blobs/") => {
                     return Err(Error::corrupt(format!(
-                        "OCI archive entry '{name}' is not a regular file"
+                        "OCI archive entry '{name}' is not a plain regular file"
                     ))
                     .with_path(path));
                 }
@@ -1682,398 +1683,27 @@ fn layer_tar(raw: SharedRaw) -> io::Result<Box<dyn Read + Send>> {
 // ------------------------------------------------------------------------------------------
 // Tar walker
 
-/// A reader that can pass over bytes (by reading through them, or by seeking).
-trait Skip: Read {
-    fn skip(&mut self, n: u64) -> io::Result<()> {
-        let got = io::copy(&mut self.take(n), &mut io::sink())?;
-        if got != n {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "tar stream is cut off inside an entry",
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Skip for Box<dyn Read + Send> {}
-impl Skip for &[u8] {}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum EntryKind {
-    File,
-    Dir,
-    Symlink,
-    Hardlink,
-    Sparse,
-    Other(u8),
-}
-
-impl EntryKind {
-    fn describe(self) -> String {
-        match self {
-            EntryKind::File => "regular file".into(),
-            EntryKind::Dir => "directory".into(),
-            EntryKind::Symlink => "symbolic link".into(),
-            EntryKind::Hardlink => "hard link".into(),
-            EntryKind::Sparse => "sparse file".into(),
-            EntryKind::Other(t) => format!("special file (type '{}')", t.escape_ascii()),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct TarEntry {
-    name: String,
-    kind: EntryKind,
-    size: u64,
-    data_offset: u64,
-}
-
-fn tar_err(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.into())
-}
-
-/// A NUL-terminated header field as text.
-fn field_str(f: &[u8]) -> String {
-    let end = f.iter().position(|&b| b == 0).unwrap_or(f.len());
-    String::from_utf8_lossy(&f[..end]).into_owned()
-}
-
-/// An octal or base-256 numeric header field.
-fn parse_number(f: &[u8], what: &str) -> io::Result<u64> {
-    if f.first().is_some_and(|b| b & 0x80 != 0) {
-        if f[0] == 0xff {
-            return Err(tar_err(format!("negative {what} in a tar header")));
-        }
-        let mut v: u64 = u64::from(f[0] & 0x7f);
-        for &b in &f[1..] {
-            v = v
-                .checked_mul(256)
-                .and_then(|v| v.checked_add(u64::from(b)))
-                .ok_or_else(|| tar_err(format!("{what} in a tar header overflows")))?;
-        }
-        return Ok(v);
-    }
-    let s: &[u8] = {
-        let start = f
-            .iter()
-            .position(|&b| b != b' ' && b != 0)
-            .unwrap_or(f.len());
-        let end = f
-            .iter()
-            .rposition(|&b| b != b' ' && b != 0)
-            .map_or(start, |e| e + 1);
-        &f[start..end.max(start)]
+/// A tar reader's error as the `io::Error` the layer plumbing works with (damage becomes
+/// `InvalidData`, a content decision `Unsupported`).
+fn tar_io(e: Error) -> io::Error {
+    use std::error::Error as _;
+    let kind = match e.kind() {
+        ErrorKind::Corrupt | ErrorKind::TooLarge => io::ErrorKind::InvalidData,
+        ErrorKind::UnsupportedFormat | ErrorKind::UnsupportedFeature => io::ErrorKind::Unsupported,
+        _ => e
+            .source()
+            .and_then(|s| s.downcast_ref::<io::Error>())
+            .map_or(io::ErrorKind::Other, io::Error::kind),
     };
-    let mut v: u64 = 0;
-    for &b in s {
-        if !(b'0'..=b'7').contains(&b) {
-            return Err(tar_err(format!("bad {what} field in a tar header")));
-        }
-        v = v
-            .checked_mul(8)
-            .and_then(|v| v.checked_add(u64::from(b - b'0')))
-            .ok_or_else(|| tar_err(format!("{what} in a tar header overflows")))?;
-    }
-    Ok(v)
-}
-
-#[derive(Default)]
-struct Pax {
-    path: Option<String>,
-    size: Option<u64>,
-    sparse: bool,
-}
-
-fn parse_pax(data: &[u8], into: &mut Pax) -> io::Result<()> {
-    let mut rest = data;
-    while !rest.is_empty() {
-        let sp = rest
-            .iter()
-            .take(20)
-            .position(|&b| b == b' ')
-            .ok_or_else(|| tar_err("malformed PAX record"))?;
-        let len: usize = std::str::from_utf8(&rest[..sp])
-            .ok()
-            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| tar_err("malformed PAX record length"))?;
-        if len <= sp + 1 || len > rest.len() || rest[len - 1] != b'\n' {
-            return Err(tar_err("malformed PAX record"));
-        }
-        let rec = &rest[sp + 1..len - 1];
-        rest = &rest[len..];
-        let eq = rec
-            .iter()
-            .position(|&b| b == b'=')
-            .ok_or_else(|| tar_err("PAX record without '='"))?;
-        let (key, val) = (&rec[..eq], &rec[eq + 1..]);
-        match key {
-            b"path" => {
-                if val.contains(&0) {
-                    return Err(tar_err("PAX path holds a NUL byte"));
-                }
-                into.path = (!val.is_empty()).then(|| String::from_utf8_lossy(val).into_owned());
-            }
-            b"size" => {
-                into.size = if val.is_empty() {
-                    None
-                } else {
-                    let s = std::str::from_utf8(val)
-                        .ok()
-                        .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .ok_or_else(|| tar_err("bad PAX size"))?;
-                    Some(s)
-                };
-            }
-            k if k.starts_with(b"GNU.sparse.") => into.sparse = true,
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// A streaming reader of tar headers: fixed 512-byte blocks, metadata bounded in size, entry
-/// data skipped (or read by the caller through [`TarWalker::read_data`]).
-struct TarWalker<R> {
-    r: R,
-    /// Bytes consumed so far.
-    pos: u64,
-    /// Data bytes of the current entry not yet consumed.
-    data_left: u64,
-    /// Padding after the current entry's data.
-    pad: u64,
-    done: bool,
-}
-
-impl<R: Skip> TarWalker<R> {
-    fn new(r: R) -> TarWalker<R> {
-        TarWalker {
-            r,
-            pos: 0,
-            data_left: 0,
-            pad: 0,
-            done: false,
-        }
-    }
-
-    /// Read a 512-byte block; `Ok(false)` at a clean end of stream.
-    fn block(&mut self, b: &mut [u8; 512]) -> io::Result<bool> {
-        let mut got = 0;
-        while got < 512 {
-            match self.r.read(&mut b[got..]) {
-                Ok(0) if got == 0 => return Ok(false),
-                Ok(0) => return Err(tar_err("tar stream is cut off inside a header")),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.pos += 512;
-        Ok(true)
-    }
-
-    fn skip(&mut self, n: u64) -> io::Result<()> {
-        self.r.skip(n)?;
-        self.pos += n;
-        Ok(())
-    }
-
-    /// Read a metadata entry's data (at most `cap` bytes) and its padding.
-    fn meta(&mut self, size: u64, cap: u64, what: &str) -> io::Result<Vec<u8>> {
-        if size > cap {
-            return Err(tar_err(format!(
-                "tar {what} header of {size} bytes (at most {cap})"
-            )));
-        }
-        let mut v = vec![0; size as usize];
-        self.r.read_exact(&mut v).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                tar_err(format!("tar stream is cut off inside a {what} header"))
-            } else {
-                e
-            }
-        })?;
-        self.pos += size;
-        self.skip((512 - size % 512) % 512)?;
-        Ok(v)
-    }
-
-    /// The next entry (skipping the rest of the current one), or `None` at the end marker.
-    fn next_entry(&mut self) -> io::Result<Option<TarEntry>> {
-        if self.done {
-            return Ok(None);
-        }
-        self.skip(self.data_left + self.pad)?;
-        self.data_left = 0;
-        self.pad = 0;
-        let mut long_name: Option<String> = None;
-        let mut pax = Pax::default();
-        let mut meta = 0;
-        let mut b = [0u8; 512];
-        loop {
-            if !self.block(&mut b)? {
-                return Err(tar_err("tar stream ends without its end-of-archive marker"));
-            }
-            if b.iter().all(|&x| x == 0) {
-                if meta > 0 {
-                    return Err(tar_err("tar metadata header without an entry"));
-                }
-                // A second zero block (or nothing) ends the archive.
-                if self.block(&mut b)? && b.iter().any(|&x| x != 0) {
-                    return Err(tar_err("data after a zero block in a tar stream"));
-                }
-                self.done = true;
-                return Ok(None);
-            }
-            let want = parse_number(&b[148..156], "checksum")?;
-            let unsigned: u64 = b
-                .iter()
-                .enumerate()
-                .map(|(i, &x)| u64::from(if (148..156).contains(&i) { b' ' } else { x }))
-                .sum();
-            let signed: i64 = b
-                .iter()
-                .enumerate()
-                .map(|(i, &x)| {
-                    i64::from(if (148..156).contains(&i) {
-                        b' ' as i8
-                    } else {
-                        x as i8
-                    })
-                })
-                .sum();
-            if want != unsigned && i64::try_from(want).ok() != Some(signed) {
-                return Err(tar_err(
-                    "bad tar header checksum (not a tar stream, or corrupt)",
-                ));
-            }
-            let typeflag = b[156];
-            let mut size = parse_number(&b[124..136], "size")?;
-            if size > MAX_TAR_SIZE {
-                return Err(tar_err(format!("tar entry size {size} is absurd")));
-            }
-            match typeflag {
-                b'L' | b'K' | b'x' | b'g' => {
-                    meta += 1;
-                    if meta > MAX_META_HEADERS {
-                        return Err(tar_err("too many tar metadata headers in a row"));
-                    }
-                    match typeflag {
-                        b'L' => {
-                            let v = self.meta(size, MAX_LONG_NAME, "GNU long name")?;
-                            long_name = Some(field_str(&v));
-                        }
-                        b'K' => {
-                            self.meta(size, MAX_LONG_NAME, "GNU long link")?;
-                        }
-                        b'x' => {
-                            let v = self.meta(size, MAX_PAX, "PAX")?;
-                            parse_pax(&v, &mut pax)?;
-                        }
-                        _ => {
-                            // Global PAX headers apply to the archive; nothing in them
-                            // matters to finding the disk.
-                            let v = self.meta(size, MAX_PAX, "PAX global")?;
-                            parse_pax(&v, &mut Pax::default())?;
-                            meta -= 1;
-                        }
-                    }
-                    continue;
-                }
-                _ => {}
-            }
-            let posix = &b[257..263] == b"ustar\0";
-            let name = if let Some(p) = pax.path.take() {
-                p
-            } else if let Some(l) = long_name.take() {
-                l
-            } else {
-                let n = field_str(&b[0..100]);
-                let prefix = if posix {
-                    field_str(&b[345..500])
-                } else {
-                    String::new()
-                };
-                if prefix.is_empty() {
-                    n
-                } else {
-                    format!("{prefix}/{n}")
-                }
-            };
-            if let Some(s) = pax.size {
-                if s > MAX_TAR_SIZE {
-                    return Err(tar_err(format!("tar entry size {s} is absurd")));
-                }
-                size = s;
-            }
-            let mut kind = match typeflag {
-                b'0' | 0 | b'7' if name.ends_with('/') => EntryKind::Dir,
-                b'0' | 0 | b'7' => EntryKind::File,
-                b'1' => EntryKind::Hardlink,
-                b'2' => EntryKind::Symlink,
-                b'5' => EntryKind::Dir,
-                b'S' => EntryKind::Sparse,
-                t => EntryKind::Other(t),
-            };
-            if pax.sparse && kind == EntryKind::File {
-                kind = EntryKind::Sparse;
-            }
-            if typeflag == b'S' && b[482] != 0 {
-                // Old GNU sparse: extension blocks of sparse map entries follow the header.
-                let mut ext = 0;
-                loop {
-                    ext += 1;
-                    if ext > 1024 || !self.block(&mut b)? {
-                        return Err(tar_err("bad GNU sparse header extension"));
-                    }
-                    if b[504] == 0 {
-                        break;
-                    }
-                }
-            }
-            // Header-only types carry no data whatever their size field says.
-            if matches!(typeflag, b'1'..=b'6') {
-                size = 0;
-            }
-            self.data_left = size;
-            self.pad = (512 - size % 512) % 512;
-            return Ok(Some(TarEntry {
-                name,
-                kind,
-                size,
-                data_offset: self.pos,
-            }));
-        }
-    }
-
-    /// Read from the current entry's data; end of the entry gives `Ok(0)`, a stream that ends
-    /// before it an error.
-    fn read_data(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.data_left == 0 || buf.is_empty() {
-            return Ok(0);
-        }
-        let n = buf.len().min(self.data_left.min(1 << 30) as usize);
-        let got = self.r.read(&mut buf[..n])?;
-        if got == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "tar stream is cut off inside the disk file",
-            ));
-        }
-        self.data_left -= got as u64;
-        self.pos += got as u64;
-        Ok(got)
-    }
+    io::Error::new(kind, e.to_string())
 }
 
 /// CDI's rule: the first entry whose name (without a leading `./` or `/`) starts with `disk`,
-/// is not a whiteout and not a directory. Anything but a regular file there is an error.
-fn find_disk<R: Skip>(w: &mut TarWalker<R>) -> io::Result<Option<TarEntry>> {
-    while let Some(mut e) = w.next_entry()? {
-        let name = normalize_name(&e.name);
+/// is not a whiteout and not a directory. Anything but a regular file (sparse or not) there is
+/// an error.
+fn find_disk<R: Read>(w: &mut TarReader<R>) -> io::Result<Option<Entry>> {
+    while let Some(mut e) = w.next_entry().map_err(tar_io)? {
+        let name = normalize_name(&e.path);
         if !name.starts_with("disk") {
             continue;
         }
@@ -2082,10 +1712,13 @@ fn find_disk<R: Skip>(w: &mut TarWalker<R>) -> io::Result<Option<TarEntry>> {
             continue;
         }
         if name.split('/').any(|c| c == "..") || name.contains('\0') {
-            return Err(tar_err(format!(
-                "disk entry name '{}' leaves the image (content filepath is tainted)",
-                name.escape_debug()
-            )));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "disk entry name '{}' leaves the image (content filepath is tainted)",
+                    name.escape_debug()
+                ),
+            ));
         }
         if e.kind != EntryKind::File {
             return Err(io::Error::new(
@@ -2097,7 +1730,7 @@ fn find_disk<R: Skip>(w: &mut TarWalker<R>) -> io::Result<Option<TarEntry>> {
                 ),
             ));
         }
-        e.name = name.to_string();
+        e.path = name.to_string();
         return Ok(Some(e));
     }
     Ok(None)
@@ -2321,11 +1954,11 @@ impl ContainerDisk {
                 l,
             ))));
             let tar = layer_tar(raw.clone()).map_err(|e| map_io(&ctx, raw.explain(e), kind))?;
-            let mut walker = TarWalker::new(tar);
+            let mut walker = TarReader::new(tar);
             match find_disk(&mut walker) {
                 Ok(Some(e)) => {
                     return Ok(DiskStream {
-                        name: e.name,
+                        name: e.path,
                         size: e.size,
                         layer_digest: l.digest.to_string(),
                         walker,
@@ -2352,7 +1985,7 @@ pub struct DiskStream {
     pub size: u64,
     /// Digest of the layer holding it.
     pub layer_digest: String,
-    walker: TarWalker<Box<dyn Read + Send>>,
+    walker: TarReader<Box<dyn Read + Send>>,
     raw: SharedRaw,
     kind: ErrorKind,
     finished: bool,
@@ -2382,12 +2015,12 @@ impl Read for DiskStream {
         if self.finished || buf.is_empty() {
             return Ok(0);
         }
-        let n = if self.walker.data_left > 0 {
-            self.walker.read_data(buf).map_err(|e| self.error(e))?
+        let n = if self.walker.remaining() > 0 {
+            self.walker.read(buf).map_err(|e| self.error(e))?
         } else {
             0
         };
-        if self.walker.data_left == 0 {
+        if self.walker.remaining() == 0 {
             // The disk ended: read the rest of its layer so its digest is checked before the
             // caller sees the end.
             self.raw.drain().map_err(|e| self.error(e))?;
@@ -2400,6 +2033,7 @@ impl Read for DiskStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::archive::tar::parse_number;
     use std::io::{BufRead, Write};
     use std::net::{TcpListener, TcpStream};
 
@@ -2467,15 +2101,15 @@ mod tests {
             .collect()
     }
 
-    fn scan(tar: &[u8]) -> io::Result<Option<(TarEntry, Vec<u8>)>> {
-        let mut w = TarWalker::new(tar);
+    fn scan(tar: &[u8]) -> io::Result<Option<(Entry, Vec<u8>)>> {
+        let mut w = TarReader::new(tar);
         let Some(e) = find_disk(&mut w)? else {
             return Ok(None);
         };
         let mut data = Vec::new();
         let mut buf = [0u8; 700];
         loop {
-            let n = w.read_data(&mut buf)?;
+            let n = w.read(&mut buf)?;
             if n == 0 {
                 break;
             }
@@ -2640,14 +2274,14 @@ mod tests {
         entry(&mut t, "disk/second.img", b"no", b'0');
         end(&mut t);
         let (e, data) = scan(&t).unwrap().unwrap();
-        assert_eq!((e.name.as_str(), e.size), ("disk/x.img", 1500));
+        assert_eq!((e.path.as_str(), e.size), ("disk/x.img", 1500));
         assert_eq!(data, disk);
 
         // A plain `disk` prefix is enough (CDI), and a leading '/' is stripped.
         let mut t = Vec::new();
         entry(&mut t, "/disk.qcow2", b"abc", b'0');
         end(&mut t);
-        assert_eq!(scan(&t).unwrap().unwrap().0.name, "disk.qcow2");
+        assert_eq!(scan(&t).unwrap().unwrap().0.path, "disk.qcow2");
 
         // No disk at all.
         let mut t = Vec::new();
@@ -2672,7 +2306,7 @@ mod tests {
         end(&mut t);
         let (e, data) = scan(&t).unwrap().unwrap();
         assert_eq!(
-            (e.name.as_str(), data.as_slice()),
+            (e.path.as_str(), data.as_slice()),
             (long.as_str(), &b"long"[..])
         );
 
@@ -2689,7 +2323,7 @@ mod tests {
         end(&mut t);
         let (e, data) = scan(&t).unwrap().unwrap();
         assert_eq!(
-            (e.name.as_str(), data.as_slice()),
+            (e.path.as_str(), data.as_slice()),
             ("disk/pax.img", &b"12345"[..])
         );
 
