@@ -660,13 +660,14 @@ fn ingest_image(
             Ok(r.virtual_size)
         }
         Format::Tar => {
-            // A tar holding a disk: the first regular file is the image.
-            let mut ar = tar::Archive::new(inner);
-            let entries = ar.entries().map_err(|e| Error::io("cannot read tar", e))?;
-            for entry in entries {
-                let entry = entry.map_err(|e| Error::io("cannot read tar", e))?;
-                if entry.header().entry_type().is_file() {
-                    let (layers, f, s) = stream::unwrap_layers(Box::new(entry), threads)?;
+            // A tar holding a disk: the first file entry is the image, sparse or not (CDI's
+            // rule), read through the bounded tar reader; a sparse entry's holes read as
+            // zeros, which the sink leaves as holes.
+            let mut ar = crate::archive::tar::TarReader::new(inner);
+            while let Some(entry) = ar.next_entry()? {
+                if entry.is_file() {
+                    let (layers, f, s) =
+                        stream::unwrap_layers(Box::new(ar.into_entry_reader()), threads)?;
                     report.layers.extend(layers);
                     if matches!(f, Format::Tar) {
                         return Err(Error::new(

@@ -700,3 +700,49 @@ fn loop_device_target() {
             .contains("is larger than the reported available storage 33554432")
     );
 }
+
+#[test]
+fn sparse_disks_in_tar_import_sparse() {
+    // `tar -S` is how sparse disks are shipped: GNU sparse entries (old GNU and PAX forms) are
+    // file entries, the first of which is the disk, and its holes stay holes.
+    let d = Dir::new();
+    tool("tar");
+    let raw = d.p("disk.img");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&raw).unwrap();
+        f.set_len(256 << 20).unwrap();
+        for (k, off) in [0u64, 100 << 20, (256 << 20) - 4096]
+            .into_iter()
+            .enumerate()
+        {
+            f.write_all_at(&vec![0x5a + k as u8; 4096], off).unwrap();
+        }
+    }
+    for (name, flags) in [
+        ("gnu", "--format=gnu --sparse"),
+        ("pax01", "--format=pax --sparse --sparse-version=0.1"),
+        ("pax10", "--format=pax --sparse --sparse-version=1.0"),
+    ] {
+        let t = d.s(&format!("{name}.tar"));
+        ok(
+            &sh(&format!(
+                "cd '{}' && tar {flags} -cf '{t}' disk.img",
+                d.s("")
+            )),
+            "tar -S",
+        );
+        // The archive is small: only the data is stored.
+        assert!(std::fs::metadata(&t).unwrap().len() < 1 << 20, "{name}");
+        let out = d.s(&format!("{name}.out"));
+        ok(&import_pipe(&t, &out, ""), name);
+        compare(&raw.to_string_lossy(), &out);
+        let used = std::fs::metadata(&out).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            used.blocks() * 512 < 8 << 20,
+            "{name}: imported disk is not sparse ({} bytes allocated)",
+            used.blocks() * 512
+        );
+    }
+}
