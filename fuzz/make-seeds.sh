@@ -114,6 +114,8 @@ dd if="$t/seed.iso" of="$i/pvd-only" bs=2048 skip=16 count=1 status=none
 # check: the qcow2_read seeds (valid images of every kind).
 mkdir -p seeds/check seeds/stream_import seeds/tar_unpack
 cp seeds/qcow2_read/*.qcow2 seeds/check/
+mkdir -p seeds/qcow2_differential
+cp seeds/qcow2_read/*.qcow2 seeds/qcow2_differential/
 
 # stream_import: qcow2 images (plain and compressed) and compressed raw streams, and a tar
 # holding a gzipped disk.

@@ -77,10 +77,12 @@ impl Qcow2 {
     ) -> Result<Qcow2> {
         let file_size = io.size().map_err(|e| Error::io("cannot stat image", e))?;
         let head = header::read_cluster0(io.as_ref(), file_size)?;
-        let header = Header::parse(&head, file_size)?;
         if refuse_external {
-            header.refuse_external_files()?;
+            // Named files are refused before anything that needs the file's length, as the
+            // streaming reader (which learns the length last) does.
+            Header::parse(&head, u64::MAX)?.refuse_external_files()?;
         }
+        let header = Header::parse(&head, file_size)?;
         let snapshots = snapshot::read_table(io.as_ref(), &header, file_size)?;
         // A snapshot is read with the image's current virtual size, as qemu-img convert -l
         // does (qcow2_snapshot_load_tmp swaps only the L1 table): clusters past the snapshot's
@@ -96,9 +98,10 @@ impl Qcow2 {
             }
         };
         let l1_bytes = u64::from(l1_size) * 8;
-        if l1_offset
-            .checked_add(l1_bytes)
-            .is_none_or(|end| end > file_size)
+        if l1_bytes > 0
+            && l1_offset
+                .checked_add(l1_bytes)
+                .is_none_or(|end| end > file_size)
         {
             return Err(corrupt!(
                 "L1 table at {l1_offset:#x} ({l1_size} entries) runs past end of file"
