@@ -478,8 +478,41 @@ struct PoolState {
     reserved: u64,
     /// Output chunks borrowed beyond the reservations.
     borrowed: u64,
+    /// Spare [`CHUNK`]-sized buffers for reuse (counted against the budget too): reusing
+    /// them, rather than freeing and allocating, keeps the allocator's arenas from holding
+    /// freed memory beyond the budget.
+    idle: Vec<Vec<u8>>,
     /// The reader is gone: waiting workers stop.
     closed: bool,
+}
+
+impl PoolState {
+    fn used(&self) -> u64 {
+        self.reserved + self.borrowed + self.idle.len() as u64 * CHUNK
+    }
+
+    /// A buffer of capacity `n`: a spare one if it is [`CHUNK`] bytes.
+    fn buffer(&mut self, n: usize) -> Vec<u8> {
+        if n as u64 == CHUNK {
+            if let Some(v) = self.idle.pop() {
+                return v;
+            }
+        }
+        Vec::with_capacity(n)
+    }
+
+    /// Keep `v` as a spare buffer if it fits in the budget.
+    fn stash(&mut self, mut v: Vec<u8>) {
+        if v.capacity() as u64 == CHUNK && self.used() + CHUNK <= self.cap {
+            v.clear();
+            self.idle.push(v);
+        }
+    }
+
+    /// Drop spare buffers until the accounted memory fits in the budget.
+    fn trim(&mut self) {
+        while self.used() > self.cap && self.idle.pop().is_some() {}
+    }
 }
 
 /// Output chunks each block may have outstanding (one being filled, one with the reader)
@@ -501,9 +534,9 @@ struct Share {
 }
 
 impl Share {
-    /// Wait for room for one more output chunk; returns whether it is borrowed, or `None`
-    /// once the reader is gone.
-    fn take_chunk(&self) -> Option<bool> {
+    /// Wait for room for one more output chunk; returns it and whether it is borrowed, or
+    /// `None` once the reader is gone.
+    fn take_chunk(&self) -> Option<(Vec<u8>, bool)> {
         let mut st = self.pool.lock();
         loop {
             if st.closed {
@@ -511,32 +544,41 @@ impl Share {
             }
             if self.own.load(Ordering::Relaxed) < OWN_CHUNKS {
                 self.own.fetch_add(1, Ordering::Relaxed);
-                return Some(false);
+                return Some((st.buffer(self.chunk as usize), false));
             }
-            if st.reserved + st.borrowed + self.chunk <= st.cap {
+            if self.chunk == CHUNK && !st.idle.is_empty() {
                 st.borrowed += self.chunk;
-                return Some(true);
+                return Some((st.buffer(self.chunk as usize), true));
+            }
+            if st.used() + self.chunk <= st.cap {
+                st.borrowed += self.chunk;
+                return Some((Vec::with_capacity(self.chunk as usize), true));
             }
             st = self.pool.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     }
 
     /// The reader is done with a chunk.
-    fn give_chunk(&self, borrowed: bool) {
+    fn give_chunk(&self, v: Vec<u8>, borrowed: bool) {
         let mut st = self.pool.lock();
         if borrowed {
             st.borrowed -= self.chunk;
         } else {
             self.own.fetch_sub(1, Ordering::Relaxed);
         }
+        st.stash(v);
         drop(st);
         self.pool.cv.notify_all();
     }
 
-    /// Return `n` bytes of the reservation (compressed input consumed, or the block's end).
-    fn release(&self, n: u64) {
+    /// Return `n` bytes of the reservation (compressed input consumed, or the block's end),
+    /// and the buffer that held them, if any.
+    fn release(&self, n: u64, v: Option<Vec<u8>>) {
         let mut st = self.pool.lock();
         st.reserved -= n;
+        if let Some(v) = v {
+            st.stash(v);
+        }
         drop(st);
         self.pool.cv.notify_all();
     }
@@ -561,11 +603,9 @@ struct Job {
 }
 
 fn work(mut d: BlockDec, chunks: Vec<Vec<u8>>, share: Arc<Share>, tx: Sender<Msg>) {
-    let chunk = share.chunk as usize;
     let r = (|| -> io::Result<u64> {
         let gone = || io::Error::other("xz reader is gone");
-        let mut borrowed = share.take_chunk().ok_or_else(gone)?;
-        let mut out = Vec::with_capacity(chunk);
+        let (mut out, mut borrowed) = share.take_chunk().ok_or_else(gone)?;
         let mut chunks = chunks.into_iter();
         let mut cur = chunks.next().unwrap_or_default();
         let mut pos = 0;
@@ -574,22 +614,21 @@ fn work(mut d: BlockDec, chunks: Vec<Vec<u8>>, share: Arc<Share>, tx: Sender<Msg
             let (used, fin) = d.step(inp, &mut out)?;
             pos += used;
             if pos == cur.len() && !cur.is_empty() {
-                share.release(cur.len() as u64);
-                cur = chunks.next().unwrap_or_default();
+                let used = std::mem::replace(&mut cur, chunks.next().unwrap_or_default());
+                share.release(used.len() as u64, Some(used));
                 pos = 0;
             }
             if fin {
                 if !out.is_empty() {
                     tx.send(Msg::Data(out, borrowed)).map_err(|_| gone())?;
                 } else {
-                    share.give_chunk(borrowed);
+                    share.give_chunk(out, borrowed);
                 }
                 return Ok(d.s.total_out());
             }
             if out.len() == out.capacity() {
                 tx.send(Msg::Data(out, borrowed)).map_err(|_| gone())?;
-                borrowed = share.take_chunk().ok_or_else(gone)?;
-                out = Vec::with_capacity(chunk);
+                (out, borrowed) = share.take_chunk().ok_or_else(gone)?;
             }
         }
     })();
@@ -612,11 +651,32 @@ struct Blocks {
     pool: Arc<Pool>,
     /// The chunk the reader is serving, to give back once served.
     held: Option<(Arc<Share>, bool)>,
+    /// Blocks for the worker threads, which live as long as this stream's decoding (one
+    /// per block in flight: their allocator arenas are reused, not multiplied).
+    tasks: Sender<Task>,
+    task_rx: Arc<Mutex<Receiver<Task>>>,
+    workers: usize,
+}
+
+type Task = Box<dyn FnOnce() + Send>;
+
+fn worker_loop(rx: Arc<Mutex<Receiver<Task>>>) {
+    loop {
+        let t = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        match t {
+            Ok(f) => f(),
+            Err(_) => return,
+        }
+    }
 }
 
 impl Blocks {
     fn new(flags: [u8; 2], next: Option<BlockHeader>, budget: u64) -> Box<Blocks> {
+        let (tasks, task_rx) = channel();
         Box::new(Blocks {
+            tasks,
+            task_rx: Arc::new(Mutex::new(task_rx)),
+            workers: 0,
             flags,
             at_index: next.is_none(),
             next,
@@ -628,6 +688,7 @@ impl Blocks {
                     cap: budget,
                     reserved: 0,
                     borrowed: 0,
+                    idle: Vec::new(),
                     closed: false,
                 }),
                 cv: Condvar::new(),
@@ -834,7 +895,7 @@ impl Blocks {
     ) -> io::Result<bool> {
         out.clear();
         if let Some((share, borrowed)) = self.held.take() {
-            share.give_chunk(borrowed);
+            share.give_chunk(std::mem::take(out), borrowed);
         }
         loop {
             if let Some(d) = &mut self.inline {
@@ -872,7 +933,7 @@ impl Blocks {
                         return Ok(false);
                     }
                     Ok(Msg::Done(n)) => {
-                        front.share.release(front.fixed);
+                        front.share.release(front.fixed, None);
                         let unpadded = front.unpadded;
                         self.inflight.pop_front();
                         self.done.add(unpadded, n);
@@ -933,6 +994,7 @@ impl Blocks {
                 let fits = st.reserved + st.borrowed + fixed.saturating_add(body) <= st.cap;
                 if fits {
                     st.reserved += fixed + body;
+                    st.trim();
                 }
                 fits
             };
@@ -946,9 +1008,9 @@ impl Blocks {
                 let mut left = body;
                 while left > 0 {
                     let n = left.min(CHUNK) as usize;
-                    let mut c = Vec::with_capacity(n);
+                    let mut c = self.pool.lock().buffer(n);
                     if let Err(e) = input.fill_to(&mut c, n) {
-                        share.release(fixed + left);
+                        share.release(fixed + body, Some(c));
                         return Err(e);
                     }
                     chunks.push(c);
@@ -957,9 +1019,16 @@ impl Blocks {
                 let d = BlockDec::new(self.flags, &hdr.raw, body, unpadded)?;
                 let (tx, rx) = channel();
                 let sh = share.clone();
-                std::thread::Builder::new()
-                    .name("vdisk-xz".into())
-                    .spawn(move || work(d, chunks, sh, tx))?;
+                if self.workers <= self.inflight.len() {
+                    let rx = self.task_rx.clone();
+                    std::thread::Builder::new()
+                        .name("vdisk-xz".into())
+                        .spawn(move || worker_loop(rx))?;
+                    self.workers += 1;
+                }
+                self.tasks
+                    .send(Box::new(move || work(d, chunks, sh, tx)))
+                    .map_err(|_| io::Error::other("xz workers are gone"))?;
                 self.inflight.push_back(Job {
                     rx,
                     share,
