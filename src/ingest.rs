@@ -207,6 +207,9 @@ const CANCELLED: &str = "import cancelled";
 /// its working buffers and a share for mapping state (tables still awaited, mappings waiting
 /// for their data), together at least this.
 const STREAM_BASE: u64 = 16 << 20;
+/// Memory for the decompression layers (xz dictionaries and blocks decoded ahead, zstd's
+/// window): with the stream reader's budget, an importer stays within 64 MiB of RSS.
+const DECODER_BUDGET: u64 = 32 << 20;
 /// The share of [`STREAM_BASE`] for mapping state.
 const MAPPING_ALLOWANCE: u64 = 8 << 20;
 
@@ -398,7 +401,7 @@ fn begin<'s, 'p, 'a>(
     let (layers, fmt, inner) = if raw {
         (Vec::new(), Format::Raw, input)
     } else {
-        stream::unwrap_layers(input, threads)?
+        stream::unwrap_layers_with_budget(input, threads, DECODER_BUDGET)?
     };
     let report = ImportReport {
         layers,
@@ -666,8 +669,11 @@ fn ingest_image(
             let mut ar = crate::archive::tar::TarReader::new(inner);
             while let Some(entry) = ar.next_entry()? {
                 if entry.is_file() {
-                    let (layers, f, s) =
-                        stream::unwrap_layers(Box::new(ar.into_entry_reader()), threads)?;
+                    let (layers, f, s) = stream::unwrap_layers_with_budget(
+                        Box::new(ar.into_entry_reader()),
+                        threads,
+                        DECODER_BUDGET,
+                    )?;
                     report.layers.extend(layers);
                     if matches!(f, Format::Tar) {
                         return Err(Error::new(

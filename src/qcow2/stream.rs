@@ -316,15 +316,7 @@ impl Kept<'_> {
             return Ok(());
         }
         let Some(dir) = self.dir else {
-            if let Some(last) = self.dropped.last_mut()
-                && last.1 == host
-            {
-                last.1 += len;
-                return Ok(());
-            }
-            self.acct.add(16, "ranges of data passed and not kept")?;
-            self.dropped.push((host, host + len));
-            return Ok(());
+            return self.drop_range(host, host + len);
         };
         if self.file.is_none() {
             let p = dir.join(format!(".vdisk-spill-{}", std::process::id()));
@@ -361,6 +353,19 @@ impl Kept<'_> {
             .map_err(|e| Error::io("cannot write spill file", e))?;
         self.file_end += len;
         self.spilled += len;
+        Ok(())
+    }
+
+    /// Mark host bytes `a..b` (ascending after all earlier ones) as passed and not kept.
+    fn drop_range(&mut self, a: u64, b: u64) -> Result<()> {
+        if let Some(last) = self.dropped.last_mut()
+            && last.1 >= a
+        {
+            last.1 = last.1.max(b);
+            return Ok(());
+        }
+        self.acct.add(16, "ranges of data passed and not kept")?;
+        self.dropped.push((a, b));
         Ok(())
     }
 
@@ -418,8 +423,9 @@ impl Kept<'_> {
                 return Err(Error::new(
                     ErrorKind::TooLarge,
                     format!(
-                        "qcow2 data at {cur:#x} arrives before the tables that map it and exceeds the memory budget; \
-                         spilling is not allowed (use seekable input, a larger budget, or allow spilling)"
+                        "qcow2 data at {cur:#x} arrives before the tables that map it and was not kept: it exceeds the \
+                         memory budget and spilling is not allowed (use seekable input, a larger budget, or allow spilling), \
+                         or it is a compressed cluster mapped twice"
                     ),
                 ));
             }
@@ -495,7 +501,7 @@ struct Reader<'a> {
     pad: Vec<u8>,
     /// Ranges of the current chunk: claimed (tables, written data) while the mapping is
     /// incomplete.
-    claimed: Vec<(u64, u64)>,
+    claimed: Vec<(u64, u64, bool)>,
     ready: Vec<(u64, u64)>,
     verdict: Option<(Rank, Error)>,
     /// The highest host offset any data unit or compressed cluster starts at (data mapped
@@ -658,7 +664,7 @@ impl<'a> Reader<'a> {
             let a = self.l1_off + self.l1_got;
             if a >= start && a < end {
                 let b = (self.l1_off + self.l1_bytes).min(end);
-                self.claimed.push((a, b));
+                self.claimed.push((a, b, false));
                 let r = self.feed_l1(&bytes[(a - start) as usize..(b - start) as usize], start);
                 if let Err(e) = r {
                     self.note(Rank::Mapping, e)?;
@@ -668,6 +674,7 @@ impl<'a> Reader<'a> {
             self.claimed.push((
                 self.l1_off.max(start),
                 (self.l1_off + self.l1_bytes).min(end),
+                false,
             ));
         }
         // L2 tables.
@@ -683,7 +690,7 @@ impl<'a> Reader<'a> {
                 }
                 let a = (host - start) as usize;
                 let b = (a + self.cs as usize).min(bytes.len());
-                self.claimed.push((host, host + self.cs));
+                self.claimed.push((host, host + self.cs, false));
                 let mut pad = std::mem::take(&mut self.pad);
                 let table: &[u8] = if b - a == self.cs as usize {
                     &bytes[a..b]
@@ -897,7 +904,7 @@ impl<'a> Reader<'a> {
             if b > a {
                 self.write(g + skip, &bytes[(a - start) as usize..(b - start) as usize])?;
                 if incomplete {
-                    self.claimed.push((a, b));
+                    self.claimed.push((a, b, false));
                     self.kept.record_readback(a, g + skip, b - a)?;
                 }
             }
@@ -972,6 +979,14 @@ impl<'a> Reader<'a> {
             if self.batch.items.is_empty() {
                 self.batch.input.reserve(BATCH_IN.max(2 * self.cs) as usize);
             }
+            if !self.mapping_known() {
+                // Consumed: not kept again (a second mapping of it is refused).
+                let a = off.max(start);
+                let b = (off + len).min(end);
+                if a < b {
+                    self.claimed.push((a, b, true));
+                }
+            }
             let mut input = std::mem::take(&mut self.batch.input);
             let at = input.len();
             input.resize(at + len as usize, 0);
@@ -996,8 +1011,9 @@ impl<'a> Reader<'a> {
         claimed.sort_unstable();
         let mut p = start;
         let mut r = Ok(());
-        for &(a, b) in claimed.iter().chain(std::iter::once(&(end, end))) {
+        for &(a, b, consumed) in claimed.iter().chain(std::iter::once(&(end, end, false))) {
             let a = a.clamp(start, end);
+            let b = b.min(end);
             if a > p {
                 r = self
                     .kept
@@ -1006,7 +1022,13 @@ impl<'a> Reader<'a> {
                     break;
                 }
             }
-            p = p.max(b.min(end));
+            if consumed && b > a.max(p) {
+                r = self.kept.drop_range(a.max(p), b);
+                if r.is_err() {
+                    break;
+                }
+            }
+            p = p.max(b);
         }
         self.claimed = claimed;
         r
