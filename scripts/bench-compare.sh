@@ -8,7 +8,8 @@
 # CORPUS_DIR is made by ../shared/bench/make-corpus.sh (img.qcow2, img-deflate.qcow2,
 # img-zstd.qcow2, raw.img, overlay.qcow2); files that are missing are skipped. Outputs are
 # written next to the corpus (same filesystem) and removed after each run. The first output of
-# each tool is checked against the other with `qemu-img compare`.
+# each tool is checked against the other with `qemu-img compare`. A second table times the
+# streaming import (from a pipe) against convert of the same file (the one-engine ratio).
 set -euo pipefail
 CORPUS=${1:?usage: bench-compare.sh CORPUS_DIR [RUNS]}
 RUNS=${2:-5}
@@ -55,4 +56,26 @@ for img in img.qcow2 img-deflate.qcow2 img-zstd.qcow2 raw.img overlay.qcow2; do
   ratio=$(awk -v q="$qt" -v v="$vt" 'BEGIN { if (v > 0) printf "%.2fx", q / v; else print "inf" }')
   printf '%-20s %9ss %9ss %8s %9s KiB %9s KiB   (allocated blocks: qemu %s, vdisk %s)\n' \
     "$img" "$qt" "$vt" "$ratio" "$qm" "$vm" "$qa" "$va"
+done
+
+# The streaming path against the file path on the same images: `vdisk import` from a pipe
+# (what the importer and uploader run) and `vdisk convert` of the file, alternating.
+echo
+printf '%-20s %10s %10s %8s %12s %12s\n' image convert import ratio convert-RSS import-RSS
+for img in img.qcow2 img-deflate.qcow2 img-zstd.qcow2; do
+  src="$CORPUS/$img"
+  [ -e "$src" ] || continue
+  : > "$OUT/ct"; : > "$OUT/it"; : > "$OUT/cm"; : > "$OUT/im"
+  for _ in $(seq "$RUNS"); do
+    read -r s m < <(run vdisk "$src" "$OUT/c.raw"); echo "$s" >> "$OUT/ct"; echo "$m" >> "$OUT/cm"
+    rm -f "$OUT/i.img"
+    /usr/bin/time -f "%e %M" -o "$OUT/t" sh -c "cat '$src' | '$VDISK' import - '$OUT/i.img' 2>/dev/null"
+    read -r s m < "$OUT/t"; echo "$s" >> "$OUT/it"; echo "$m" >> "$OUT/im"
+    qemu-img compare -q -f raw -F raw "$OUT/c.raw" "$OUT/i.img" || { echo "MISMATCH on import of $img" >&2; exit 1; }
+    rm -f "$OUT/c.raw" "$OUT/i.img"
+  done
+  ct=$(median < "$OUT/ct"); it=$(median < "$OUT/it")
+  cm=$(sort -n "$OUT/cm" | tail -1); im=$(sort -n "$OUT/im" | tail -1)
+  ratio=$(awk -v c="$ct" -v i="$it" 'BEGIN { if (c > 0) printf "%.2fx", i / c; else print "inf" }')
+  printf '%-20s %9ss %9ss %8s %9s KiB %9s KiB\n' "$img" "$ct" "$it" "$ratio" "$cm" "$im"
 done

@@ -4,11 +4,10 @@
 //!
 //! The stream is unwrapped (gzip, xz, zstd: one layer of each), sniffed, and then:
 //! - raw (and ISO) bytes are written as they come, zero runs left as holes;
-//! - qcow2 is read front to back without seeking ([`QcowStream`]): header and L1 first, L2
-//!   tables recognised as they pass, data written at its guest offsets. Data that arrives
-//!   before the L2 table that maps it (compressed images, other producers) is held within a
-//!   memory budget and past it spilled to a temporary file on the target's volume, or refused;
-//! - a tar holding a disk image yields that image; with content type `archive` a tar is
+//! - qcow2 is read by the streaming strategy of the one qcow2 engine ([`crate::qcow2::stream`]),
+//!   which owns every rule and limit, with one memory budget for all it holds;
+//! - a tar holding a disk image yields its first file entry (sparse included), read by the
+//!   bounded [`crate::archive::tar`] reader; with content type `archive` a tar is
 //!   unpacked safely into a directory ([`crate::archive`]).
 //!
 //! Writes never go past the target's capacity (so decompression bombs stop with a clear error),
@@ -65,7 +64,8 @@ pub struct ImportOptions<'a> {
     pub requested_size: Option<u64>,
     /// Preallocate the disk (falloc, falling back to writing zeros).
     pub preallocate: bool,
-    /// Memory for qcow2 data that arrives before its mapping.
+    /// Memory for qcow2 data that arrives before its mapping (beyond it: spill or refuse);
+    /// the stream reader's budget is this plus its working buffers and mapping state.
     pub memory_budget: u64,
     /// Spill past the budget to a temporary file on the target's volume.
     pub allow_spill: bool,

@@ -746,3 +746,84 @@ fn sparse_disks_in_tar_import_sparse() {
         );
     }
 }
+
+/// A hostile qcow2 (512-byte clusters) whose `tables` L2 tables name clusters far past the
+/// end, none adjacent: millions of mappings that will never get their data.
+fn hostile_far_mappings(tables: u64) -> Vec<u8> {
+    let cs = 512u64;
+    let per = cs / 8;
+    let size = tables * per * cs;
+    let l1_off = 3 * cs;
+    let l1_clusters = (tables * 8).div_ceil(cs);
+    let first_l2 = l1_off + l1_clusters * cs;
+    let mut b = vec![0u8; (first_l2 + tables * cs) as usize];
+    let put32 = |b: &mut [u8], o: usize, v: u32| b[o..o + 4].copy_from_slice(&v.to_be_bytes());
+    let put64 = |b: &mut [u8], o: usize, v: u64| b[o..o + 8].copy_from_slice(&v.to_be_bytes());
+    put32(&mut b, 0, 0x5146_49fb);
+    put32(&mut b, 4, 3);
+    put32(&mut b, 20, 9);
+    put64(&mut b, 24, size);
+    put32(&mut b, 36, tables as u32);
+    put64(&mut b, 40, l1_off);
+    put64(&mut b, 48, cs);
+    put32(&mut b, 56, 1);
+    put32(&mut b, 96, 4);
+    put32(&mut b, 100, 104);
+    put64(&mut b, cs as usize, 2 * cs);
+    for i in 0..tables {
+        put64(
+            &mut b,
+            (l1_off + i * 8) as usize,
+            (1 << 63) | (first_l2 + i * cs),
+        );
+        for k in 0..per {
+            let far = (1u64 << 40) + (i * per + k) * 2 * cs;
+            put64(
+                &mut b,
+                (first_l2 + i * cs + k * 8) as usize,
+                (1 << 63) | far,
+            );
+        }
+    }
+    b
+}
+
+#[test]
+fn hostile_mappings_stay_within_the_memory_budget() {
+    // Before the stream reader shared the file reader's engine and budget, a 46 MB image like
+    // this drove `vdisk import` to 763 MiB of RSS. Now every entry point refuses it as the
+    // file reader does (data mapped past the end) and the import stays within 64 MiB.
+    let d = Dir::new();
+    let img = d.p("hostile.qcow2");
+    std::fs::write(&img, hostile_far_mappings(90_000)).unwrap();
+    let convert = Command::new(vdisk())
+        .args(["convert", "-O", "raw"])
+        .arg(&img)
+        .arg(d.p("c.raw"))
+        .output()
+        .unwrap();
+    assert!(!convert.status.success());
+    for flags in [
+        "",
+        "--memory-budget 1",
+        "--no-spill",
+        "--memory-budget 1 --no-spill",
+    ] {
+        let out = d.s("out.img");
+        let o = sh(&format!(
+            "/usr/bin/time -f 'peak %M' {} import {flags} - '{out}' < '{}'",
+            vdisk(),
+            img.display()
+        ));
+        assert!(!o.status.success(), "{flags}: hostile image imported");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("lies past end of file"), "{flags}: {err}");
+        let peak: u64 = err
+            .lines()
+            .find_map(|l| l.strip_prefix("peak "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no peak RSS in {err}"));
+        assert!(peak <= 64 * 1024, "{flags}: peak RSS {peak} KiB");
+        assert!(!d.p("out.img").exists(), "{flags}: left a disk");
+    }
+}

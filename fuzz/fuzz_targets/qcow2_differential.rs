@@ -60,12 +60,17 @@ fuzz_target!(|data: &[u8]| {
     }
     for threads in [1, 2] {
         let stream = streamed(data, threads);
+        // The target is small: a disk bigger than it is refused for space before anything
+        // else, which says nothing about the image.
+        if stream.as_ref().is_err_and(|e| e.kind() == ErrorKind::NoSpace) {
+            continue;
+        }
         match (&file, &stream) {
             (Ok(a), Ok(b)) => assert!(a == b, "stream and file readers disagree on the content"),
             (Err(e), Err(s)) => assert_eq!(e.kind(), s.kind(), "file: {e}; stream: {s}"),
             (Err(e), Ok(_)) => panic!("stream accepts what the file reader refuses: {e}"),
-            // The target is small: a bigger disk is refused for space, not a disagreement.
-            (Ok(_), Err(s)) if matches!(s.kind(), ErrorKind::NoSpace | ErrorKind::TooLarge) => {}
+            // The stream's own budget (listed in the README) is not a disagreement.
+            (Ok(_), Err(s)) if s.kind() == ErrorKind::TooLarge => {}
             (Ok(_), Err(s)) => panic!("stream refuses what the file reader accepts: {s}"),
         }
     }

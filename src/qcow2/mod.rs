@@ -2,8 +2,11 @@
 //! (standard and extended L2), zero and compressed clusters (deflate and zstd), backing files
 //! and external data files (opened by [`crate::image`] under the caller's policy).
 //!
-//! Every table entry is checked before use (reserved bits, alignment, bounds). The L1 table is
-//! held in memory (at most 32 MiB, qemu's limit); L2 tables go through a bounded cache.
+//! One model, two access strategies: this random-access reader ([`Qcow2`]) and the streaming
+//! reader ([`stream`]) decode every entry through [`entry`] and parse the header and snapshot
+//! table with the same code, so "is this image valid" is decided in one place. Every table
+//! entry is checked before use (reserved bits, alignment, bounds). The L1 table is held in
+//! memory (at most 32 MiB, qemu's limit); L2 tables go through a bounded cache.
 
 pub mod check;
 pub mod header;

@@ -197,7 +197,8 @@ struct ImportArgs {
     /// Accepted for clarity: streams are always untrusted (no backing or data files).
     #[arg(long)]
     untrusted: bool,
-    /// Memory for qcow2 data that arrives before its tables, in MiB.
+    /// Memory for qcow2 data that arrives before its tables and for mapping state, in MiB (the
+    /// reader's fixed buffers come on top; everything is counted in one budget).
     #[arg(long, default_value = "32")]
     memory_budget: u64,
     /// Refuse such images instead of spilling to a temporary file on the target volume.
