@@ -683,15 +683,7 @@ fn builder_makes_a_valid_image() {
     assert!(data[c..].iter().all(|&x| x == 0));
     // The CLI converts it to what qemu-img converts it to.
     let q = dir.path().join("q.raw");
-    qemu_img(&[
-        os("convert"),
-        os("-f"),
-        os("qcow2"),
-        os("-O"),
-        os("raw"),
-        p.as_os_str(),
-        q.as_os_str(),
-    ]);
+    qemu_to_raw(&p, &q);
     let v = dir.path().join("v.raw");
     let r = cli(&[
         os("convert"),
@@ -1537,15 +1529,7 @@ fn cli_matches_qemu(bytes: &[u8]) {
     let p = dir.path().join("img.qcow2");
     std::fs::write(&p, bytes).unwrap();
     let (q, v) = (dir.path().join("q.raw"), dir.path().join("v.raw"));
-    qemu_img(&[
-        os("convert"),
-        os("-f"),
-        os("qcow2"),
-        os("-O"),
-        os("raw"),
-        p.as_os_str(),
-        q.as_os_str(),
-    ]);
+    qemu_to_raw(&p, &q);
     let r = cli(&[
         os("convert"),
         os("-f"),
@@ -1670,15 +1654,19 @@ fn qemu_accepts(bytes: &[u8]) {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("img.qcow2");
     std::fs::write(&p, bytes).unwrap();
-    let q = dir.path().join("q.raw");
+    qemu_to_raw(&p, &dir.path().join("q.raw"));
+}
+
+/// `qemu-img convert -f qcow2 -O raw`, which must succeed.
+fn qemu_to_raw(src: &Path, dst: &Path) {
     qemu_img(&[
         os("convert"),
         os("-f"),
         os("qcow2"),
         os("-O"),
         os("raw"),
-        p.as_os_str(),
-        q.as_os_str(),
+        src.as_os_str(),
+        dst.as_os_str(),
     ]);
 }
 

@@ -707,27 +707,25 @@ impl<'a> Reader<'a> {
                 }
             }
         }
-        if !self.draining() {
-            let r = self.data_in(start, bytes);
-            if let Err(e) = r {
-                self.note(Rank::Mapping, e)?;
+        // Each step stops once an error is held (the rest of the input is only validated).
+        type Step<'r> = fn(&mut Reader<'r>, u64, &[u8]) -> Result<()>;
+        let steps: [Step<'a>; 4] = [
+            Self::data_in,
+            |r, s, b| r.compressed_in(s, b, false),
+            |r, s, b| {
+                if r.mapping_known() {
+                    Ok(())
+                } else {
+                    r.keep(s, b)
+                }
+            },
+            Self::carry_over,
+        ];
+        for step in steps {
+            if self.draining() {
+                break;
             }
-        }
-        if !self.draining() {
-            let r = self.compressed_in(start, bytes, false);
-            if let Err(e) = r {
-                self.note(Rank::Mapping, e)?;
-            }
-        }
-        if !self.draining() && !self.mapping_known() {
-            let r = self.keep(start, bytes);
-            if let Err(e) = r {
-                self.note(Rank::Mapping, e)?;
-            }
-        }
-        if !self.draining() {
-            let r = self.carry_over(start, bytes);
-            if let Err(e) = r {
+            if let Err(e) = step(self, start, bytes) {
                 self.note(Rank::Mapping, e)?;
             }
         }
