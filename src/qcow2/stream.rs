@@ -125,16 +125,11 @@ pub fn open(fill: &mut Fill<'_>) -> Result<Opened> {
     }
     let bits = BigEndian::read_u32(&head[20..24]);
     if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) && n == 112 {
+        // The smallest cluster (512 bytes) is larger than the fixed fields read so far.
         let cs = 1usize << bits;
-        head.resize(cs.max(112), 0);
-        let more = if cs > 112 {
-            fill(&mut head[112..cs])?
-        } else {
-            0
-        };
+        head.resize(cs, 0);
+        let more = fill(&mut head[112..])?;
         head.truncate(112 + more);
-        // A cluster smaller than the fixed fields read: the rest belongs to cluster 1.
-        head.truncate(head.len().max(cs.min(head.len())));
     }
     let header = Header::parse(&head, u64::MAX)?;
     header.refuse_external_files()?;
