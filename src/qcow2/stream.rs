@@ -85,17 +85,33 @@ pub fn working_set(cluster_size: u64, threads: u32) -> u64 {
     let batch_in = cluster_size.saturating_mul(2).max(BATCH_IN);
     let out = cluster_size.max(BATCH_OUT);
     let t = u64::from(threads.max(1));
-    chunk + GATHER as u64 + 2 * cluster_size + cluster_size + (t + 2) * batch_in + t * out
+    CHUNKS as u64 * chunk
+        + GATHER as u64
+        + 2 * cluster_size
+        + cluster_size
+        + (t + 2) * batch_in
+        + t * out
 }
 
-/// Input is processed in chunks of this size (or one cluster, if larger).
+/// Input is processed in chunks of this size (or one cluster, if larger)...
 const CHUNK: u64 = 1 << 20;
+/// ... of which this many are in flight between the reading and the parsing thread.
+const CHUNKS: usize = 3;
+
+/// What the reading thread hands the parsing thread.
+enum Piece {
+    Chunk { start: u64, buf: Vec<u8>, n: usize },
+    End(u64),
+}
 /// Guest writes smaller than this are gathered.
 const GATHER: usize = 256 << 10;
 /// A decode batch holds at most this many compressed bytes (or one cluster's worth)...
 const BATCH_IN: u64 = 512 << 10;
 /// ... and decodes into at most this many bytes (or one cluster).
 const BATCH_OUT: u64 = 2 << 20;
+/// Decoded clusters go to the target in runs of at most this many bytes (or one cluster),
+/// written while they are still in the decoding core's cache.
+const WRITE_RUN: usize = 256 << 10;
 /// Bytes charged for one entry of a map of waiting mappings or held ranges (key, value,
 /// tree overhead).
 const NODE: u64 = 64;
@@ -155,6 +171,9 @@ pub fn run(
         "the stream reader's working buffers",
     )?;
     let slot: Mutex<Option<Error>> = Mutex::new(None);
+    // Decoded batches come back here to be refilled: their buffers are reused, not
+    // allocated (and page-faulted in) afresh for every batch.
+    let pool: Mutex<Vec<Batch>> = Mutex::new(Vec::new());
     let (sender, rx) = if threads > 1 {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(1);
         (Some(tx), Some(Mutex::new(rx)))
@@ -167,11 +186,55 @@ pub fn run(
         if let Some(rx) = &rx {
             for _ in 0..threads {
                 let slot = &slot;
-                scope.spawn(move || worker(rx, slot, ctype, cs, size, target));
+                let pool = &pool;
+                scope.spawn(move || worker(rx, slot, pool, threads, ctype, cs, size, target));
             }
         }
-        let mut r = Reader::new(header, target, opts, sender, &slot)?;
+        // Two stages: this thread reads the input (and ticks), a second one parses and
+        // writes what was read, so the copy out of the input overlaps the work on it.
+        // Chunk buffers go round between them.
         let chunk_len = cs.max(CHUNK) as usize;
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Piece>(CHUNKS - 1);
+        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (log_tx, log_rx) = std::sync::mpsc::channel::<String>();
+        let slot = &slot;
+        let pool = &pool;
+        let worker_opts = Options {
+            memory: opts.memory,
+            budget: opts.budget,
+            spill_dir: opts.spill_dir,
+            threads: opts.threads,
+            say: &|_: &str| {},
+        };
+        let parse = scope.spawn(move || -> Result<Report> {
+            let say = move |m: &str| {
+                let _ = log_tx.send(m.to_string());
+            };
+            let popts = Options {
+                say: &say,
+                ..worker_opts
+            };
+            let mut r = Reader::new(header, target, &popts, sender, slot, pool)?;
+            for piece in full_rx {
+                match piece {
+                    Piece::Chunk { start, buf, n } => {
+                        // Once everything is mapped and written, the rest is only read through.
+                        if !r.idle() {
+                            r.chunk(start, &buf[..n])?;
+                        }
+                        let _ = free_tx.send(buf);
+                    }
+                    Piece::End(len) => return r.finish(len),
+                }
+            }
+            Err(Error::new(ErrorKind::Io, "input stopped"))
+        });
+        let say_logs = || {
+            while let Ok(m) = log_rx.try_recv() {
+                (opts.say)(&m);
+            }
+        };
+        let mut spare: Vec<Vec<u8>> = (1..CHUNKS).map(|_| Vec::new()).collect();
         let mut buf = vec![0u8; chunk_len];
         let hn = head.len().min(chunk_len);
         buf[..hn].copy_from_slice(&head[..hn]);
@@ -179,26 +242,52 @@ pub fn run(
         let mut n = hn;
         let mut ended = hn < cs as usize;
         let mut start = 0u64;
-        loop {
-            if !ended {
-                n += fill(&mut buf[n..])?;
-                ended = n < chunk_len;
+        let read: Result<()> = (|| {
+            loop {
+                if !ended {
+                    n += fill(&mut buf[n..])?;
+                    ended = n < chunk_len;
+                }
+                if n > 0 {
+                    let next = match spare.pop() {
+                        Some(b) => b,
+                        // The parser stopped (it failed): its error is the verdict.
+                        None => match free_rx.recv() {
+                            Ok(b) => b,
+                            Err(_) => return Ok(()),
+                        },
+                    };
+                    let mut next = next;
+                    next.resize(chunk_len, 0);
+                    let full = std::mem::replace(&mut buf, next);
+                    if full_tx
+                        .send(Piece::Chunk {
+                            start,
+                            buf: full,
+                            n,
+                        })
+                        .is_err()
+                    {
+                        return Ok(());
+                    }
+                    start += n as u64;
+                    n = 0;
+                }
+                say_logs();
+                tick()?;
+                if ended {
+                    let _ = full_tx.send(Piece::End(start));
+                    return Ok(());
+                }
             }
-            if n == 0 {
-                break;
-            }
-            // Once everything is mapped and written, the rest is only read through.
-            if !r.idle() {
-                r.chunk(start, &buf[..n])?;
-            }
-            start += n as u64;
-            n = 0;
-            tick()?;
-            if ended {
-                break;
-            }
-        }
-        r.finish(start)
+        })();
+        drop(full_tx);
+        let parsed = parse
+            .join()
+            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "stream parser panicked")));
+        say_logs();
+        read?;
+        parsed
     })?;
     // Errors of the last batches, decoded after the reader finished.
     if let Some(e) = slot.lock().ok().and_then(|mut s| s.take()) {
@@ -209,9 +298,12 @@ pub fn run(
 
 /// A decoder thread: decodes batches and writes them until the reader hangs up; the first
 /// error is left in `slot` (later batches are then only drained).
+#[allow(clippy::too_many_arguments)]
 fn worker(
     rx: &Mutex<Receiver<Batch>>,
     slot: &Mutex<Option<Error>>,
+    pool: &Mutex<Vec<Batch>>,
+    threads: u32,
     ctype: CompressionType,
     cs: u64,
     size: u64,
@@ -223,7 +315,7 @@ fn worker(
             Ok(rx) => rx.recv(),
             Err(_) => return,
         };
-        let Ok(b) = b else {
+        let Ok(mut b) = b else {
             return;
         };
         let failed = slot.lock().map_or(true, |s| s.is_some());
@@ -235,6 +327,13 @@ fn worker(
             && s.is_none()
         {
             *s = Some(e);
+        }
+        b.input.clear();
+        b.items.clear();
+        if let Ok(mut p) = pool.lock()
+            && p.len() < threads as usize
+        {
+            p.push(b);
         }
     }
 }
@@ -492,6 +591,7 @@ struct Reader<'a> {
     max_items: usize,
     sender: Option<SyncSender<Batch>>,
     slot: &'a Mutex<Option<Error>>,
+    pool: &'a Mutex<Vec<Batch>>,
     out: Vec<u8>,
     pad: Vec<u8>,
     /// Ranges of the current chunk: claimed (tables, written data) while the mapping is
@@ -511,6 +611,7 @@ impl<'a> Reader<'a> {
         opts: &Options<'a>,
         sender: Option<SyncSender<Batch>>,
         slot: &'a Mutex<Option<Error>>,
+        pool: &'a Mutex<Vec<Batch>>,
     ) -> Result<Reader<'a>> {
         let rules = Rules::of(&h);
         let cs = h.cluster_size();
@@ -567,6 +668,7 @@ impl<'a> Reader<'a> {
             max_items: (BATCH_OUT / cs).max(1) as usize,
             sender,
             slot,
+            pool,
             out: Vec::new(),
             pad: Vec::new(),
             claimed: Vec::new(),
@@ -980,12 +1082,20 @@ impl<'a> Reader<'a> {
                     self.claimed.push((a, b, true));
                 }
             }
-            let mut input = std::mem::take(&mut self.batch.input);
-            let at = input.len();
-            input.resize(at + len as usize, 0);
-            let r = self.assemble(off, &mut input[at..], start, bytes);
-            self.batch.input = input;
-            r?;
+            let at = self.batch.input.len();
+            if off >= start {
+                // All in this chunk (the common case): one copy, no zero-filling first.
+                let a = (off - start) as usize;
+                self.batch
+                    .input
+                    .extend_from_slice(&bytes[a..a + len as usize]);
+            } else {
+                let mut input = std::mem::take(&mut self.batch.input);
+                input.resize(at + len as usize, 0);
+                let r = self.assemble(off, &mut input[at..], start, bytes);
+                self.batch.input = input;
+                r?;
+            }
             self.batch.items.push(Item {
                 guest: c.guest,
                 host: off,
@@ -1092,7 +1202,13 @@ impl<'a> Reader<'a> {
         if self.batch.items.is_empty() {
             return Ok(());
         }
-        let b = std::mem::take(&mut self.batch);
+        let fresh = self
+            .pool
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_default();
+        let b = std::mem::replace(&mut self.batch, fresh);
         match &self.sender {
             Some(tx) => {
                 if tx.send(b).is_err() {
@@ -1218,7 +1334,7 @@ fn decode(
     size: u64,
     target: &dyn Target,
 ) -> Result<()> {
-    let cap = BATCH_OUT.max(cs) as usize;
+    let cap = WRITE_RUN.max(cs as usize);
     if out.len() < cap {
         out.resize(cap, 0);
     }
