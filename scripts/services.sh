@@ -74,7 +74,7 @@ make_certs() {
     2>/dev/null
   openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost \
     -keyout "$d/server.key" -out "$d/server.csr" 2>/dev/null
-  printf '%s\n' 'subjectAltName=DNS:localhost,IP:127.0.0.1' 'basicConstraints=CA:FALSE' \
+  printf '%s\n' 'subjectAltName=DNS:localhost,DNS:disk.proxied.test,IP:127.0.0.1' 'basicConstraints=CA:FALSE' \
     'keyUsage=critical,digitalSignature' 'extendedKeyUsage=serverAuth' >"$d/server.ext"
   openssl x509 -req -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -set_serial 0x$RANDOM$RANDOM \
     -days 30 -extfile "$d/server.ext" -out "$d/server.crt" 2>/dev/null

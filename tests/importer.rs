@@ -418,6 +418,12 @@ fn start_proxy() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
                     let (a, p) = t.split_at(t.find('/').unwrap_or(t.len()));
                     (a.to_string(), Some(p.to_string()))
                 };
+                // Names under .proxied.test resolve only here, so a download that
+                // succeeds through one proves it went through the proxy.
+                let authority = match authority.split_once(".proxied.test:") {
+                    Some((_, port)) => format!("127.0.0.1:{port}"),
+                    None => authority,
+                };
                 let mut origin = TcpStream::connect(&authority).unwrap();
                 match rest {
                     None => client
@@ -447,31 +453,43 @@ fn start_proxy() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
 #[test]
 fn proxies_from_the_environment() {
     let (proxy, seen) = start_proxy();
+    let port = |v: &str| var(v).rsplit(':').next().unwrap().to_string();
+    let http = format!("http://disk.proxied.test:{}", port("HTTP_URL"));
+    let https = format!("https://disk.proxied.test:{}", port("HTTPS_URL"));
     // HTTP through the proxy (absolute-form request).
     let pod = Pod::new()
-        .http(format!("{}/disk.raw.gz", var("HTTP_URL")))
+        .http(format!("{http}/disk.raw.gz"))
         .set("http_proxy", proxy.clone());
     pod.run().ok();
     same_disk(pod.disk(), var("DISK_RAW"));
-    // HTTPS through a CONNECT tunnel, the CA from the proxy CA directory.
+    // HTTPS through a CONNECT tunnel, the CA from the proxy CA directory; the
+    // upper-case name wins over the lower-case one, as in Go.
     let pod = Pod::new()
-        .http(format!("{}/disk.qcow2", var("HTTPS_URL")))
-        .set("https_proxy", proxy.clone())
+        .http(format!("{https}/disk.qcow2"))
+        .set("HTTPS_PROXY", proxy.clone())
+        .set("https_proxy", "http://127.0.0.1:9")
         .set("IMPORTER_PROXY_CERT_DIR", "/proxycerts/");
     std::fs::create_dir_all(pod.root.join("proxycerts")).unwrap();
     std::fs::copy(var("CA_CERT"), pod.root.join("proxycerts/ca.pem")).unwrap();
     pod.run().ok();
     same_disk(pod.disk(), var("DISK_QCOW2"));
-    // no_proxy bypasses it.
-    let seen_url = proxy.clone();
+    // no_proxy with a leading dot bypasses the proxy for subdomains: the name
+    // then cannot be resolved, and the proxy never sees the request.
     let pod = Pod::new()
-        .http(format!("{}/disk.raw.zst", var("HTTP_URL")))
-        .set("http_proxy", proxy)
-        .set("no_proxy", "127.0.0.1");
-    pod.run().ok();
+        .http(format!("{http}/disk.raw.zst"))
+        .set("http_proxy", proxy.clone())
+        .set("no_proxy", "example.org, .proxied.test");
+    let r = pod.run();
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    // Loopback is never proxied (Go's rule), whatever no_proxy says.
+    let pod = Pod::new()
+        .http(format!("{}/disk.raw.bz2-not-there", var("HTTP_URL")))
+        .set("http_proxy", proxy.clone());
+    let _ = pod.run();
+    let seen_url = proxy.clone();
     // Extra headers from the environment and from secret files under /extraheaders.
     let pod = Pod::new()
-        .http(format!("{}/disk.raw.xz", var("HTTP_URL")))
+        .http(format!("{http}/disk.raw.xz"))
         .set("http_proxy", seen_url)
         .set("IMPORTER_EXTRA_HEADER_0", "X-From-Env: one")
         .set("IMPORTER_EXTRA_HEADER_1", "not a header");
@@ -506,12 +524,16 @@ fn proxies_from_the_environment() {
         "{seen:?}"
     );
     assert!(
-        seen.iter().any(|l| l.starts_with("CONNECT localhost:")),
+        seen.iter().any(|l| l.starts_with("CONNECT disk.proxied.test:")),
         "{seen:?}"
     );
     assert!(
         !seen.iter().any(|l| l.contains("disk.raw.zst")),
         "no_proxy ignored: {seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|l| l.contains("bz2-not-there")),
+        "loopback went through the proxy: {seen:?}"
     );
 }
 

@@ -188,24 +188,127 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Proxy settings: `http_proxy`, `https_proxy` and `no_proxy` (either case), as Go reads them.
+/// Proxy settings: `HTTP_PROXY`, `HTTPS_PROXY` and `NO_PROXY` (the upper-case name wins,
+/// as in Go), matched by Go's rules (`golang.org/x/net/http/httpproxy`), so a drop-in importer
+/// proxies exactly the requests CDI's would.
 #[derive(Debug, Clone, Default)]
 pub struct Proxy {
     /// Proxy for `http://` URLs.
     pub http: Option<Url>,
     /// Proxy for `https://` URLs (reached with CONNECT).
     pub https: Option<Url>,
-    /// Hosts reached directly: exact names, `.suffix` / `suffix` domain matches, `*`.
+    /// `NO_PROXY` entries: `*`; IP addresses and CIDR blocks (matched against IP-literal
+    /// hosts only); domain names, matching the name and its subdomains, or with a leading
+    /// `.` (or `*.`) only the subdomains; any of them with a `:port`, then only that port.
     pub no_proxy: Vec<String>,
 }
 
+/// One parsed `NO_PROXY` entry.
+enum Bypass {
+    All,
+    Net(std::net::IpAddr, u8, Option<u16>),
+    Ip(std::net::IpAddr, Option<u16>),
+    Domain {
+        suffix: String,
+        exact_too: bool,
+        port: Option<u16>,
+    },
+    Invalid,
+}
+
+fn parse_bypass(entry: &str) -> Bypass {
+    use std::net::IpAddr;
+    let e = entry.trim().to_ascii_lowercase();
+    if e.is_empty() {
+        return Bypass::Invalid;
+    }
+    if e == "*" {
+        return Bypass::All;
+    }
+    if let Some((ip, bits)) = e.split_once('/') {
+        let (Ok(ip), Ok(bits)) = (ip.parse::<IpAddr>(), bits.parse::<u8>()) else {
+            return Bypass::Invalid;
+        };
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        if bits > max {
+            return Bypass::Invalid;
+        }
+        return Bypass::Net(ip, bits, None);
+    }
+    // host, host:port, [v6], [v6]:port, or a bare IPv6 literal.
+    let (host, port) = if let Ok(ip) = e.parse::<IpAddr>() {
+        return Bypass::Ip(ip, None);
+    } else if let Some(rest) = e.strip_prefix('[') {
+        let Some((h, tail)) = rest.split_once(']') else {
+            return Bypass::Invalid;
+        };
+        match tail.strip_prefix(':') {
+            Some(p) => (h.to_string(), p.parse::<u16>().ok()),
+            None if tail.is_empty() => (h.to_string(), None),
+            None => return Bypass::Invalid,
+        }
+    } else {
+        match e.rsplit_once(':') {
+            Some((h, p)) => match p.parse::<u16>() {
+                Ok(p) => (h.to_string(), Some(p)),
+                Err(_) => return Bypass::Invalid,
+            },
+            None => (e.clone(), None),
+        }
+    };
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Bypass::Ip(ip, port);
+    }
+    let host = host.strip_prefix('*').unwrap_or(&host);
+    if host.is_empty() || host == "." {
+        return Bypass::Invalid;
+    }
+    match host.strip_prefix('.') {
+        Some(_) => Bypass::Domain {
+            suffix: host.to_string(),
+            exact_too: false,
+            port,
+        },
+        None => Bypass::Domain {
+            suffix: format!(".{host}"),
+            exact_too: true,
+            port,
+        },
+    }
+}
+
+fn in_net(ip: std::net::IpAddr, net: std::net::IpAddr, bits: u8) -> bool {
+    use std::net::IpAddr;
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let m = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
+            u32::from(a) & m == u32::from(n) & m
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let m = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
+            u128::from(a) & m == u128::from(n) & m
+        }
+        _ => false,
+    }
+}
+
 impl Proxy {
-    /// Read the proxy variables of the environment.
+    /// Read the proxy variables of the environment (each name upper-case first, then
+    /// lower-case, as Go does).
     pub fn from_env() -> Result<Proxy> {
         let var = |n: &str| {
-            std::env::var(n)
+            std::env::var(n.to_ascii_uppercase())
                 .ok()
-                .or_else(|| std::env::var(n.to_ascii_uppercase()).ok())
+                .filter(|v| !v.is_empty())
+                .or_else(|| std::env::var(n).ok())
                 .filter(|v| !v.is_empty())
         };
         let parse = |v: Option<String>| -> Result<Option<Url>> {
@@ -232,16 +335,34 @@ impl Proxy {
         })
     }
 
-    fn for_url(&self, u: &Url) -> Option<&Url> {
-        let host = u.host.as_str();
-        let bypass = self.no_proxy.iter().any(|n| {
-            let n = n.split(':').next().unwrap_or(n);
-            n == "*" || {
-                let d = n.trim_start_matches('.');
-                host == d || host.ends_with(&format!(".{d}"))
+    /// Whether a request to `host:port` goes direct: Go never proxies `localhost` or a
+    /// loopback address, and `NO_PROXY` lists the rest.
+    fn bypass(&self, host: &str, port: u16) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let ip = host.parse::<std::net::IpAddr>().ok();
+        if host == "localhost" || ip.is_some_and(|i| i.is_loopback()) {
+            return true;
+        }
+        let port_ok = |p: Option<u16>| p.is_none_or(|p| p == port);
+        self.no_proxy.iter().any(|e| match parse_bypass(e) {
+            Bypass::All => true,
+            Bypass::Net(n, bits, _) => ip.is_some_and(|i| in_net(i, n, bits)),
+            Bypass::Ip(a, p) => ip == Some(a) && port_ok(p),
+            Bypass::Domain {
+                suffix,
+                exact_too,
+                port: p,
+            } => {
+                ip.is_none()
+                    && port_ok(p)
+                    && (host.ends_with(&suffix) || (exact_too && host == suffix[1..]))
             }
-        });
-        if bypass {
+            Bypass::Invalid => false,
+        })
+    }
+
+    fn for_url(&self, u: &Url) -> Option<&Url> {
+        if self.bypass(&u.host, u.port) {
             return None;
         }
         if u.scheme == "https" {
@@ -1385,10 +1506,6 @@ mod tests {
                 .is_none()
         );
         assert!(
-            p.for_url(&Url::parse("http://localhost/x").unwrap())
-                .is_none()
-        );
-        assert!(
             p.for_url(&Url::parse("http://example.com/x").unwrap())
                 .is_some()
         );
@@ -1396,6 +1513,69 @@ mod tests {
             p.for_url(&Url::parse("https://example.com/x").unwrap())
                 .is_none()
         );
+    }
+
+    /// Go's rules, case by case (the list OpenShift's cluster proxy writes holds CIDRs,
+    /// leading-dot domains and plain names).
+    #[test]
+    fn no_proxy_follows_go() {
+        let p = |list: &str| Proxy {
+            http: Some(Url::parse("http://proxy:3128").unwrap()),
+            https: Some(Url::parse("http://proxy:3128").unwrap()),
+            no_proxy: list
+                .split(',')
+                .map(|s| s.trim().to_ascii_lowercase())
+                .collect(),
+        };
+        let direct = |list: &str, url: &str| p(list).for_url(&Url::parse(url).unwrap()).is_none();
+        // Loopback and localhost never go through a proxy, listed or not.
+        for u in [
+            "http://localhost/x",
+            "http://127.0.0.1/x",
+            "http://127.8.9.1:81/x",
+            "http://[::1]/x",
+        ] {
+            assert!(direct("", u), "{u}");
+        }
+        // `*` alone bypasses everything.
+        assert!(direct("*", "http://example.com/x"));
+        assert!(direct("a.b, *", "https://example.com/x"));
+        // CIDR blocks match IP literals in them, not names, not other addresses.
+        let cidr = "10.0.0.0/8,172.30.0.0/16,fd00::/8";
+        assert!(direct(cidr, "http://10.1.2.3/x"));
+        assert!(direct(cidr, "https://172.30.255.1:8443/x"));
+        assert!(direct(cidr, "http://[fd12::1]/x"));
+        assert!(!direct(cidr, "http://172.31.0.1/x"));
+        assert!(!direct(cidr, "http://11.0.0.1/x"));
+        assert!(!direct(cidr, "http://[fe80::1]/x"));
+        assert!(!direct("0.0.0.0/33", "http://1.2.3.4/x"));
+        assert!(direct("0.0.0.0/0", "http://1.2.3.4/x"));
+        // IP literals, with or without a port; bracketed IPv6.
+        assert!(direct("192.0.2.7", "http://192.0.2.7:8080/x"));
+        assert!(direct("192.0.2.7:8080", "http://192.0.2.7:8080/x"));
+        assert!(!direct("192.0.2.7:8080", "http://192.0.2.7:8081/x"));
+        assert!(!direct("192.0.2.7", "http://192.0.2.8/x"));
+        assert!(direct("[2001:db8::1]:443", "https://[2001:db8::1]/x"));
+        assert!(direct("2001:db8::1", "http://[2001:db8::1]/x"));
+        // A plain name matches itself and its subdomains, never a mere suffix.
+        assert!(direct("example.com", "http://example.com/x"));
+        assert!(direct("example.com", "http://a.b.example.com/x"));
+        assert!(!direct("example.com", "http://badexample.com/x"));
+        // A leading dot (or `*.`) matches subdomains only.
+        assert!(direct(".example.com", "http://a.example.com/x"));
+        assert!(!direct(".example.com", "http://example.com/x"));
+        assert!(direct("*.example.com", "http://a.example.com/x"));
+        assert!(!direct("*.example.com", "http://example.com/x"));
+        // Ports restrict a name entry; case does not matter; a name never matches an IP.
+        assert!(direct(
+            "registry.local:5000",
+            "https://registry.local:5000/v2/"
+        ));
+        assert!(!direct("registry.local:5000", "https://registry.local/v2/"));
+        assert!(direct("EXAMPLE.com", "http://Example.COM/x"));
+        assert!(!direct("example.com", "http://93.184.216.34/x"));
+        // Junk entries match nothing.
+        assert!(!direct("a.b:notaport, /8, [::1", "http://example.com/x"));
     }
 
     /// A one-shot server: answers each accepted connection with the next canned reply.
