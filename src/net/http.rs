@@ -206,7 +206,7 @@ pub struct Proxy {
 /// One parsed `NO_PROXY` entry.
 enum Bypass {
     All,
-    Net(std::net::IpAddr, u8, Option<u16>),
+    Net(std::net::IpAddr, u8),
     Ip(std::net::IpAddr, Option<u16>),
     Domain {
         suffix: String,
@@ -233,7 +233,7 @@ fn parse_bypass(entry: &str) -> Bypass {
         if bits > max {
             return Bypass::Invalid;
         }
-        return Bypass::Net(ip, bits, None);
+        return Bypass::Net(ip, bits);
     }
     // host, host:port, [v6], [v6]:port, or a bare IPv6 literal.
     let (host, port) = if let Ok(ip) = e.parse::<IpAddr>() {
@@ -346,7 +346,7 @@ impl Proxy {
         let port_ok = |p: Option<u16>| p.is_none_or(|p| p == port);
         self.no_proxy.iter().any(|e| match parse_bypass(e) {
             Bypass::All => true,
-            Bypass::Net(n, bits, _) => ip.is_some_and(|i| in_net(i, n, bits)),
+            Bypass::Net(n, bits) => ip.is_some_and(|i| in_net(i, n, bits)),
             Bypass::Ip(a, p) => ip == Some(a) && port_ok(p),
             Bypass::Domain {
                 suffix,
