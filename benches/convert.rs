@@ -128,6 +128,7 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     let plain = dir.path().join("qcow2_to_raw_plain.qcow2");
     let zlib = dir.path().join("qcow2_to_raw_zlib.qcow2");
+    let zstd_q = dir.path().join("qcow2_to_raw_zstd.qcow2");
     let bytes = std::fs::read(&raw).unwrap();
     let gz = {
         use std::io::Write;
@@ -151,6 +152,7 @@ fn bench(c: &mut Criterion) {
         ("zstd_to_raw", zst),
         ("qcow2_stream_to_raw/plain", std::fs::read(&plain).unwrap()),
         ("qcow2_stream_to_raw/zlib", std::fs::read(&zlib).unwrap()),
+        ("qcow2_stream_to_raw/zstd", std::fs::read(&zstd_q).unwrap()),
     ];
     let out = dir.path().join("disk.img");
     for (name, data) in &inputs {

@@ -524,7 +524,8 @@ fn proxies_from_the_environment() {
         "{seen:?}"
     );
     assert!(
-        seen.iter().any(|l| l.starts_with("CONNECT disk.proxied.test:")),
+        seen.iter()
+            .any(|l| l.starts_with("CONNECT disk.proxied.test:")),
         "{seen:?}"
     );
     assert!(

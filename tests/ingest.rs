@@ -823,6 +823,7 @@ fn hostile_mappings_stay_within_the_memory_budget() {
             .find_map(|l| l.strip_prefix("peak "))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("no peak RSS in {err}"));
+        println!("hostile stream, import {flags}: peak RSS {peak} KiB");
         assert!(peak <= 64 * 1024, "{flags}: peak RSS {peak} KiB");
         assert!(!d.p("out.img").exists(), "{flags}: left a disk");
     }

@@ -415,7 +415,12 @@ impl App {
         }
     }
 
-    fn store(&self, src: Box<dyn Read + '_>, kind: Kind, total: Option<u64>) -> Result<bool> {
+    fn store(
+        &self,
+        src: Box<dyn Read + Send + '_>,
+        kind: Kind,
+        total: Option<u64>,
+    ) -> Result<bool> {
         let dest = &self.cfg.destination;
         let block = self.cfg.block;
         let data_dir = dest
@@ -477,8 +482,8 @@ fn is_block_device(p: &Path) -> bool {
 /// reader of its whole content (GNU sparse entries expanded, holes read as zeros): a
 /// filesystem clone onto a block volume.
 fn with_tar_disk_entry<'a, T>(
-    src: Box<dyn Read + 'a>,
-    f: impl FnOnce(Box<dyn Read + '_>) -> Result<T>,
+    src: Box<dyn Read + Send + 'a>,
+    f: impl FnOnce(Box<dyn Read + Send + '_>) -> Result<T>,
 ) -> Result<T> {
     let mut ar = crate::archive::tar::TarReader::new(src);
     while let Some(entry) = ar.next_entry()? {

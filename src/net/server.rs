@@ -369,7 +369,7 @@ impl Request<'_> {
     /// The body as a stream, limited to `Content-Length` or decoding `chunked`. Reads go
     /// straight to the connection (through a 64 KiB buffer); nothing is accumulated. A client
     /// that sent `Expect: 100-continue` gets its `100 Continue` on the first read.
-    pub fn body(&mut self) -> &mut dyn Read {
+    pub fn body(&mut self) -> &mut (dyn Read + Send) {
         &mut self.body
     }
 }

@@ -32,8 +32,8 @@ use crate::error::{Error, ErrorKind, Result, corrupt};
 use byteorder::{BigEndian, ByteOrder};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Where a streamed image's guest data goes. Methods may be called from several threads
 /// (compressed clusters are decoded and written by workers).
@@ -48,7 +48,7 @@ pub trait Target: Sync {
 }
 
 /// Fills a buffer from the input: returns the bytes read, fewer than asked only at its end.
-pub type Fill<'a> = dyn FnMut(&mut [u8]) -> Result<usize> + 'a;
+pub type Fill<'a> = dyn FnMut(&mut [u8]) -> Result<usize> + Send + 'a;
 
 /// How to stream.
 pub struct Options<'a> {
@@ -78,31 +78,20 @@ pub struct Report {
 }
 
 /// Fixed working memory of the reader for an image with `cluster_size` clusters and
-/// `threads` decoders: input chunk, gathering, carried compressed bytes, decode batches and
-/// outputs. The budget must hold at least this much besides what the image needs.
+/// `threads` workers: each one's input chunk, decode batch and output, and the parser's
+/// gathering and carried compressed bytes. The budget must hold at least this much besides what the image needs.
 pub fn working_set(cluster_size: u64, threads: u32) -> u64 {
     let chunk = cluster_size.max(CHUNK);
     let batch_in = cluster_size.saturating_mul(2).max(BATCH_IN);
     let out = cluster_size.max(BATCH_OUT);
     let t = u64::from(threads.max(1));
-    CHUNKS as u64 * chunk
-        + GATHER as u64
-        + 2 * cluster_size
-        + cluster_size
-        + (t + 2) * batch_in
-        + t * out
+    t * (chunk + batch_in + out) + GATHER as u64 + 3 * cluster_size
 }
 
-/// Input is processed in chunks of this size (or one cluster, if larger)...
+/// Input is read and parsed in chunks of this size (or one cluster, if larger): a worker
+/// reads a chunk, parses it, then decodes and writes what it maps while the chunk is still
+/// in its core's cache.
 const CHUNK: u64 = 1 << 20;
-/// ... of which this many are in flight between the reading and the parsing thread.
-const CHUNKS: usize = 3;
-
-/// What the reading thread hands the parsing thread.
-enum Piece {
-    Chunk { start: u64, buf: Vec<u8>, n: usize },
-    End(u64),
-}
 /// Guest writes smaller than this are gathered.
 const GATHER: usize = 256 << 10;
 /// A decode batch holds at most this many compressed bytes (or one cluster's worth)...
@@ -153,7 +142,13 @@ pub fn open(fill: &mut Fill<'_>) -> Result<Opened> {
 }
 
 /// Stream the image opened as `opened` (the rest of its bytes come from `fill`) into
-/// `target`; `tick` is called between chunks (progress, cancellation).
+/// `target`; `tick` is called on this thread about every 100 ms while the workers run
+/// (progress, cancellation), and log lines are relayed to `opts.say` here.
+///
+/// `threads` workers take turns with the input: one at a time reads the next chunk and
+/// parses it (the parser's state is shared, behind a lock), then decodes and writes what the
+/// chunk holds while the next worker reads. Reading, decoding and writing a chunk happen on
+/// one core, so its bytes are copied once and stay in that core's cache.
 pub fn run(
     opened: Opened,
     fill: &mut Fill<'_>,
@@ -164,193 +159,271 @@ pub fn run(
     let Opened { header, head } = opened;
     let cs = header.cluster_size();
     let threads = opts.threads.max(1);
-    let budget = opts.budget;
-    let mut fixed = Account::new(budget);
+    let mut fixed = Account::new(opts.budget);
     fixed.add(
-        working_set(cs, if threads > 1 { threads } else { 1 }),
+        working_set(cs, threads),
         "the stream reader's working buffers",
     )?;
     let slot: Mutex<Option<Error>> = Mutex::new(None);
-    // Decoded batches come back here to be refilled: their buffers are reused, not
-    // allocated (and page-faulted in) afresh for every batch.
     let pool: Mutex<Vec<Batch>> = Mutex::new(Vec::new());
-    let (sender, rx) = if threads > 1 {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(1);
-        (Some(tx), Some(Mutex::new(rx)))
-    } else {
-        (None, None)
+    let inflight = Inflight::default();
+    let cancel = AtomicBool::new(false);
+    let (msg_tx, msg_rx) = std::sync::mpsc::channel::<Msg>();
+    let log_tx = Mutex::new(msg_tx.clone());
+    let say = move |m: &str| {
+        if let Ok(tx) = log_tx.lock() {
+            let _ = tx.send(Msg::Log(m.to_string()));
+        }
     };
-    let ctype = header.compression_type;
-    let size = header.size;
-    let report = std::thread::scope(|scope| {
-        if let Some(rx) = &rx {
-            for _ in 0..threads {
-                let slot = &slot;
-                let pool = &pool;
-                scope.spawn(move || worker(rx, slot, pool, threads, ctype, cs, size, target));
+    let ctx = Ctx {
+        slot: &slot,
+        pool: &pool,
+        inflight: &inflight,
+        cancel: &cancel,
+        ctype: header.compression_type,
+        cs,
+        size: header.size,
+        target,
+        chunk_len: cs.max(CHUNK) as usize,
+    };
+    let reader = Reader::new(header, target, opts, &say, &slot, &pool, &inflight)?;
+    let shared = Mutex::new(Shared {
+        fill,
+        reader,
+        head: Some(head),
+        pos: 0,
+        outcome: None,
+    });
+    let mut ticked: Result<()> = Ok(());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let tx = msg_tx.clone();
+            let shared = &shared;
+            let ctx = &ctx;
+            scope.spawn(move || {
+                // Tells the caller this worker is gone, also if it panicked.
+                struct Done(std::sync::mpsc::Sender<Msg>);
+                impl Drop for Done {
+                    fn drop(&mut self) {
+                        let _ = self.0.send(Msg::Done);
+                    }
+                }
+                let _done = Done(tx);
+                work(shared, ctx);
+            });
+        }
+        let mut running = threads;
+        while running > 0 {
+            match msg_rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(Msg::Log(m)) => (opts.say)(&m),
+                Ok(Msg::Done) => running -= 1,
+                Err(_) => {}
+            }
+            if ticked.is_ok() {
+                ticked = tick();
+                if ticked.is_err() {
+                    cancel.store(true, Ordering::Relaxed);
+                }
             }
         }
-        // Two stages: this thread reads the input (and ticks), a second one parses and
-        // writes what was read, so the copy out of the input overlaps the work on it.
-        // Chunk buffers go round between them.
-        let chunk_len = cs.max(CHUNK) as usize;
-        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Piece>(CHUNKS - 1);
-        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        let (log_tx, log_rx) = std::sync::mpsc::channel::<String>();
-        let slot = &slot;
-        let pool = &pool;
-        let worker_opts = Options {
-            memory: opts.memory,
-            budget: opts.budget,
-            spill_dir: opts.spill_dir,
-            threads: opts.threads,
-            say: &|_: &str| {},
-        };
-        let parse = scope.spawn(move || -> Result<Report> {
-            let say = move |m: &str| {
-                let _ = log_tx.send(m.to_string());
-            };
-            let popts = Options {
-                say: &say,
-                ..worker_opts
-            };
-            let mut r = Reader::new(header, target, &popts, sender, slot, pool)?;
-            for piece in full_rx {
-                match piece {
-                    Piece::Chunk { start, buf, n } => {
-                        // Once everything is mapped and written, the rest is only read through.
-                        if !r.idle() {
-                            r.chunk(start, &buf[..n])?;
-                        }
-                        let _ = free_tx.send(buf);
-                    }
-                    Piece::End(len) => return r.finish(len),
-                }
-            }
-            Err(Error::new(ErrorKind::Io, "input stopped"))
-        });
-        let say_logs = || {
-            while let Ok(m) = log_rx.try_recv() {
-                (opts.say)(&m);
-            }
-        };
-        let mut spare: Vec<Vec<u8>> = (1..CHUNKS).map(|_| Vec::new()).collect();
-        let mut buf = vec![0u8; chunk_len];
-        let hn = head.len().min(chunk_len);
-        buf[..hn].copy_from_slice(&head[..hn]);
-        drop(head);
-        let mut n = hn;
-        let mut ended = hn < cs as usize;
-        let mut start = 0u64;
-        let read: Result<()> = (|| {
-            loop {
-                if !ended {
-                    n += fill(&mut buf[n..])?;
-                    ended = n < chunk_len;
-                }
-                if n > 0 {
-                    let next = match spare.pop() {
-                        Some(b) => b,
-                        // The parser stopped (it failed): its error is the verdict.
-                        None => match free_rx.recv() {
-                            Ok(b) => b,
-                            Err(_) => return Ok(()),
-                        },
-                    };
-                    let mut next = next;
-                    next.resize(chunk_len, 0);
-                    let full = std::mem::replace(&mut buf, next);
-                    if full_tx
-                        .send(Piece::Chunk {
-                            start,
-                            buf: full,
-                            n,
-                        })
-                        .is_err()
-                    {
-                        return Ok(());
-                    }
-                    start += n as u64;
-                    n = 0;
-                }
-                say_logs();
-                tick()?;
-                if ended {
-                    let _ = full_tx.send(Piece::End(start));
-                    return Ok(());
-                }
-            }
-        })();
-        drop(full_tx);
-        let parsed = parse
-            .join()
-            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "stream parser panicked")));
-        say_logs();
-        read?;
-        parsed
-    })?;
-    // Errors of the last batches, decoded after the reader finished.
+    });
+    while let Ok(Msg::Log(m)) = msg_rx.try_recv() {
+        (opts.say)(&m);
+    }
+    ticked?;
+    let outcome = shared
+        .into_inner()
+        .ok()
+        .and_then(|s| s.outcome)
+        .unwrap_or_else(|| Err(Error::new(ErrorKind::Io, "stream reader stopped")));
+    let report = outcome?;
+    // Errors of the last batches, decoded after the parser finished.
     if let Some(e) = slot.lock().ok().and_then(|mut s| s.take()) {
         return Err(e);
     }
     Ok(report)
 }
 
-/// A decoder thread: decodes batches and writes them until the reader hangs up; the first
-/// error is left in `slot` (later batches are then only drained).
-#[allow(clippy::too_many_arguments)]
-fn worker(
-    rx: &Mutex<Receiver<Batch>>,
-    slot: &Mutex<Option<Error>>,
-    pool: &Mutex<Vec<Batch>>,
-    threads: u32,
+/// What workers tell the calling thread.
+enum Msg {
+    Log(String),
+    Done,
+}
+
+/// The input and the parser, used by one worker at a time.
+struct Shared<'f, 'g, 'a> {
+    fill: &'f mut Fill<'g>,
+    reader: Reader<'a>,
+    /// The bytes `open` read, the start of the first chunk.
+    head: Option<Vec<u8>>,
+    /// Input bytes read so far.
+    pos: u64,
+    /// Set when the input ended (the report) or reading stopped (the error).
+    outcome: Option<Result<Report>>,
+}
+
+/// What the workers share besides the parser.
+struct Ctx<'a> {
+    slot: &'a Mutex<Option<Error>>,
+    pool: &'a Mutex<Vec<Batch>>,
+    inflight: &'a Inflight,
+    cancel: &'a AtomicBool,
     ctype: CompressionType,
     cs: u64,
     size: u64,
-    target: &dyn Target,
-) {
+    target: &'a dyn Target,
+    chunk_len: usize,
+}
+
+/// A worker: read and parse the next chunk (holding the lock), then decode and write the
+/// batches it produced; until the input ends or reading fails.
+fn work(shared: &Mutex<Shared<'_, '_, '_>>, ctx: &Ctx<'_>) {
+    let mut buf = vec![0u8; ctx.chunk_len];
     let mut out = Vec::new();
     loop {
-        let b = match rx.lock() {
-            Ok(rx) => rx.recv(),
-            Err(_) => return,
-        };
-        let Ok(mut b) = b else {
+        let chunk;
+        let batches;
+        {
+            let Ok(mut g) = shared.lock() else {
+                return;
+            };
+            if g.outcome.is_some() {
+                return;
+            }
+            if ctx.cancel.load(Ordering::Relaxed) {
+                g.outcome = Some(Err(Error::new(ErrorKind::Cancelled, CANCELLED)));
+                return;
+            }
+            let mut n = 0;
+            if let Some(head) = g.head.take() {
+                n = head.len().min(buf.len());
+                buf[..n].copy_from_slice(&head[..n]);
+            }
+            match (g.fill)(&mut buf[n..]) {
+                Ok(k) => n += k,
+                Err(e) => {
+                    g.outcome = Some(Err(e));
+                    return;
+                }
+            }
+            let ended = n < buf.len();
+            let start = g.pos;
+            g.pos += n as u64;
+            chunk = Arc::new(std::mem::take(&mut buf));
+            let r = &mut g.reader;
+            // Once everything is mapped and written, the rest is only read through.
+            let mut res = Ok(());
+            if n > 0 && !r.idle() {
+                r.cur = Some(chunk.clone());
+                res = r.chunk(start, &chunk[..n]);
+                r.cur = None;
+            }
+            if res.is_ok() && ended {
+                let len = g.pos;
+                let done = g.reader.finish(len);
+                g.outcome = Some(done);
+            } else if let Err(e) = res {
+                g.outcome = Some(Err(e));
+            }
+            batches = std::mem::take(&mut g.reader.ready_batches);
+            ctx.inflight.add(batches.len());
+        }
+        for mut b in batches {
+            let failed = ctx.slot.lock().map_or(true, |s| s.is_some());
+            if !failed
+                && let Err(e) = decode(&b, &mut out, ctx.ctype, ctx.cs, ctx.size, ctx.target)
+                && let Ok(mut s) = ctx.slot.lock()
+                && s.is_none()
+            {
+                *s = Some(e);
+            }
+            ctx.inflight.done();
+            b.clear();
+            if let Ok(mut p) = ctx.pool.lock()
+                && p.len() < 4
+            {
+                p.push(b);
+            }
+        }
+        // Nothing else holds the chunk now: its buffer is this worker's again.
+        buf = Arc::try_unwrap(chunk).unwrap_or_else(|c| c.to_vec());
+        buf.resize(ctx.chunk_len, 0);
+    }
+}
+
+const CANCELLED: &str = "import cancelled";
+
+/// Counts batches handed to the workers and not yet written, so the parser can wait for
+/// them before it reads written data back.
+#[derive(Default)]
+struct Inflight {
+    count: Mutex<usize>,
+    zero: Condvar,
+}
+
+impl Inflight {
+    fn add(&self, k: usize) {
+        if let Ok(mut n) = self.count.lock() {
+            *n += k;
+        }
+    }
+
+    fn done(&self) {
+        if let Ok(mut n) = self.count.lock() {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.zero.notify_all();
+            }
+        }
+    }
+
+    fn wait(&self) {
+        let Ok(mut n) = self.count.lock() else {
             return;
         };
-        let failed = slot.lock().map_or(true, |s| s.is_some());
-        if failed {
-            continue;
-        }
-        if let Err(e) = decode(&b, &mut out, ctype, cs, size, target)
-            && let Ok(mut s) = slot.lock()
-            && s.is_none()
-        {
-            *s = Some(e);
-        }
-        b.input.clear();
-        b.items.clear();
-        if let Ok(mut p) = pool.lock()
-            && p.len() < threads as usize
-        {
-            p.push(b);
+        while *n > 0 {
+            match self.zero.wait(n) {
+                Ok(g) => n = g,
+                Err(_) => return,
+            }
         }
     }
 }
 
-/// Compressed clusters handed to a decoder together.
-#[derive(Debug, Default)]
+/// Compressed clusters and plain data decoded and written together: bytes that lie wholly in one input chunk are taken from the shared chunk, the
+/// rest (clusters across a chunk boundary) copied into `input`.
+#[derive(Default)]
 struct Batch {
     input: Vec<u8>,
+    chunks: Vec<Arc<Vec<u8>>>,
     items: Vec<Item>,
+    /// Input bytes the items name (copied or shared).
+    load: u64,
 }
+
+impl Batch {
+    /// Empty it for reuse, letting go of the chunks it shares.
+    fn clear(&mut self) {
+        self.input.clear();
+        self.items.clear();
+        self.chunks.clear();
+        self.load = 0;
+    }
+}
+
+/// `Item::src` for bytes in the batch's own `input`.
+const OWN: u32 = u32::MAX;
 
 #[derive(Debug, Clone, Copy)]
 struct Item {
     guest: u64,
     host: u64,
+    /// `OWN`, or the index of the chunk in `Batch::chunks` holding the bytes.
+    src: u32,
     at: usize,
     len: usize,
+    /// Guest data to write as it is (not a compressed cluster).
+    plain: bool,
 }
 
 /// Where an error ranks: a lower rank is what the random-access reader would report first.
@@ -391,7 +464,7 @@ struct Kept<'a> {
     /// Host ranges passed and not kept.
     dropped: Vec<(u64, u64)>,
     spilled: u64,
-    say: &'a dyn Fn(&str),
+    say: &'a (dyn Fn(&str) + Sync),
 }
 
 impl Kept<'_> {
@@ -530,6 +603,14 @@ impl Kept<'_> {
         Ok(())
     }
 
+    /// Whether any of the host bytes `off..off + len` are read back from the target.
+    fn reads_back(&self, off: u64, len: u64) -> bool {
+        let i = self.readback.partition_point(|r| r.0 + r.2 <= off);
+        self.readback
+            .get(i)
+            .is_some_and(|r| r.0 < off.saturating_add(len))
+    }
+
     fn clear(&mut self) {
         self.mem.clear();
         self.mem_bytes = 0;
@@ -589,11 +670,15 @@ struct Reader<'a> {
     zeros: (u64, u64),
     batch: Batch,
     max_items: usize,
-    sender: Option<SyncSender<Batch>>,
+    /// Batches parsed from the current chunk, for the worker that read it.
+    ready_batches: Vec<Batch>,
     slot: &'a Mutex<Option<Error>>,
     pool: &'a Mutex<Vec<Batch>>,
+    inflight: &'a Inflight,
     out: Vec<u8>,
     pad: Vec<u8>,
+    /// The chunk being parsed, shared with the decoders for what they take from it.
+    cur: Option<Arc<Vec<u8>>>,
     /// Ranges of the current chunk: claimed (tables, written data) while the mapping is
     /// incomplete.
     claimed: Vec<(u64, u64, bool)>,
@@ -609,9 +694,10 @@ impl<'a> Reader<'a> {
         h: Header,
         target: &'a dyn Target,
         opts: &Options<'a>,
-        sender: Option<SyncSender<Batch>>,
+        say: &'a (dyn Fn(&str) + Sync),
         slot: &'a Mutex<Option<Error>>,
         pool: &'a Mutex<Vec<Batch>>,
+        inflight: &'a Inflight,
     ) -> Result<Reader<'a>> {
         let rules = Rules::of(&h);
         let cs = h.cluster_size();
@@ -657,7 +743,7 @@ impl<'a> Reader<'a> {
                 readback: Vec::new(),
                 dropped: Vec::new(),
                 spilled: 0,
-                say: opts.say,
+                say,
             },
             carry_start: 0,
             carry: Vec::new(),
@@ -666,11 +752,13 @@ impl<'a> Reader<'a> {
             zeros: (0, 0),
             batch: Batch::default(),
             max_items: (BATCH_OUT / cs).max(1) as usize,
-            sender,
+            ready_batches: Vec::new(),
             slot,
             pool,
+            inflight,
             out: Vec::new(),
             pad: Vec::new(),
+            cur: None,
             claimed: Vec::new(),
             ready: Vec::new(),
             verdict: None,
@@ -829,6 +917,10 @@ impl<'a> Reader<'a> {
         if self.mapping_known() && !self.kept.is_empty() {
             self.kept.clear();
         }
+        // The worker that read this chunk decodes what it holds.
+        if let Err(e) = self.flush_batch() {
+            self.note(Rank::Mapping, e)?;
+        }
         self.worker_errors()?;
         self.settled(end)
     }
@@ -895,7 +987,7 @@ impl<'a> Reader<'a> {
         while self.cursor < passed {
             let (host, l1i) = self.tables[self.cursor];
             self.cursor += 1;
-            self.flush_gather()?;
+            self.sync_writes(host, self.cs)?;
             self.kept.fetch(host, &mut t, self.target)?;
             self.l2(&t, l1i, start)?;
         }
@@ -963,8 +1055,9 @@ impl<'a> Reader<'a> {
         if host < start {
             let mut piece = std::mem::take(&mut self.pad);
             piece.resize(len as usize, 0);
-            self.flush_gather()?;
-            let r = self.kept.fetch(host, &mut piece, self.target);
+            let r = self
+                .sync_writes(host, len)
+                .and_then(|_| self.kept.fetch(host, &mut piece, self.target));
             let r = r.and_then(|_| self.write(guest, &piece));
             self.pad = piece;
             return r;
@@ -997,7 +1090,12 @@ impl<'a> Reader<'a> {
             let skip = a - h;
             let b = (h + l).min(end);
             if b > a {
-                self.write(g + skip, &bytes[(a - start) as usize..(b - start) as usize])?;
+                if self.cur.is_some() {
+                    // A decoder writes it, straight from the shared chunk.
+                    self.push(g + skip, a, (a - start) as usize, (b - a) as usize, true)?;
+                } else {
+                    self.write(g + skip, &bytes[(a - start) as usize..(b - start) as usize])?;
+                }
                 if incomplete {
                     self.claimed.push((a, b, false));
                     self.kept.record_readback(a, g + skip, b - a)?;
@@ -1065,15 +1163,6 @@ impl<'a> Reader<'a> {
             };
             self.comp_acct.sub(NODE);
             let len = (off + c.size).min(end) - off;
-            let full = self.batch.items.len() >= self.max_items
-                || (!self.batch.items.is_empty()
-                    && self.batch.input.len() as u64 + len > BATCH_IN.max(2 * self.cs));
-            if full {
-                self.flush_batch()?;
-            }
-            if self.batch.items.is_empty() {
-                self.batch.input.reserve(BATCH_IN.max(2 * self.cs) as usize);
-            }
             if !self.mapping_known() {
                 // Consumed: not kept again (a second mapping of it is refused).
                 let a = off.max(start);
@@ -1082,28 +1171,77 @@ impl<'a> Reader<'a> {
                     self.claimed.push((a, b, true));
                 }
             }
-            let at = self.batch.input.len();
-            if off >= start {
-                // All in this chunk (the common case): one copy, no zero-filling first.
-                let a = (off - start) as usize;
-                self.batch
-                    .input
-                    .extend_from_slice(&bytes[a..a + len as usize]);
-            } else {
-                let mut input = std::mem::take(&mut self.batch.input);
-                input.resize(at + len as usize, 0);
-                let r = self.assemble(off, &mut input[at..], start, bytes);
-                self.batch.input = input;
-                r?;
+            if off >= start && self.cur.is_some() {
+                // All in this chunk (the common case): the decoder reads it from there.
+                self.push(c.guest, off, (off - start) as usize, len as usize, false)?;
+                continue;
             }
-            self.batch.items.push(Item {
+            // Bytes from before those carried over may have to be read back from the target.
+            if off < self.carry_start {
+                self.sync_writes(off, len)?;
+            }
+            self.make_room(len)?;
+            let at = self.batch.input.len();
+            let mut input = std::mem::take(&mut self.batch.input);
+            input.resize(at + len as usize, 0);
+            let r = self.assemble(off, &mut input[at..], start, bytes);
+            self.batch.input = input;
+            r?;
+            self.add_item(Item {
                 guest: c.guest,
                 host: off,
+                src: OWN,
                 at,
                 len: len as usize,
+                plain: false,
             });
         }
         self.ready = ready;
+        Ok(())
+    }
+
+    /// Flush the batch first if `len` more input bytes would overfill it.
+    fn make_room(&mut self, len: u64) -> Result<()> {
+        let full = self.batch.items.len() >= self.max_items
+            || (!self.batch.items.is_empty() && self.batch.load + len > BATCH_IN.max(2 * self.cs));
+        if full {
+            self.flush_batch()?;
+        }
+        Ok(())
+    }
+
+    fn add_item(&mut self, it: Item) {
+        self.batch.load += it.len as u64;
+        self.batch.items.push(it);
+    }
+
+    /// Queue `len` bytes at offset `at` of the current chunk (host offset `host`): a
+    /// compressed cluster, or guest data (`plain`) to write at `guest`.
+    fn push(&mut self, guest: u64, host: u64, at: usize, len: usize, plain: bool) -> Result<()> {
+        // Plain data costs a decoder a copy, not a decode: weigh it less.
+        self.make_room(if plain { len as u64 / 4 } else { len as u64 })?;
+        let Some(cur) = &self.cur else {
+            return Err(Error::new(ErrorKind::Io, "no input chunk to share"));
+        };
+        if !self
+            .batch
+            .chunks
+            .last()
+            .is_some_and(|c| Arc::ptr_eq(c, cur))
+        {
+            self.batch.chunks.push(cur.clone());
+        }
+        let src = (self.batch.chunks.len() - 1) as u32;
+        let load = if plain { len / 4 } else { len };
+        self.batch.load += load as u64;
+        self.batch.items.push(Item {
+            guest,
+            host,
+            src,
+            at,
+            len,
+            plain,
+        });
         Ok(())
     }
 
@@ -1147,6 +1285,9 @@ impl<'a> Reader<'a> {
             self.carry_start = end;
             return Ok(());
         };
+        if first < self.carry_start.min(start) {
+            self.sync_writes(first, start - first)?;
+        }
         let mut next = vec![0u8; (end - first) as usize];
         self.assemble(first, &mut next, start, bytes)?;
         self.carry = next;
@@ -1168,6 +1309,25 @@ impl<'a> Reader<'a> {
             self.gather_off = off;
         }
         self.gather.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Before reading host bytes `off..off + len` back: if they were written to the target,
+    /// make everything written so far readable there.
+    fn sync_writes(&mut self, off: u64, len: u64) -> Result<()> {
+        self.flush_gather()?;
+        if !self.kept.reads_back(off, len) {
+            return Ok(());
+        }
+        self.flush_batch()?;
+        for mut b in std::mem::take(&mut self.ready_batches) {
+            let mut out = std::mem::take(&mut self.out);
+            let r = decode(&b, &mut out, self.ctype, self.cs, self.size, self.target);
+            self.out = out;
+            b.clear();
+            r?;
+        }
+        self.inflight.wait();
         Ok(())
     }
 
@@ -1209,24 +1369,8 @@ impl<'a> Reader<'a> {
             .and_then(|mut p| p.pop())
             .unwrap_or_default();
         let b = std::mem::replace(&mut self.batch, fresh);
-        match &self.sender {
-            Some(tx) => {
-                if tx.send(b).is_err() {
-                    return Err(Error::new(ErrorKind::Io, "decoder threads stopped"));
-                }
-                Ok(())
-            }
-            None => {
-                let mut out = std::mem::take(&mut self.out);
-                let r = decode(&b, &mut out, self.ctype, self.cs, self.size, self.target);
-                self.out = out;
-                let mut b = b;
-                b.input.clear();
-                b.items.clear();
-                self.batch = b;
-                r
-            }
-        }
+        self.ready_batches.push(b);
+        Ok(())
     }
 
     fn worker_errors(&mut self) -> Result<()> {
@@ -1238,7 +1382,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The input ended after `len` bytes.
-    fn finish(mut self, len: u64) -> Result<Report> {
+    fn finish(&mut self, len: u64) -> Result<Report> {
         if self.l1_bytes > 0 && self.l1_off >= len {
             let e = corrupt!(
                 "active L1 table at {:#x} lies past end of file",
@@ -1313,8 +1457,6 @@ impl<'a> Reader<'a> {
         if let Some((_, e)) = self.verdict.take() {
             return Err(e);
         }
-        // Hang up: the workers finish what they have, and the scope waits for them.
-        self.sender = None;
         Ok(Report {
             virtual_size: self.size,
             bytes_in: len,
@@ -1341,6 +1483,19 @@ fn decode(
     let mut run_start = 0u64;
     let mut run_len = 0usize;
     for it in &b.items {
+        let bytes = match b.chunks.get(it.src as usize) {
+            Some(c) if it.src != OWN => &c[..],
+            _ => &b.input[..],
+        };
+        let src = &bytes[it.at..it.at + it.len];
+        if it.plain {
+            if run_len > 0 {
+                target.write(run_start, &out[..run_len])?;
+                run_len = 0;
+            }
+            target.write(it.guest, src)?;
+            continue;
+        }
         let len = cs.min(size - it.guest) as usize;
         if run_len > 0 && (it.guest != run_start + run_len as u64 || run_len + len > cap) {
             target.write(run_start, &out[..run_len])?;
@@ -1349,7 +1504,6 @@ fn decode(
         if run_len == 0 {
             run_start = it.guest;
         }
-        let src = &b.input[it.at..it.at + it.len];
         let dst = &mut out[run_len..run_len + cs as usize];
         compressed::decode(ctype, src, dst).map_err(|e| {
             corrupt!(

@@ -14,7 +14,7 @@ use crate::error::{Error, ErrorKind, Result};
 use std::io::{self, BufReader, Read};
 
 /// A boxed byte stream.
-pub type Stream<'a> = Box<dyn Read + 'a>;
+pub type Stream<'a> = Box<dyn Read + Send + 'a>;
 
 /// Memory budget of [`decoder`] and [`unwrap_layers`]: enough for xz `-9` (64 MiB dictionary)
 /// and zstd's default window limit (128 MiB), as before budgets were given. Callers that must

@@ -563,7 +563,14 @@ fn run(cli: Cli) -> Result<u8, Error> {
             let (src, input_size): (vdisk::stream::Stream<'_>, Option<u64>) =
                 if a.src.as_os_str() == "-" {
                     vdisk::io::enlarge_pipe(&std::io::stdin(), 1 << 20);
-                    (Box::new(std::io::stdin().lock()), None)
+                    // The descriptor itself, not `Stdin`'s buffered lock: reads go straight
+                    // into the reader's chunks, and the reader may run on another thread.
+                    use std::os::fd::AsFd;
+                    let fd = std::io::stdin()
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .map_err(|e| Error::io("cannot read standard input", e))?;
+                    (Box::new(std::fs::File::from(fd)), None)
                 } else {
                     let f = std::fs::File::open(&a.src)
                         .map_err(|e| Error::io("cannot open source", e).with_path(&a.src))?;
