@@ -277,27 +277,16 @@ fn parse_bypass(entry: &str) -> Bypass {
     }
 }
 
+/// Whether `ip` lies in the block `net`/`bits` (of the same address family).
 fn in_net(ip: std::net::IpAddr, net: std::net::IpAddr, bits: u8) -> bool {
     use std::net::IpAddr;
-    match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let m = if bits == 0 {
-                0
-            } else {
-                u32::MAX << (32 - bits)
-            };
-            u32::from(a) & m == u32::from(n) & m
-        }
-        (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let m = if bits == 0 {
-                0
-            } else {
-                u128::MAX << (128 - bits)
-            };
-            u128::from(a) & m == u128::from(n) & m
-        }
-        _ => false,
-    }
+    let (a, n, width) = match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => (u32::from(a).into(), u32::from(n).into(), 32),
+        (IpAddr::V6(a), IpAddr::V6(n)) => (u128::from(a), u128::from(n), 128),
+        _ => return false,
+    };
+    // The bits past the prefix may differ; a shift by the whole width leaves nothing.
+    (a ^ n).checked_shr(width - u32::from(bits)).unwrap_or(0) == 0
 }
 
 impl Proxy {

@@ -20,8 +20,9 @@
 //! data), which beat running out of budget. A reading error found early is held until the
 //! open-time checks it could be outranked by are settled.
 //!
-//! Compressed clusters are decoded in batches on `threads` worker threads, which write their
-//! output to the target directly.
+//! `threads` workers share the work: one at a time reads the next chunk of input and parses
+//! it (the parser's state sits behind a lock), then decodes the compressed clusters and writes
+//! the data that chunk holds, straight from it, while the next worker reads.
 
 use super::compressed;
 use super::entry::{Mapping, Metadata, Rules, Unit};
@@ -58,7 +59,7 @@ pub struct Options<'a> {
     pub budget: &'a Budget,
     /// Where to spill held-back data past `memory`; `None` refuses such images.
     pub spill_dir: Option<&'a Path>,
-    /// Compressed-cluster decoder threads (1: decode on the reading thread).
+    /// Worker threads that read, parse, decode and write in turn (at least one).
     pub threads: u32,
     /// Log lines (spilling).
     pub say: &'a dyn Fn(&str),
@@ -79,7 +80,8 @@ pub struct Report {
 
 /// Fixed working memory of the reader for an image with `cluster_size` clusters and
 /// `threads` workers: each one's input chunk, decode batch and output, and the parser's
-/// gathering and carried compressed bytes. The budget must hold at least this much besides what the image needs.
+/// gathering and carried compressed bytes. The budget must hold at least this much besides
+/// what the image needs.
 pub fn working_set(cluster_size: u64, threads: u32) -> u64 {
     let chunk = cluster_size.max(CHUNK);
     let batch_in = cluster_size.saturating_mul(2).max(BATCH_IN);
@@ -186,7 +188,7 @@ pub fn run(
         target,
         chunk_len: cs.max(CHUNK) as usize,
     };
-    let reader = Reader::new(header, target, opts, &say, &slot, &pool, &inflight)?;
+    let reader = Reader::new(header, opts, &say, &ctx)?;
     let shared = Mutex::new(Shared {
         fill,
         reader,
@@ -290,8 +292,8 @@ fn work(shared: &Mutex<Shared<'_, '_, '_>>, ctx: &Ctx<'_>) {
             if g.outcome.is_some() {
                 return;
             }
+            // Cancelled: the caller returns its tick's error.
             if ctx.cancel.load(Ordering::Relaxed) {
-                g.outcome = Some(Err(Error::new(ErrorKind::Cancelled, CANCELLED)));
                 return;
             }
             let mut n = 0;
@@ -328,22 +330,17 @@ fn work(shared: &Mutex<Shared<'_, '_, '_>>, ctx: &Ctx<'_>) {
             batches = std::mem::take(&mut g.reader.ready_batches);
             ctx.inflight.add(batches.len());
         }
-        for mut b in batches {
+        for b in batches {
+            // After the first error, batches are only dropped.
             let failed = ctx.slot.lock().map_or(true, |s| s.is_some());
             if !failed
-                && let Err(e) = decode(&b, &mut out, ctx.ctype, ctx.cs, ctx.size, ctx.target)
+                && let Err(e) = ctx.write_batch(b, &mut out)
                 && let Ok(mut s) = ctx.slot.lock()
                 && s.is_none()
             {
                 *s = Some(e);
             }
             ctx.inflight.done();
-            b.clear();
-            if let Ok(mut p) = ctx.pool.lock()
-                && p.len() < 4
-            {
-                p.push(b);
-            }
         }
         // Nothing else holds the chunk now: its buffer is this worker's again.
         buf = Arc::try_unwrap(chunk).unwrap_or_else(|c| c.to_vec());
@@ -351,7 +348,22 @@ fn work(shared: &Mutex<Shared<'_, '_, '_>>, ctx: &Ctx<'_>) {
     }
 }
 
-const CANCELLED: &str = "import cancelled";
+/// Emptied batches kept for reuse (their buffers are not allocated and faulted in afresh).
+const POOL: usize = 4;
+
+impl Ctx<'_> {
+    /// Decode and write batch `b`, then keep it for reuse.
+    fn write_batch(&self, mut b: Batch, out: &mut Vec<u8>) -> Result<()> {
+        let r = decode(&b, out, self.ctype, self.cs, self.size, self.target);
+        b.clear();
+        if let Ok(mut p) = self.pool.lock()
+            && p.len() < POOL
+        {
+            p.push(b);
+        }
+        r
+    }
+}
 
 /// Counts batches handed to the workers and not yet written, so the parser can wait for
 /// them before it reads written data back.
@@ -390,8 +402,9 @@ impl Inflight {
     }
 }
 
-/// Compressed clusters and plain data decoded and written together: bytes that lie wholly in one input chunk are taken from the shared chunk, the
-/// rest (clusters across a chunk boundary) copied into `input`.
+/// Compressed clusters and plain data decoded and written together: bytes that lie wholly in
+/// one input chunk are taken from the shared chunk, the rest (clusters across a chunk
+/// boundary) copied into `input`.
 #[derive(Default)]
 struct Batch {
     input: Vec<u8>,
@@ -424,6 +437,17 @@ struct Item {
     len: usize,
     /// Guest data to write as it is (not a compressed cluster).
     plain: bool,
+}
+
+impl Item {
+    /// What the item weighs in a batch: plain data costs a decoder a copy, not a decode.
+    fn load(&self) -> u64 {
+        if self.plain {
+            self.len as u64 / 4
+        } else {
+            self.len as u64
+        }
+    }
 }
 
 /// Where an error ranks: a lower rank is what the random-access reader would report first.
@@ -635,8 +659,9 @@ struct Reader<'a> {
     size: u64,
     l2_entries: u64,
     needed: u64,
-    ctype: CompressionType,
     target: &'a dyn Target,
+    /// The workers' shared state (batch pool, first error, batches in flight).
+    ctx: &'a Ctx<'a>,
     budget: &'a Budget,
     // The snapshot table (validated as it passes; nothing kept).
     snap: TableParser,
@@ -672,9 +697,6 @@ struct Reader<'a> {
     max_items: usize,
     /// Batches parsed from the current chunk, for the worker that read it.
     ready_batches: Vec<Batch>,
-    slot: &'a Mutex<Option<Error>>,
-    pool: &'a Mutex<Vec<Batch>>,
-    inflight: &'a Inflight,
     out: Vec<u8>,
     pad: Vec<u8>,
     /// The chunk being parsed, shared with the decoders for what they take from it.
@@ -692,12 +714,9 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn new(
         h: Header,
-        target: &'a dyn Target,
         opts: &Options<'a>,
         say: &'a (dyn Fn(&str) + Sync),
-        slot: &'a Mutex<Option<Error>>,
-        pool: &'a Mutex<Vec<Batch>>,
-        inflight: &'a Inflight,
+        ctx: &'a Ctx<'a>,
     ) -> Result<Reader<'a>> {
         let rules = Rules::of(&h);
         let cs = h.cluster_size();
@@ -711,8 +730,8 @@ impl<'a> Reader<'a> {
             size: h.size,
             l2_entries: h.l2_entries(),
             needed,
-            ctype: h.compression_type,
-            target,
+            target: ctx.target,
+            ctx,
             budget,
             snap: TableParser::new(&h, false),
             snap_acct: Account::new(budget),
@@ -753,9 +772,6 @@ impl<'a> Reader<'a> {
             batch: Batch::default(),
             max_items: (BATCH_OUT / cs).max(1) as usize,
             ready_batches: Vec::new(),
-            slot,
-            pool,
-            inflight,
             out: Vec::new(),
             pad: Vec::new(),
             cur: None,
@@ -1210,38 +1226,37 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
+    /// Add an item to the batch (room was made for it).
     fn add_item(&mut self, it: Item) {
-        self.batch.load += it.len as u64;
+        self.batch.load += it.load();
         self.batch.items.push(it);
     }
 
     /// Queue `len` bytes at offset `at` of the current chunk (host offset `host`): a
     /// compressed cluster, or guest data (`plain`) to write at `guest`.
     fn push(&mut self, guest: u64, host: u64, at: usize, len: usize, plain: bool) -> Result<()> {
-        // Plain data costs a decoder a copy, not a decode: weigh it less.
-        self.make_room(if plain { len as u64 / 4 } else { len as u64 })?;
-        let Some(cur) = &self.cur else {
+        let Some(cur) = self.cur.clone() else {
             return Err(Error::new(ErrorKind::Io, "no input chunk to share"));
         };
+        let mut it = Item {
+            guest,
+            host,
+            src: 0,
+            at,
+            len,
+            plain,
+        };
+        self.make_room(it.load())?;
         if !self
             .batch
             .chunks
             .last()
-            .is_some_and(|c| Arc::ptr_eq(c, cur))
+            .is_some_and(|c| Arc::ptr_eq(c, &cur))
         {
-            self.batch.chunks.push(cur.clone());
+            self.batch.chunks.push(cur);
         }
-        let src = (self.batch.chunks.len() - 1) as u32;
-        let load = if plain { len / 4 } else { len };
-        self.batch.load += load as u64;
-        self.batch.items.push(Item {
-            guest,
-            host,
-            src,
-            at,
-            len,
-            plain,
-        });
+        it.src = (self.batch.chunks.len() - 1) as u32;
+        self.add_item(it);
         Ok(())
     }
 
@@ -1320,14 +1335,10 @@ impl<'a> Reader<'a> {
             return Ok(());
         }
         self.flush_batch()?;
-        for mut b in std::mem::take(&mut self.ready_batches) {
-            let mut out = std::mem::take(&mut self.out);
-            let r = decode(&b, &mut out, self.ctype, self.cs, self.size, self.target);
-            self.out = out;
-            b.clear();
-            r?;
+        for b in std::mem::take(&mut self.ready_batches) {
+            self.ctx.write_batch(b, &mut self.out)?;
         }
-        self.inflight.wait();
+        self.ctx.inflight.wait();
         Ok(())
     }
 
@@ -1363,6 +1374,7 @@ impl<'a> Reader<'a> {
             return Ok(());
         }
         let fresh = self
+            .ctx
             .pool
             .lock()
             .ok()
@@ -1374,7 +1386,7 @@ impl<'a> Reader<'a> {
     }
 
     fn worker_errors(&mut self) -> Result<()> {
-        let e = self.slot.lock().ok().and_then(|mut s| s.take());
+        let e = self.ctx.slot.lock().ok().and_then(|mut s| s.take());
         if let Some(e) = e {
             self.note(Rank::Mapping, e)?;
         }
