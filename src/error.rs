@@ -80,7 +80,14 @@ impl Error {
 
     /// An I/O error with a message saying what was being done.
     pub fn io(message: impl Into<String>, source: io::Error) -> Self {
+        // A decoder behind a `Read` reports its verdict (corrupt, over budget, ...) as an
+        // io::Error carrying our Error: keep that kind, whoever relays it.
+        let inner = source
+            .get_ref()
+            .and_then(|r| r.downcast_ref::<Error>())
+            .map(|e| e.kind);
         let kind = match source.kind() {
+            _ if inner.is_some() => inner.unwrap_or(ErrorKind::Io),
             io::ErrorKind::NotFound => ErrorKind::NotFound,
             io::ErrorKind::StorageFull => ErrorKind::NoSpace,
             _ if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {

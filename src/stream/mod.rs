@@ -319,6 +319,26 @@ mod tests {
     }
 
     #[test]
+    fn xz_later_stream_over_budget_is_too_large() {
+        // The first stream fits (256 KiB dictionary); a concatenated second one needs 8 MiB.
+        // Its refusal surfaces mid-read and must keep its kind through every relay.
+        let d = mixed();
+        let enc = |level| {
+            let mut e = liblzma::write::XzEncoder::new(Vec::new(), level);
+            e.write_all(&d).unwrap();
+            e.finish().unwrap()
+        };
+        let first = enc(0);
+        assert_eq!(decode(&first, 1, 3 << 20).unwrap(), d);
+        let mut x = first;
+        x.extend(enc(6));
+        for threads in [1, 2] {
+            let e = decode(&x, threads, 3 << 20).expect_err("decoded over budget");
+            assert_eq!(e.kind(), ErrorKind::TooLarge, "{e}");
+        }
+    }
+
+    #[test]
     fn xz_dictionary_over_budget_is_too_large() {
         let d = mixed();
         // 1 MiB blocks, 1 MiB dictionary (preset 1): a 1.5 MiB budget leaves too little.
