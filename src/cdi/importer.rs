@@ -107,6 +107,9 @@ pub struct Config {
     pub ready_file: Option<PathBuf>,
     /// `IMPORTER_DONE_FILE` (node pull).
     pub done_file: Option<PathBuf>,
+    /// `IMPORTER_PULL_METHOD=node`: the endpoint is a `cdi-containerimage-server`, whose
+    /// `/info` gives the image's environment for the labels.
+    pub node_pull: bool,
     /// How long to wait for the ready file.
     pub ready_timeout: Duration,
     /// A read that waits this long fails (and the download resumes): CDI's 10 minutes, or
@@ -289,6 +292,7 @@ impl Config {
             direct_io: env("CACHE_MODE").is_some_and(|m| m == "TRYNONE"),
             ready_file: env("IMPORTER_READY_FILE").map(|p| paths.relocate(&p)),
             done_file: env("IMPORTER_DONE_FILE").map(|p| paths.relocate(&p)),
+            node_pull: env("IMPORTER_PULL_METHOD").is_some_and(|m| m == "node"),
             ready_timeout: Duration::from_secs(
                 env("VDISK_READY_TIMEOUT")
                     .and_then(|v| v.parse().ok())
@@ -562,9 +566,49 @@ fn http(
                 r.bytes_written,
                 r.disk_size
             ));
-            success(r.preallocation_applied, BTreeMap::new())
+            let labels = if cfg.node_pull {
+                node_labels(&client, endpoint, log)
+            } else {
+                BTreeMap::new()
+            };
+            success(r.preallocation_applied, labels)
         }
         Err(o) => o,
+    }
+}
+
+/// Node pull: the labels from the containerDisk's environment, which the image server beside
+/// the disk lists at `/info` (`{"env":["K=V",...]}`). A server that cannot say loses only the
+/// labels, with a warning.
+fn node_labels(client: &Client, endpoint: &str, log: &dyn Fn(&str)) -> BTreeMap<String, String> {
+    let r = crate::net::http::Url::parse(endpoint)
+        .and_then(|u| u.join("/info"))
+        .and_then(|u| client.send("GET", &u.to_string(), &[]))
+        .and_then(|r| {
+            if r.status != 200 {
+                return Err(Error::new(
+                    ErrorKind::Network,
+                    format!("/info: status {}", r.status),
+                ));
+            }
+            r.read_to_vec(1 << 20)
+        })
+        .and_then(|b| {
+            serde_json::from_slice::<serde_json::Value>(&b)
+                .map_err(|e| Error::invalid(format!("/info is not JSON: {e}")))
+        });
+    match r {
+        Ok(v) => crate::net::registry::env_to_labels(
+            v["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.as_str()),
+        ),
+        Err(e) => {
+            log(&format!("warning: no image labels: {e}"));
+            BTreeMap::new()
+        }
     }
 }
 

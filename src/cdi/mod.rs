@@ -2,6 +2,7 @@
 //! paths (movable under `VDISK_ROOT` for tests), Go-compatible parsing of environment values,
 //! and the termination message the controller reads.
 
+pub mod imageserver;
 pub mod importer;
 pub mod uploader;
 

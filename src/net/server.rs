@@ -385,6 +385,20 @@ pub struct Response {
     pub headers: Vec<(String, String)>,
     /// The body, sent with `Content-Length` (omitted for `HEAD`).
     pub body: Vec<u8>,
+    /// Instead of `body`, a byte range of a file, read in chunks as it is sent (a disk of
+    /// many GiB is never held in memory).
+    pub file: Option<FileRange>,
+}
+
+/// A byte range of a file sent as a response body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRange {
+    /// The file, opened when the response is written.
+    pub path: std::path::PathBuf,
+    /// First byte sent.
+    pub offset: u64,
+    /// Number of bytes sent; a file found shorter closes the connection mid-body.
+    pub len: u64,
 }
 
 impl Response {
@@ -397,6 +411,7 @@ impl Response {
                 "text/plain; charset=utf-8".to_string(),
             )],
             body: body.into().into_bytes(),
+            file: None,
         }
     }
 
@@ -406,6 +421,17 @@ impl Response {
             status,
             headers: Vec::new(),
             body: Vec::new(),
+            file: None,
+        }
+    }
+
+    /// A `200` response sending `range` of a file.
+    pub fn file(status: u16, range: FileRange) -> Response {
+        Response {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+            file: Some(range),
         }
     }
 
@@ -1039,8 +1065,12 @@ fn write_response(
         out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
     }
     let bodyless = status == 204 || status == 304;
+    let body_len = match &resp.file {
+        Some(f) => f.len,
+        None => resp.body.len() as u64,
+    };
     if !bodyless {
-        out.extend_from_slice(format!("Content-Length: {}\r\n", resp.body.len()).as_bytes());
+        out.extend_from_slice(format!("Content-Length: {body_len}\r\n").as_bytes());
     }
     if !keep || handler_close {
         out.extend_from_slice(b"Connection: close\r\n");
@@ -1050,8 +1080,34 @@ fn write_response(
         out.extend_from_slice(&resp.body);
     }
     conn.write_all(&out)?;
+    if let (Some(f), false, false) = (&resp.file, head_only, bodyless) {
+        send_file(conn, f)?;
+    }
     conn.flush()?;
     Ok(handler_close)
+}
+
+/// Copy `f`'s range to the connection in 256 KiB pieces.
+fn send_file(conn: &mut Conn, f: &FileRange) -> io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(&f.path)?;
+    file.seek(SeekFrom::Start(f.offset))?;
+    let mut buf = vec![0u8; 256 << 10];
+    let mut left = f.len;
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        let n = file.read(&mut buf[..want])?;
+        if n == 0 {
+            // The peer sees a body cut short of Content-Length when the connection closes.
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} ended before its announced length", f.path.display()),
+            ));
+        }
+        conn.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 /// What is known about the TLS peer after the handshake.
@@ -1446,6 +1502,7 @@ pub fn start_metrics(
             "text/plain; version=0.0.4; charset=utf-8".to_string(),
         )],
         body: metric_text(&name, &uid, progress.get()).into_bytes(),
+        file: None,
     });
     server.try_spawn(handler)
 }
