@@ -814,3 +814,62 @@ fn progress_metric_moves_and_never_goes_back() {
         "the metric did not move during the import: {seen:?}"
     );
 }
+
+#[test]
+fn imageio_and_vddk_are_refused_as_connect_errors() {
+    for (source, why) in [
+        ("imageio", "it needs the oVirt engine's API"),
+        ("vddk", "it needs VMware's closed VDDK library"),
+    ] {
+        let pod = Pod::new().set("IMPORTER_SOURCE", source).set(
+            "IMPORTER_ENDPOINT",
+            "https://engine.example/ovirt-engine/api",
+        );
+        let r = pod.run();
+        r.failed(&format!(
+            "Unable to connect to {source} data source: vdisk cannot import from"
+        ));
+        let t = r.term.as_deref().unwrap();
+        assert!(t.starts_with("Unable to connect to"), "{t}");
+        assert!(t.contains(why), "{t}");
+        assert!(
+            t.ends_with(&format!(
+                "(not supported by this importer; use CDI's own importer image for {source} imports)"
+            )),
+            "{t}"
+        );
+        assert!(!pod.disk().exists());
+    }
+}
+
+#[test]
+fn logs_are_klog_lines_and_follow_the_verbosity() {
+    let pod = Pod::new().set("IMPORTER_SOURCE", "imageio");
+    // The harness passes -v=3; a later -v wins, as with Go's flag package.
+    let quiet = pod.finish(pod.command(free_port()).arg("-v=0").output().unwrap());
+    let verbose = pod.finish(pod.command(free_port()).output().unwrap());
+    for r in [&quiet, &verbose] {
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        assert!(!r.stderr.is_empty());
+        for l in r.stderr.lines() {
+            assert!(common::is_klog_line(l), "not a klog line: {l:?}");
+        }
+        // The failure is an E line naming the binary's source file.
+        assert!(
+            r.stderr.lines().any(|l| l.starts_with('E')
+                && l.contains(" main.rs:")
+                && l.contains("] Unable to connect to imageio data source:")),
+            "{}",
+            r.stderr
+        );
+    }
+    // V(1) lines (the effective configuration) only at -v ≥ 1.
+    assert!(!quiet.stderr.contains("] config: "), "{}", quiet.stderr);
+    assert!(
+        verbose
+            .stderr
+            .contains("] config: source=Other(\"imageio\")"),
+        "{}",
+        verbose.stderr
+    );
+}

@@ -1114,6 +1114,14 @@ fn missing_tls_config_exits_1() {
     let pod = Pod::new().unset("TLS_CERT_FILE").unset("TLS_KEY_FILE");
     let e = pod.run_to_exit(Duration::from_secs(30));
     assert_eq!(e.code, 1, "{}", e.log);
+    // Logged in klog's format, the failure as an E line.
+    assert!(
+        e.log
+            .lines()
+            .any(|l| common::is_klog_line(l) && l.starts_with('E')),
+        "{}",
+        e.log
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -396,7 +396,7 @@ pub fn run(paths: &Paths, cfg: &Config, progress: &dyn Fn(f64), log: &dyn Fn(&st
             Err(o) => o,
         },
         Source::Registry => registry(paths, cfg, progress, log),
-        Source::Other(s) => Outcome::fail(format!("Unknown data source: {s}")),
+        Source::Other(s) => other_source(s),
     };
     if let Some(done) = &cfg.done_file
         && let Err(e) = std::fs::write(done, b"")
@@ -724,6 +724,20 @@ fn blank(paths: &Paths, cfg: &Config, log: &dyn Fn(&str)) -> Outcome {
         }),
         Err(e) => fail(e),
     }
+}
+
+/// An `IMPORTER_SOURCE` this importer does not handle. imageio and vddk are CDI sources that
+/// need what a pure-Rust importer cannot have (the oVirt engine's API, VMware's closed
+/// library): they fail as CDI's connect errors do, saying so, instead of "Unknown data source".
+fn other_source(s: &str) -> Outcome {
+    let why = match s {
+        "imageio" => "vdisk cannot import from oVirt imageio: it needs the oVirt engine's API",
+        "vddk" => "vdisk cannot import from VMware VDDK: it needs VMware's closed VDDK library",
+        _ => return Outcome::fail(format!("Unknown data source: {s}")),
+    };
+    Outcome::fail(format!(
+        "Unable to connect to {s} data source: {why} (not supported by this importer; use CDI's own importer image for {s} imports)"
+    ))
 }
 
 /// Write the outcome's termination message (when it has one) to the termination log.

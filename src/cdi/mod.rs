@@ -4,6 +4,7 @@
 
 pub mod imageserver;
 pub mod importer;
+pub mod klog;
 pub mod uploader;
 
 use crate::error::{Error, Result};

@@ -771,3 +771,43 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Whether `line` starts as klog's text format does, the regex
+/// `^[IWEF]\d{4} \d{2}:\d{2}:\d{2}\.\d{6} +\d+ [^ ]+:\d+\] `.
+pub fn is_klog_line(line: &str) -> bool {
+    let b = line.as_bytes();
+    let digits = |s: &[u8]| !s.is_empty() && s.iter().all(u8::is_ascii_digit);
+    // "I1202 06:32:24.123456": 21 bytes of fixed shape.
+    if b.len() < 21
+        || !b"IWEF".contains(&b[0])
+        || !digits(&b[1..5])
+        || b[5] != b' '
+        || !digits(&b[6..8])
+        || b[8] != b':'
+        || !digits(&b[9..11])
+        || b[11] != b':'
+        || !digits(&b[12..14])
+        || b[14] != b'.'
+        || !digits(&b[15..21])
+    {
+        return false;
+    }
+    let rest = &line[21..];
+    let Some(rest) = rest.strip_prefix(' ') else {
+        return false;
+    };
+    let rest = rest.trim_start_matches(' ');
+    let Some((pid, rest)) = rest.split_once(' ') else {
+        return false;
+    };
+    if !digits(pid.as_bytes()) {
+        return false;
+    }
+    let Some((loc, _)) = rest.split_once("] ") else {
+        return false;
+    };
+    match loc.rsplit_once(':') {
+        Some((file, line)) => !file.is_empty() && !file.contains(' ') && digits(line.as_bytes()),
+        None => false,
+    }
+}
