@@ -143,7 +143,7 @@ impl Outcome {
 
 /// Read the PEM files of a certificate directory (dot files and subdirectories skipped;
 /// files without certificates are ignored with a log line, as Go's cert pool does).
-fn read_cert_dir(dir: &Path, log: &dyn Fn(&str)) -> Vec<Vec<u8>> {
+pub(crate) fn read_cert_dir(dir: &Path, log: &dyn Fn(&str)) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(dir) else {
         return out;

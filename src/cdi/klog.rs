@@ -219,7 +219,7 @@ impl Logger {
 /// (year, month 1–12, day 1–31) of the day `days` after 1970-01-01 in the proleptic
 /// Gregorian calendar: counted in 400-year eras of 146 097 days starting on 1 March, so the
 /// leap day falls at the end of a year.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468; // days since 0000-03-01
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097); // day of era, 0..146096

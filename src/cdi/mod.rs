@@ -5,6 +5,8 @@
 pub mod imageserver;
 pub mod importer;
 pub mod klog;
+pub mod poller;
+pub mod sizedetect;
 pub mod uploader;
 
 use crate::error::{Error, Result};

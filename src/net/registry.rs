@@ -1797,6 +1797,22 @@ pub fn open(endpoint: &str, opts: &RegistryOptions) -> Result<ContainerDisk> {
     }
 }
 
+/// The digest of the manifest a `docker://REF` endpoint names, as the registry serves it for
+/// the manifest media types this client accepts: for a multi-platform image the index's, not
+/// a platform's. This is the digest CDI's DataImportCron poller records (`skopeo inspect`'s
+/// `Digest`). The manifest is fetched whole (bounded), hashed, and checked against the
+/// registry's `Docker-Content-Digest` header and a digest in the reference.
+pub fn manifest_digest(endpoint: &str, opts: &RegistryOptions) -> Result<String> {
+    let rest = endpoint.strip_prefix("docker:").ok_or_else(|| {
+        Error::invalid(format!("Invalid image name: '{endpoint}': not docker://"))
+    })?;
+    let r = ImageRef::parse(rest)?;
+    let conn = RegistryConn::connect(&r, opts)?;
+    let expect = r.digest.as_deref().map(Digest::parse).transpose()?;
+    let f = conn.fetch_manifest(r.reference(), expect.as_ref().map(|d| (d, None)))?;
+    Ok(f.digest.to_string())
+}
+
 fn open_archive(path: &Path, want: Option<&str>, opts: &RegistryOptions) -> Result<ContainerDisk> {
     let a = Arc::new(Archive::open(path)?);
     if let Ok(layout) = a.read_file("oci-layout", 64 << 10) {
