@@ -5,7 +5,8 @@
 //!
 //! Command line (Go `flag` syntax, klog flags accepted), as CDI's:
 //! - `-url docker://registry/repo:tag`, `-ns NAMESPACE`, `-cron NAME` (all mandatory);
-//! - `-kubeconfig FILE` (default `$KUBECONFIG`), `-server URL` (the API server; without a
+//! - `-kubeconfig FILE` (default `$KUBECONFIG`'s first file; kubeconfigs are not merged),
+//!   `-server URL` (the API server; without a
 //!   kubeconfig the in-cluster one, `KUBERNETES_SERVICE_HOST`/`_PORT`);
 //! - `-certdir DIR`: CA certificates for the registry (with the proxy CAs of `/proxycerts`).
 //!
@@ -117,7 +118,11 @@ impl Options {
                 .unwrap_or(false)
         };
         Ok(Options {
-            kubeconfig: get("kubeconfig").or_else(|| env("KUBECONFIG")),
+            // $KUBECONFIG may list several files; the first one names the context here.
+            kubeconfig: get("kubeconfig").or_else(|| {
+                env("KUBECONFIG")
+                    .and_then(|k| k.split(':').find(|p| !p.is_empty()).map(str::to_string))
+            }),
             server: get("server"),
             namespace,
             cron,
@@ -580,6 +585,10 @@ mod tests {
             Options::parse(&["-url", "docker://r/x", "-ns", "a/..", "-cron", "b"], &env).is_err()
         );
         assert!(Options::parse(&["-bogus"], &env).is_err());
+        let kenv = |n: &str| (n == "KUBECONFIG").then(|| ":/a/config:/b/config".to_string());
+        let o = Options::parse(&["-url=docker://r/x", "-ns=a", "-cron=b"], &kenv).unwrap();
+        assert_eq!(o.kubeconfig.as_deref(), Some("/a/config"));
+        assert!(o.credentials.is_none() && !o.insecure);
     }
 
     #[test]
