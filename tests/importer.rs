@@ -11,76 +11,13 @@
 
 mod common;
 
+use common::services::var;
 use common::{free_port, same_disk};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
-
-struct Services {
-    env: HashMap<String, String>,
-}
-
-static SERVICES: OnceLock<Services> = OnceLock::new();
-static OWN_STATE: OnceLock<PathBuf> = OnceLock::new();
-
-extern "C" fn stop_own_services() {
-    if let Some(s) = OWN_STATE.get() {
-        let _ = Command::new("scripts/services.sh")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .arg("stop")
-            .arg(s)
-            .status();
-    }
-}
-
-fn services() -> &'static Services {
-    SERVICES.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let state = match std::env::var_os("VDISK_SERVICES") {
-            Some(s) => PathBuf::from(s),
-            None => {
-                let s = std::env::temp_dir().join(format!("vdisk-svc-{}", std::process::id()));
-                for (script, args) in [
-                    ("scripts/services.sh", vec!["start"]),
-                    ("scripts/push-containerdisks.sh", vec![]),
-                ] {
-                    let st = Command::new(root.join(script))
-                        .current_dir(root)
-                        .args(args)
-                        .arg(&s)
-                        .status()
-                        .expect("run the services scripts");
-                    assert!(
-                        st.success(),
-                        "{script} failed: the importer tests need its services"
-                    );
-                }
-                OWN_STATE.set(s.clone()).unwrap();
-                // SAFETY: registering a plain extern "C" function with no captured state.
-                unsafe { libc::atexit(stop_own_services) };
-                s
-            }
-        };
-        let text = std::fs::read_to_string(state.join("env"))
-            .unwrap_or_else(|e| panic!("{}/env: {e}", state.display()));
-        let env = text
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
-            .collect();
-        Services { env }
-    })
-}
-
-fn var(name: &str) -> String {
-    services()
-        .env
-        .get(name)
-        .unwrap_or_else(|| panic!("services env has no {name}"))
-        .clone()
-}
 
 /// A pod's file system: `VDISK_ROOT` with `/data` (or the block device) and the
 /// termination log's directory.

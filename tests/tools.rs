@@ -4,7 +4,7 @@
 //! Kubernetes API server on loopback that records the PATCH it gets.
 //!
 //! The poller test needs the services started by `scripts/test.sh`, named by
-//! `VDISK_SERVICES`; without them it fails, saying so.
+//! `VDISK_SERVICES` (started here when unset, see `common::services`).
 
 mod common;
 
@@ -174,27 +174,6 @@ fn size_detection_exit_codes() {
 // cdi-source-update-poller
 // ---------------------------------------------------------------------------------------------
 
-fn services() -> HashMap<String, String> {
-    let Some(dir) = std::env::var_os("VDISK_SERVICES") else {
-        panic!(
-            "VDISK_SERVICES is not set: the poller test needs the registries of \
-             scripts/services.sh with the containerDisks of scripts/push-containerdisks.sh; \
-             run scripts/test.sh (or start them and set VDISK_SERVICES to their state directory)"
-        );
-    };
-    let env = PathBuf::from(dir).join("env");
-    let text = std::fs::read_to_string(&env).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (start the services with scripts/test.sh)",
-            env.display()
-        )
-    });
-    text.lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
-        .collect()
-}
-
 /// One request as the fake API server saw it.
 #[derive(Debug)]
 struct Seen {
@@ -316,8 +295,7 @@ fn assert_patch(seen: &Seen, cron: &str, token: &str, digest: &str) {
 
 #[test]
 fn poller_records_the_registry_digest_on_the_cron() {
-    let svc = services();
-    let registry = &svc["REGISTRY"];
+    let registry = &common::services::var("REGISTRY");
     let r = Root::new();
     let sa = r.path("/var/run/secrets/kubernetes.io/serviceaccount");
     std::fs::create_dir_all(&sa).unwrap();

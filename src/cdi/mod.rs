@@ -222,3 +222,18 @@ mod tests {
         assert_eq!(Paths::new(None).get("/data"), PathBuf::from("/data"));
     }
 }
+
+/// This process's peak resident memory in bytes (`VmHWM` of `/proc/self/status`), which the
+/// drop-ins log at exit so a memory limit can be checked against what was really used.
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}

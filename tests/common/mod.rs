@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod services;
+
 use serde_json::Value;
 use std::fs::{self, File};
 use std::io::Read;

@@ -77,6 +77,9 @@ fn main() {
         (Some(m), _) => klog.error(m),
         (None, _) => {}
     }
+    if let Some(peak) = vdisk::cdi::peak_rss() {
+        klog.v(1, &format!("peak memory: {peak} bytes"));
+    }
     klog.v(1, &format!("importer exits with code {}", out.code));
     importer::write_outcome(&paths, &out, &log);
     std::process::exit(out.code);

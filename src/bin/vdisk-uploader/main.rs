@@ -41,6 +41,9 @@ fn main() {
         klog.error(&e.to_string());
         std::process::exit(1);
     }
+    if let Some(peak) = vdisk::cdi::peak_rss() {
+        klog.v(1, &format!("peak memory: {peak} bytes"));
+    }
     klog.v(1, &format!("upload server exits with code {code}"));
     std::process::exit(code);
 }
