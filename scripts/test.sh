@@ -13,10 +13,14 @@ echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
 echo "== loopback services for the importer tests (nginx, registries, containerDisks)"
 svc=$(mktemp -d /tmp/vdisk-svc.XXXXXX)
-trap 'bash scripts/services.sh stop "$svc" >/dev/null 2>&1 || true; rm -rf "$svc"' EXIT
+pysvc=$(mktemp -d /tmp/vdisk-pysvc.XXXXXX)
+trap 'bash scripts/services.sh stop "$svc" >/dev/null 2>&1 || true; bash scripts/pyservices.sh stop "$pysvc" >/dev/null 2>&1 || true; rm -rf "$svc" "$pysvc"' EXIT
 bash scripts/services.sh start "$svc"
 bash scripts/push-containerdisks.sh "$svc"
 export VDISK_SERVICES=$svc
+echo "== object storage for the s3/gcs importer tests (moto, gcp-storage-emulator)"
+bash scripts/pyservices.sh start "$pysvc"
+export VDISK_PYSERVICES=$pysvc
 echo "== cargo test"
 cargo test
 echo "== C API tests (ASan, UBSan)"

@@ -1,5 +1,6 @@
 //! The importer pod (CDI's `cdi-importer`): reads its orders from the environment, streams the
-//! source (HTTP(S), a registry containerDisk, or nothing for a blank disk) straight onto the
+//! source (HTTP(S), an S3 or Google Cloud Storage object, a registry containerDisk, or nothing
+//! for a blank disk) straight onto the
 //! volume through [`crate::ingest::import`] with no scratch space, and says how it went as
 //! CDI's termination message and exit code. The binary `vdisk-importer` only wires this to
 //! the process (arguments, metrics endpoint, exit).
@@ -35,6 +36,10 @@ pub const USER_AGENT: &str = "cdi-golang-importer";
 pub enum Source {
     /// `http`: HTTP or HTTPS URL.
     Http,
+    /// `s3`: an S3 object, `http(s)://host/bucket/key` (path-style).
+    S3,
+    /// `gcs`: a Google Cloud Storage object, `gs://bucket/object`.
+    Gcs,
     /// `registry`: `docker://` or `oci-archive:` containerDisk.
     Registry,
     /// `none`: a blank disk.
@@ -91,6 +96,8 @@ pub struct Config {
     pub insecure_tls: bool,
     /// `IMPORTER_ACCESS_KEY_ID` and `IMPORTER_SECRET_KEY`, when both are set.
     pub credentials: Option<(String, String)>,
+    /// `GOOGLE_APPLICATION_CREDENTIALS`: a service-account key file (gcs).
+    pub google_credentials: Option<PathBuf>,
     /// CA certificates (PEM) from `IMPORTER_CERT_DIR`.
     pub ca_pem: Vec<Vec<u8>>,
     /// Proxy CA certificates (PEM) from `IMPORTER_PROXY_CERT_DIR` and `/proxycerts`.
@@ -183,6 +190,8 @@ impl Config {
     pub fn from_env(paths: &Paths, log: &dyn Fn(&str)) -> std::result::Result<Config, Outcome> {
         let source = match env("IMPORTER_SOURCE").as_deref() {
             Some("http") => Source::Http,
+            Some("s3") => Source::S3,
+            Some("gcs") => Source::Gcs,
             Some("registry") => Source::Registry,
             Some("none") => Source::Blank,
             Some(o) => Source::Other(o.to_string()),
@@ -284,6 +293,7 @@ impl Config {
                 .and_then(|v| parse_go_bool(&v))
                 .unwrap_or(false),
             credentials,
+            google_credentials: env("GOOGLE_APPLICATION_CREDENTIALS").map(|p| paths.relocate(&p)),
             ca_pem,
             proxy_ca_pem,
             extra_headers,
@@ -395,6 +405,8 @@ pub fn run(paths: &Paths, cfg: &Config, progress: &dyn Fn(f64), log: &dyn Fn(&st
             Ok(endpoint) => http(paths, cfg, &endpoint, progress, log),
             Err(o) => o,
         },
+        Source::S3 => s3(paths, cfg, progress, log),
+        Source::Gcs => gcs(paths, cfg, progress, log),
         Source::Registry => registry(paths, cfg, progress, log),
         Source::Other(s) => other_source(s),
     };
@@ -503,6 +515,30 @@ fn ingest(
     })
 }
 
+/// An HTTP client with the importer's TLS settings (CA and proxy CA bundles, `INSECURE_TLS`),
+/// proxies from the environment and CDI's user agent.
+fn client(
+    cfg: &Config,
+    headers: Vec<(String, String)>,
+    basic_auth: Option<(String, String)>,
+) -> Result<Client> {
+    Client::new(ClientConfig {
+        user_agent: USER_AGENT.into(),
+        insecure: cfg.insecure_tls,
+        ca_pem: cfg
+            .ca_pem
+            .iter()
+            .chain(&cfg.proxy_ca_pem)
+            .cloned()
+            .collect(),
+        headers,
+        basic_auth,
+        proxy: Proxy::from_env()?,
+        idle_timeout: cfg.idle_timeout,
+        ..ClientConfig::default()
+    })
+}
+
 fn http(
     paths: &Paths,
     cfg: &Config,
@@ -512,25 +548,7 @@ fn http(
 ) -> Outcome {
     let connect_fail =
         |e: Error| Outcome::fail(format!("Unable to connect to http data source: {e}"));
-    let proxy = match Proxy::from_env() {
-        Ok(p) => p,
-        Err(e) => return connect_fail(e),
-    };
-    let client = match Client::new(ClientConfig {
-        user_agent: USER_AGENT.into(),
-        insecure: cfg.insecure_tls,
-        ca_pem: cfg
-            .ca_pem
-            .iter()
-            .chain(&cfg.proxy_ca_pem)
-            .cloned()
-            .collect(),
-        headers: cfg.extra_headers.clone(),
-        basic_auth: cfg.credentials.clone(),
-        proxy,
-        idle_timeout: cfg.idle_timeout,
-        ..ClientConfig::default()
-    }) {
+    let client = match client(cfg, cfg.extra_headers.clone(), cfg.credentials.clone()) {
         Ok(c) => c,
         Err(e) => return connect_fail(e),
     };
@@ -538,6 +556,27 @@ fn http(
         Ok(d) => d,
         Err(e) => return connect_fail(e),
     };
+    let labels = || {
+        if cfg.node_pull {
+            node_labels(&client, endpoint, log)
+        } else {
+            BTreeMap::new()
+        }
+    };
+    transfer(paths, cfg, dl, cfg.checksum.as_ref(), &labels, progress, log)
+}
+
+/// Stream a download that has started into the target and say how it went; `labels` gives
+/// the termination message's labels after a success.
+fn transfer(
+    paths: &Paths,
+    cfg: &Config,
+    dl: crate::net::http::Download,
+    checksum: Option<&Checksum>,
+    labels: &dyn Fn() -> BTreeMap<String, String>,
+    progress: &dyn Fn(f64),
+    log: &dyn Fn(&str),
+) -> Outcome {
     let total = dl.total();
     log(&format!(
         "downloading {} ({})",
@@ -549,15 +588,7 @@ fn http(
     {
         log(&format!("warning: the server says the content is {t}"));
     }
-    match ingest(
-        paths,
-        cfg,
-        Box::new(dl),
-        total,
-        cfg.checksum.as_ref(),
-        progress,
-        log,
-    ) {
+    match ingest(paths, cfg, Box::new(dl), total, checksum, progress, log) {
         Ok(r) => {
             log(&format!(
                 "imported {} ({} bytes read, {} written, disk {} bytes)",
@@ -566,12 +597,7 @@ fn http(
                 r.bytes_written,
                 r.disk_size
             ));
-            let labels = if cfg.node_pull {
-                node_labels(&client, endpoint, log)
-            } else {
-                BTreeMap::new()
-            };
-            success(r.preallocation_applied, labels)
+            success(r.preallocation_applied, labels())
         }
         Err(o) => o,
     }
@@ -610,6 +636,92 @@ fn node_labels(client: &Client, endpoint: &str, log: &dyn Fn(&str)) -> BTreeMap<
             BTreeMap::new()
         }
     }
+}
+
+/// `s3`: a GET of the path-style object URL, signed with SigV4 when there are keys (afresh
+/// for every resume), anonymous otherwise. Neither extra headers nor the checksum apply, as
+/// in CDI.
+fn s3(paths: &Paths, cfg: &Config, progress: &dyn Fn(f64), log: &dyn Fn(&str)) -> Outcome {
+    let connect_fail =
+        |e: Error| Outcome::fail(format!("Unable to connect to s3 data source: {e}"));
+    let endpoint = match crate::net::s3::Endpoint::parse(&cfg.endpoint) {
+        Ok(e) => e,
+        Err(e) => return connect_fail(e),
+    };
+    log(&format!(
+        "s3: bucket {}, key {}, region {}{}",
+        endpoint.bucket,
+        endpoint.key,
+        endpoint.region,
+        if cfg.credentials.is_some() {
+            ""
+        } else {
+            ", no keys: anonymous"
+        }
+    ));
+    let req = crate::net::s3::ObjectRequest {
+        endpoint,
+        credentials: cfg.credentials.clone().map(|(access_key, secret_key)| {
+            crate::net::s3::Credentials {
+                access_key,
+                secret_key,
+            }
+        }),
+    };
+    let client = match client(cfg, Vec::new(), None) {
+        Ok(c) => c,
+        Err(e) => return connect_fail(e),
+    };
+    let url = req.url();
+    let dl = match client.download_with(&url, req.header_source()) {
+        Ok(d) => d,
+        Err(e) => return connect_fail(e),
+    };
+    transfer(paths, cfg, dl, None, &BTreeMap::new, progress, log)
+}
+
+/// `gcs`: a GET of `{base}/bucket/object` (base from `STORAGE_EMULATOR_HOST`), with a
+/// bearer token for the service-account key `GOOGLE_APPLICATION_CREDENTIALS` names, or
+/// anonymous without one.
+fn gcs(paths: &Paths, cfg: &Config, progress: &dyn Fn(f64), log: &dyn Fn(&str)) -> Outcome {
+    use crate::net::gcs;
+    let connect_fail =
+        |e: Error| Outcome::fail(format!("Unable to connect to gcs data source: {e}"));
+    let object = match gcs::Object::parse(&cfg.endpoint) {
+        Ok(o) => o,
+        Err(e) => return connect_fail(e),
+    };
+    let account = match &cfg.google_credentials {
+        None => None,
+        Some(p) => {
+            let sa = super::read_config_file(p)
+                .map_err(|e| Error::io("cannot read the credentials file", e).with_path(p))
+                .and_then(|b| gcs::ServiceAccount::from_json(&b).map_err(|e| e.with_path(p)));
+            match sa {
+                Ok(sa) => Some(sa),
+                Err(e) => return connect_fail(e),
+            }
+        }
+    };
+    let url = object.url(&gcs::base_from_env());
+    log(&format!(
+        "gcs: bucket {}, object {}, {}",
+        object.bucket,
+        object.name,
+        match &account {
+            Some(sa) => format!("as {}", sa.client_email),
+            None => "anonymous".to_string(),
+        }
+    ));
+    let client = match client(cfg, Vec::new(), None) {
+        Ok(c) => c,
+        Err(e) => return connect_fail(e),
+    };
+    let dl = match client.download_with(&url, gcs::header_source(client.clone(), account)) {
+        Ok(d) => d,
+        Err(e) => return connect_fail(e),
+    };
+    transfer(paths, cfg, dl, None, &BTreeMap::new, progress, log)
 }
 
 fn registry(paths: &Paths, cfg: &Config, progress: &dyn Fn(f64), log: &dyn Fn(&str)) -> Outcome {

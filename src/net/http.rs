@@ -147,7 +147,7 @@ impl Url {
     }
 
     /// The value of a `Host` header: the port only when not the scheme's default.
-    fn host_header(&self) -> String {
+    pub fn host_header(&self) -> String {
         let default = if self.scheme == "https" { 443 } else { 80 };
         if self.port == default {
             if self.host.contains(':') {
@@ -623,15 +623,52 @@ impl Client {
         self.download_with_headers(url, &[])
     }
 
+    /// [`Client::download`] with headers made afresh for the first request and for every
+    /// resume, for credentials that expire: a signature over a timestamp (S3's SigV4, valid
+    /// for 15 minutes), a bearer token. `Range` and `If-Range` are added after `headers`.
+    pub fn download_with(&self, url: &str, mut headers: HeaderSource) -> Result<Download> {
+        let first = headers()?;
+        let refs: Vec<(&str, &str)> = first
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let mut d = self.start_download(url, &refs, true)?;
+        d.refresh = Some(headers);
+        Ok(d)
+    }
+
     /// [`Client::download`] with extra request headers (`Authorization: Bearer …`, ...),
     /// sent again with every resume. As with [`Client::send`], a caller's `Authorization` is
     /// not sent to another host a redirect leads to, neither then nor on resumes.
     pub fn download_with_headers(&self, url: &str, headers: &[(&str, &str)]) -> Result<Download> {
+        self.start_download(url, headers, false)
+    }
+
+    /// Start a download; a status other than 200 is an error that, when `explain`, quotes
+    /// the start of the answer's body (object stores say why they refused there).
+    fn start_download(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        explain: bool,
+    ) -> Result<Download> {
         let r = self.send("GET", url, headers)?;
         if r.status != 200 {
+            let status = r.status;
+            let why = if explain {
+                r.read_to_vec(16 << 10)
+                    .map(|b| error_summary(&b))
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
             return Err(net_err(format!(
-                "expected status code 200, got {}",
-                r.status
+                "expected status code 200, got {status}{}",
+                if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {why}")
+                }
             )));
         }
         let total = r.content_length();
@@ -656,6 +693,8 @@ impl Client {
             client: self.clone(),
             url: r.url.clone(),
             headers,
+            same_origin,
+            refresh: None,
             total,
             pos: 0,
             ranges,
@@ -1339,12 +1378,41 @@ impl Response {
     }
 }
 
+/// A one-line summary of an error body: an S3-style XML `<Code>` and `<Message>`, else the
+/// body's first 200 characters with whitespace and control characters collapsed.
+fn error_summary(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let tag = |t: &str| {
+        let open = format!("<{t}>");
+        let start = text.find(&open)? + open.len();
+        let end = text[start..].find(&format!("</{t}>"))?;
+        Some(text[start..start + end].to_string())
+    };
+    let raw = match (tag("Code"), tag("Message")) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        (Some(c), None) => c,
+        _ => text.chars().take(200).collect(),
+    };
+    let cleaned: String = raw
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    cleaned.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Makes the headers of each request of a [`Client::download_with`] download.
+pub type HeaderSource = Box<dyn FnMut() -> Result<Vec<(String, String)>> + Send>;
+
 /// The body of a GET that reconnects with `Range: bytes=N-` when the connection drops or
 /// stalls, as long as the server advertised ranges and the file is unchanged.
 pub struct Download {
     client: Client,
     url: String,
     headers: Vec<(String, String)>,
+    /// Whether `url` has the origin the caller's headers were meant for.
+    same_origin: bool,
+    /// Fresh headers for each resume ([`Client::download_with`]).
+    refresh: Option<HeaderSource>,
     total: Option<u64>,
     pos: u64,
     ranges: bool,
@@ -1389,6 +1457,19 @@ impl Download {
             )));
         }
         self.resumes += 1;
+        if let Some(refresh) = &mut self.refresh {
+            let hs = refresh().map_err(|e| {
+                fail(format!(
+                    "cannot resume {} at byte {}: {e}",
+                    self.url, self.pos
+                ))
+            })?;
+            let same_origin = self.same_origin;
+            self.headers = hs
+                .into_iter()
+                .filter(|(k, _)| same_origin || !k.eq_ignore_ascii_case("authorization"))
+                .collect();
+        }
         let range = format!("bytes={}-", self.pos);
         let mut hs: Vec<(&str, &str)> = self
             .headers
@@ -1453,6 +1534,18 @@ impl Read for Download {
 mod tests {
     use super::*;
     use std::net::TcpListener;
+
+    #[test]
+    fn error_bodies_summarised() {
+        let xml = b"<?xml version=\"1.0\"?>\n<Error><Code>SignatureDoesNotMatch</Code>\
+            <Message>The request signature we calculated\n does not match</Message></Error>";
+        assert_eq!(
+            error_summary(xml),
+            "SignatureDoesNotMatch: The request signature we calculated does not match"
+        );
+        assert_eq!(error_summary(b"not\r\nfound  "), "not found");
+        assert_eq!(error_summary(&[b'x'; 500]).len(), 200);
+    }
 
     #[test]
     fn urls() {
@@ -1709,6 +1802,54 @@ mod tests {
             assert!(!s.to_ascii_lowercase().contains("authorization"), "{s}");
             assert!(s.contains("X-Trace: 7"), "{s}");
         }
+    }
+
+    #[test]
+    fn download_with_makes_fresh_headers_for_each_request() {
+        let body: Vec<u8> = (0..100u8).collect();
+        let mut first =
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nAccept-Ranges: bytes\r\n\r\n".to_vec();
+        first.extend_from_slice(&body[..30]);
+        let mut second =
+            b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 30-99/100\r\nContent-Length: 70\r\n\r\n"
+                .to_vec();
+        second.extend_from_slice(&body[30..]);
+        let (url, h) = serve(vec![first, second]);
+        let c = Client::new(ClientConfig::default()).unwrap();
+        let mut n = 0;
+        let mut d = c
+            .download_with(
+                &url,
+                Box::new(move || {
+                    n += 1;
+                    Ok(vec![("X-Sig".into(), format!("sig{n}"))])
+                }),
+            )
+            .unwrap();
+        let mut got = Vec::new();
+        d.read_to_end(&mut got).unwrap();
+        assert_eq!((got, d.resumes()), (body, 1));
+        let seen = h.join().unwrap();
+        assert!(seen[0].contains("X-Sig: sig1\r\n"), "{}", seen[0]);
+        assert!(
+            seen[1].contains("X-Sig: sig2\r\n") && seen[1].contains("Range: bytes=30-"),
+            "{}",
+            seen[1]
+        );
+
+        // A refusal quotes the object store's reason.
+        let (url, h) = serve(vec![
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 61\r\n\r\n<Error><Code>AccessDenied</Code><Message>no</Message></Error>".to_vec(),
+        ]);
+        let e = c
+            .download_with(&url, Box::new(|| Ok(Vec::new())))
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "expected status code 200, got 403: AccessDenied: no"
+        );
+        h.join().unwrap();
     }
 
     /// A reader handing out at most 10007 bytes per call, so blocks and chunks are uneven.
