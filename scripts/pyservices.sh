@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Object-storage servers for the importer's s3 and gcs tests (tests/sources.rs), on 127.0.0.1:
 #   moto (S3, server mode, signatures checked: IAM auth is switched on once the test user
-#   exists) and gcp-storage-emulator (in memory). Both come from PyPI into a venv,
+#   exists), a second moto without authentication (anonymous reads, which the first cannot
+#   serve) and gcp-storage-emulator (in memory). Both come from PyPI into a venv,
 #   $VDISK_VENV or ~/.cache/vdisk-venv, made here when missing.
 # Usage: scripts/pyservices.sh start STATE_DIR   (writes STATE_DIR/env, shell assignments)
 #        scripts/pyservices.sh stop STATE_DIR
@@ -65,13 +66,16 @@ start() {
   trap 'rc=$?; [ $rc = 0 ] || { echo "pyservices: start failed, stopping" >&2; stop; }; exit $rc' EXIT
   install_venv
   mkdir -p "$PIDS"
-  read -r P_S3 P_GCS <<<"$(free_ports 2)"
+  read -r P_S3 P_S3_OPEN P_GCS <<<"$(free_ports 3)"
   setsid "$VENV/bin/moto_server" -H 127.0.0.1 -p "$P_S3" >"$S/moto.log" 2>&1 </dev/null &
   echo $! >"$PIDS/moto.pid"
+  setsid "$VENV/bin/moto_server" -H 127.0.0.1 -p "$P_S3_OPEN" >"$S/moto-open.log" 2>&1 </dev/null &
+  echo $! >"$PIDS/moto-open.pid"
   setsid "$VENV/bin/gcp-storage-emulator" start --host=127.0.0.1 --port="$P_GCS" --in-memory \
     >"$S/gcs.log" 2>&1 </dev/null &
   echo $! >"$PIDS/gcs.pid"
   wait_for moto "http://127.0.0.1:$P_S3/moto-api/"
+  wait_for moto-open "http://127.0.0.1:$P_S3_OPEN/moto-api/"
   wait_for gcp-storage-emulator "http://127.0.0.1:$P_GCS/"
   # An IAM user allowed s3:*, its keys, then authentication on: from here moto checks every
   # request's SigV4 signature against the keys it issued.
@@ -82,6 +86,7 @@ PYTHON=$PY
 S3_URL=http://127.0.0.1:$P_S3
 S3_ACCESS_KEY=$KEY_ID
 S3_SECRET_KEY=$SECRET
+S3_OPEN_URL=http://127.0.0.1:$P_S3_OPEN
 GCS_URL=http://127.0.0.1:$P_GCS
 EOF2
   echo "pyservices: up; environment in $S/env"

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Upload a file to S3 (moto) with boto3: s3-put.py ENDPOINT BUCKET KEY FILE, keys from
-AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. Creates the bucket when missing."""
+"""Upload a file to S3 (moto) with boto3: s3-put.py ENDPOINT BUCKET KEY FILE [ACL], keys from
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. Creates the bucket when missing; ACL is a canned
+ACL such as public-read."""
 import sys
 
 import boto3
@@ -11,4 +12,5 @@ try:
     s3.head_bucket(Bucket=bucket)
 except Exception:
     s3.create_bucket(Bucket=bucket)
-s3.upload_file(path, bucket, key)
+extra = {"ACL": sys.argv[5]} if len(sys.argv) > 5 else None
+s3.upload_file(path, bucket, key, ExtraArgs=extra)
