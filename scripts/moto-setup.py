@@ -3,6 +3,8 @@
 give it an access key, then switch IAM authentication on (moto-api/reset-auth 0). Prints
 "ACCESS_KEY_ID SECRET_KEY"."""
 import json
+import os
+import ssl
 import sys
 import urllib.request
 
@@ -19,7 +21,8 @@ iam.put_user_policy(UserName="importer", PolicyName="s3", PolicyDocument=json.du
 key = iam.create_access_key(UserName="importer")["AccessKey"]
 req = urllib.request.Request(url + "/moto-api/reset-auth", data=b"0", method="POST",
                              headers={"Content-Type": "text/plain"})
-with urllib.request.urlopen(req) as r:
+ctx = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE"))
+with urllib.request.urlopen(req, context=ctx) as r:
     assert r.status == 200, r.status
 # Authentication is on: an unknown key must now be refused.
 s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",

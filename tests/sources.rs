@@ -1,6 +1,7 @@
 //! `vdisk-importer`'s object-storage sources end to end, against real servers on loopback:
 //! moto in server mode for `s3` (with IAM authentication on, so moto recomputes every
-//! request's SigV4 signature with the secret it issued and refuses a wrong one) and
+//! request's SigV4 signature with the secret it issued and refuses a wrong one; over plain
+//! HTTP and HTTPS with a test CA, plus one without authentication for anonymous reads) and
 //! gcp-storage-emulator for `gcs` (anonymous, and with a service-account key whose JWT
 //! `scripts/gcs-token.py` verifies before issuing a token that it then demands in front of
 //! the emulator). Each case runs the binary as CDI's pod would (env vars, paths moved under
@@ -115,10 +116,11 @@ fn make_qcow2(dir: &Path) -> PathBuf {
 
 /// Upload `file` to moto as `bucket/key` with boto3 and the test user's keys.
 fn s3_put(bucket: &str, key: &str, file: &Path) {
-    s3_put_to(&var("S3_URL"), bucket, key, file, &[])
+    s3_put_to(&var("S3_URL"), "", bucket, key, file, &[])
 }
 
-fn s3_put_to(url: &str, bucket: &str, key: &str, file: &Path, acl: &[&str]) {
+/// Upload to the moto at `url`, with the keys of `S3{keys}_ACCESS_KEY` (`""` or `"_TLS"`).
+fn s3_put_to(url: &str, keys: &str, bucket: &str, key: &str, file: &Path, acl: &[&str]) {
     run_ok(
         Command::new(var("PYTHON"))
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/s3-put.py"))
@@ -126,8 +128,12 @@ fn s3_put_to(url: &str, bucket: &str, key: &str, file: &Path, acl: &[&str]) {
             .args([bucket, key])
             .arg(file)
             .args(acl)
-            .env("AWS_ACCESS_KEY_ID", var("S3_ACCESS_KEY"))
-            .env("AWS_SECRET_ACCESS_KEY", var("S3_SECRET_KEY")),
+            .env("AWS_ACCESS_KEY_ID", var(&format!("S3{keys}_ACCESS_KEY")))
+            .env(
+                "AWS_SECRET_ACCESS_KEY",
+                var(&format!("S3{keys}_SECRET_KEY")),
+            )
+            .env("AWS_CA_BUNDLE", var("S3_CA_CERT")),
     );
 }
 
@@ -370,6 +376,7 @@ fn s3_without_keys_reads_anonymously() {
     let src = make_qcow2(dir.path());
     s3_put_to(
         &var("S3_OPEN_URL"),
+        "",
         "public",
         "disk.qcow2",
         &src,
@@ -384,6 +391,28 @@ fn s3_without_keys_reads_anonymously() {
     assert_eq!(heads.len(), 1);
     let h = heads[0].to_ascii_lowercase();
     assert!(!h.contains("authorization") && !h.contains("x-amz-"), "{h}");
+}
+
+#[test]
+fn s3_over_https_with_the_cert_dir_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = make_qcow2(dir.path());
+    s3_put_to(&var("S3_TLS_URL"), "_TLS", "tls", "disk.qcow2", &src, &[]);
+    let url = format!("{}/tls/disk.qcow2", var("S3_TLS_URL"));
+    let pod = Pod::new("s3", &url)
+        .set("IMPORTER_ACCESS_KEY_ID", var("S3_TLS_ACCESS_KEY"))
+        .set("IMPORTER_SECRET_KEY", var("S3_TLS_SECRET_KEY"))
+        .set("IMPORTER_CERT_DIR", "/certs");
+    std::fs::create_dir_all(pod.root.join("certs")).unwrap();
+    std::fs::copy(var("S3_CA_CERT"), pod.root.join("certs/ca.crt")).unwrap();
+    pod.run().ok();
+    same_disk(pod.disk(), &src);
+    // Without the CA the server is not trusted.
+    let pod = Pod::new("s3", &url)
+        .set("IMPORTER_ACCESS_KEY_ID", var("S3_TLS_ACCESS_KEY"))
+        .set("IMPORTER_SECRET_KEY", var("S3_TLS_SECRET_KEY"));
+    pod.run().failed(S3_FAIL, "TLS");
+    pod.assert_empty();
 }
 
 #[test]
