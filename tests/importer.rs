@@ -292,9 +292,16 @@ fn hostile_and_failing_sources() {
     assert!(!pod.root.join("evil").exists());
     // Sources of later issues, and nonsense.
     Pod::new()
-        .set("IMPORTER_SOURCE", "s3")
+        .set("IMPORTER_SOURCE", "imageio")
         .run()
-        .failed("Unknown data source: s3");
+        .failed("Unknown data source: imageio");
+    // s3 and gcs exist (tests/sources.rs); without an endpoint they cannot connect.
+    for src in ["s3", "gcs"] {
+        Pod::new()
+            .set("IMPORTER_SOURCE", src)
+            .run()
+            .failed(&format!("Unable to connect to {src} data source: "));
+    }
     Pod::new()
         .set("IMPORTER_SOURCE", "glance")
         .run()

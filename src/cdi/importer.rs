@@ -1,8 +1,7 @@
 //! The importer pod (CDI's `cdi-importer`): reads its orders from the environment, streams the
 //! source (HTTP(S), an S3 or Google Cloud Storage object, a registry containerDisk, or nothing
-//! for a blank disk) straight onto the
-//! volume through [`crate::ingest::import`] with no scratch space, and says how it went as
-//! CDI's termination message and exit code. The binary `vdisk-importer` only wires this to
+//! for a blank disk) straight onto the volume through [`crate::ingest::import`] with no
+//! scratch space, and says how it went as CDI's termination message and exit code. The binary `vdisk-importer` only wires this to
 //! the process (arguments, metrics endpoint, exit).
 
 use super::{Paths, Termination, env, env_overhead, parse_go_bool};

@@ -5,7 +5,8 @@
 //! verification when asked) and an optional client certificate (mutual TLS), redirects,
 //! response framing (Content-Length, chunked, until close), an idle timeout on every read,
 //! and [`Download`], a body reader that resumes with a Range request (re-sending the
-//! caller's headers) when the connection drops.
+//! caller's headers, or asking [`Client::download_with`]'s callback for fresh ones: a new
+//! signature, a renewed token) when the connection drops.
 //!
 //! Request bodies ([`Client::send_body`]) stream from a reader with `Content-Length` or
 //! `Transfer-Encoding: chunked`. A server may answer before the body is complete (401, 409,
@@ -1378,8 +1379,8 @@ impl Response {
     }
 }
 
-/// A one-line summary of an error body: an S3-style XML `<Code>` and `<Message>`, else the
-/// body's first 200 characters with whitespace and control characters collapsed.
+/// A one-line summary of an error body, at most 200 characters: an S3-style XML `<Code>` and
+/// `<Message>`, else the body's start, with whitespace and control characters collapsed.
 fn error_summary(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let tag = |t: &str| {
@@ -1391,13 +1392,15 @@ fn error_summary(body: &[u8]) -> String {
     let raw = match (tag("Code"), tag("Message")) {
         (Some(c), Some(m)) => format!("{c}: {m}"),
         (Some(c), None) => c,
-        _ => text.chars().take(200).collect(),
+        _ => text.to_string(),
     };
     let cleaned: String = raw
         .chars()
+        .take(400)
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    cleaned.split_whitespace().collect::<Vec<_>>().join(" ")
+    let one_line = cleaned.split_whitespace().collect::<Vec<_>>().join(" ");
+    one_line.chars().take(200).collect()
 }
 
 /// Makes the headers of each request of a [`Client::download_with`] download.
