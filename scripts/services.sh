@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Test services for the importer's network tests, all on 127.0.0.1, no Docker needed:
 #   nginx (HTTP + HTTPS with a test CA, /auth/ basic auth, /redirect/ 302), flaky-http.py,
-#   docker-registry (plain), docker-registry (TLS + htpasswd), token-registry.py (token auth).
+#   docker-registry (plain), docker-registry (TLS + htpasswd), token-registry.py (token auth),
+#   squid (forward proxy resolving disk.proxied.test to loopback).
 # Usage: scripts/services.sh start STATE_DIR   (writes STATE_DIR/env, shell assignments)
 #        scripts/services.sh stop STATE_DIR
 set -euo pipefail
@@ -40,6 +41,7 @@ install_deps() {
   command -v curl >/dev/null || need+=(curl ca-certificates)
   command -v htpasswd >/dev/null || need+=(apache2-utils)  # bcrypt for docker-registry
   command -v qemu-img >/dev/null || need+=(qemu-utils)     # push-containerdisks.sh
+  [ -x /usr/sbin/squid ] || need+=(squid)                  # the forward proxy
   [ ${#need[@]} -eq 0 ] && return 0
   echo "services: installing ${need[*]}" >&2
   local SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
@@ -153,6 +155,31 @@ EOF
   echo $! >"$PIDS/registry-$1.pid"
 }
 
+# A real forward proxy (absolute-form GETs and CONNECT tunnels) that resolves
+# disk.proxied.test to loopback from its own hosts file: a request for that name can only
+# succeed through the proxy (the client cannot resolve it, and Go's rules never proxy
+# loopback names). Its access log shows what went through it.
+start_squid() {  # PORT
+  local q=$S/squid
+  mkdir -p "$q"
+  chmod 777 "$q"  # squid drops root for its 'proxy' user and logs here
+  echo "127.0.0.1 disk.proxied.test" >"$q/hosts"
+  cat >"$q/squid.conf" <<EOF
+http_port 127.0.0.1:$1
+pid_filename $q/squid.pid
+cache_log $q/cache.log
+access_log stdio:$q/access.log
+cache deny all
+cache_mem 8 MB
+hosts_file $q/hosts
+http_access allow all
+coredump_dir $q
+shutdown_lifetime 0 seconds
+EOF
+  setsid /usr/sbin/squid -N -f "$q/squid.conf" >"$q/out" 2>&1 </dev/null &
+  echo $! >"$PIDS/squid.pid"
+}
+
 start_py() {  # NAME ARGS...
   local name=$1; shift
   setsid python3 "$here/$name.py" "$@" --pid-file "$PIDS/$name.pid" >"$S/$name.log" 2>&1 </dev/null &
@@ -177,12 +204,13 @@ start() {
   install_deps
   mkdir -p "$PIDS"
   make_certs
-  read -r P_HTTP P_HTTPS P_FLAKY P_REG P_REG_AUTH P_TOKEN <<<"$(free_ports 6)"
+  read -r P_HTTP P_HTTPS P_FLAKY P_REG P_REG_AUTH P_TOKEN P_PROXY <<<"$(free_ports 7)"
   start_nginx "$P_HTTP" "$P_HTTPS"
   start_py flaky-http --root "$S/www" --port "$P_FLAKY"
   start_registry plain "$P_REG"
   start_registry auth "$P_REG_AUTH" tls+auth
   start_py token-registry --port "$P_TOKEN" --upstream "127.0.0.1:$P_REG"
+  start_squid "$P_PROXY"
   cat >"$S/env" <<EOF
 HTTP_URL=http://127.0.0.1:$P_HTTP
 HTTPS_URL=https://localhost:$P_HTTPS
@@ -195,6 +223,10 @@ REGISTRY_AUTH=localhost:$P_REG_AUTH
 REGISTRY_TOKEN=127.0.0.1:$P_TOKEN
 REGISTRY_USER=user
 REGISTRY_PASSWORD=pass
+PROXY_URL=http://127.0.0.1:$P_PROXY
+PROXY_LOG=$S/squid/access.log
+PROXIED_HTTP=http://disk.proxied.test:$P_HTTP
+PROXIED_HTTPS=https://disk.proxied.test:$P_HTTPS
 EOF
   echo ok >"$S/www/ping"
   wait_for nginx-http 200 "http://127.0.0.1:$P_HTTP/ping"
@@ -203,6 +235,7 @@ EOF
   wait_for registry 200 "http://127.0.0.1:$P_REG/v2/"
   wait_for registry-auth 401 --cacert "$S/certs/ca.crt" "https://localhost:$P_REG_AUTH/v2/"
   wait_for token-registry 401 "http://127.0.0.1:$P_TOKEN/v2/"
+  wait_for squid 200 -x "http://127.0.0.1:$P_PROXY" "http://disk.proxied.test:$P_HTTP/ping"
   echo "services: up; environment in $S/env"
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command (README, CI): installs what the tests need, then runs formatting,
 # lints (clippy --all-targets also compiles the benches), every test (unit, qemu-img oracle,
-# malformed images, CLI, importer and uploader against loopback servers, C API) and builds
+# malformed images, CLI, importer and uploader against loopback servers, the drop-ins' container
+# images under podman, C API) and builds
 # and runs the fuzz targets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,8 @@ export VDISK_SERVICES=$svc
 echo "== object storage for the s3/gcs importer tests (moto, gcp-storage-emulator)"
 bash scripts/pyservices.sh start "$pysvc"
 export VDISK_PYSERVICES=$pysvc
+echo "== container images (podman: debootstrap base, importer, uploader)"
+bash scripts/build-images.sh
 echo "== cargo test"
 cargo test
 echo "== C API tests (ASan, UBSan)"

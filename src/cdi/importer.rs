@@ -562,7 +562,15 @@ fn http(
             BTreeMap::new()
         }
     };
-    transfer(paths, cfg, dl, cfg.checksum.as_ref(), &labels, progress, log)
+    transfer(
+        paths,
+        cfg,
+        dl,
+        cfg.checksum.as_ref(),
+        &labels,
+        progress,
+        log,
+    )
 }
 
 /// Stream a download that has started into the target and say how it went; `labels` gives

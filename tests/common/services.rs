@@ -38,7 +38,10 @@ fn services() -> &'static HashMap<String, String> {
                         .arg(&s)
                         .status()
                         .expect("run the services scripts");
-                    assert!(st.success(), "{script} failed: these tests need its services");
+                    assert!(
+                        st.success(),
+                        "{script} failed: these tests need its services"
+                    );
                 }
                 OWN_STATE.set(s.clone()).unwrap();
                 // SAFETY: registering a plain extern "C" function with no captured state.
