@@ -170,6 +170,21 @@ pub fn write_termination(path: &std::path::Path, text: &str) -> Result<()> {
         .map_err(|e| Error::io("cannot write the termination log", e).with_path(path))
 }
 
+/// This process's peak resident memory in bytes (`VmHWM` of `/proc/self/status`), which the
+/// drop-ins log at exit so a memory limit can be checked against what was really used.
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,17 +238,3 @@ mod tests {
     }
 }
 
-/// This process's peak resident memory in bytes (`VmHWM` of `/proc/self/status`), which the
-/// drop-ins log at exit so a memory limit can be checked against what was really used.
-pub fn peak_rss() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line
-        .trim_start_matches("VmHWM:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
