@@ -237,4 +237,3 @@ mod tests {
         assert_eq!(Paths::new(None).get("/data"), PathBuf::from("/data"));
     }
 }
-
