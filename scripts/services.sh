@@ -162,7 +162,9 @@ EOF
 start_squid() {  # PORT
   local q=$S/squid
   mkdir -p "$q"
-  chmod 777 "$q"  # squid drops root for its 'proxy' user and logs here
+  # squid drops root for its 'proxy' user: it must reach its files (mktemp dirs are 0700).
+  chmod 711 "$S"
+  chmod 777 "$q"
   echo "127.0.0.1 disk.proxied.test" >"$q/hosts"
   cat >"$q/squid.conf" <<EOF
 http_port 127.0.0.1:$1
