@@ -57,6 +57,35 @@ pub struct Extent {
     pub offset: Option<u64>,
 }
 
+/// A read-only reader of one more disk format (VMDK, VHD, VHDX, VDI): everything [`Image`]
+/// needs from it. Each format's module validates its own metadata once at open, with limits,
+/// and answers block status and reads from that model.
+pub trait Driver: std::fmt::Debug + Send + Sync {
+    /// The format read ([`Format::Vmdk`], [`Format::Vhd`], ...).
+    fn format(&self) -> Format;
+    /// The image file.
+    fn file(&self) -> &Arc<dyn BlockIo>;
+    /// Size of the virtual disk in bytes, as `qemu-img info` reports it.
+    fn virtual_size(&self) -> u64;
+    /// Status of the guest range at `offset`, at most `max` bytes (at least 1 when in range).
+    fn extent(&self, offset: u64, max: u64) -> Result<Extent>;
+    /// Read guest bytes at `offset`; the range lies within the virtual size.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// The allocation unit (grain, block), reported by `info` as `cluster-size`.
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+    /// `qemu-img info`'s `format-specific` object (`{"type": ..., "data": {...}}`), if any.
+    fn format_specific(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Metadata problems found by `check` (empty: clean). `None`: the format has no
+    /// metadata to check (as qemu-img says for raw).
+    fn check(&self) -> Option<Vec<String>> {
+        None
+    }
+}
+
 #[derive(Debug)]
 enum Kind {
     Raw {
@@ -65,6 +94,7 @@ enum Kind {
         iso: Option<IsoInfo>,
     },
     Qcow2(Box<Qcow2>),
+    Driver(Box<dyn Driver>),
 }
 
 /// An open image of any readable format.
@@ -89,11 +119,21 @@ impl Image {
         open_io(io, None, opts, opts.format, 0, &mut visited)
     }
 
-    /// The driver reading the image: [`Format::Raw`] (also for ISO) or [`Format::Qcow2`].
+    /// The driver reading the image: [`Format::Raw`] (also for ISO), [`Format::Qcow2`], or
+    /// the format of a [`Driver`].
     pub fn format(&self) -> Format {
-        match self.kind {
+        match &self.kind {
             Kind::Raw { .. } => Format::Raw,
             Kind::Qcow2(_) => Format::Qcow2,
+            Kind::Driver(d) => d.format(),
+        }
+    }
+
+    /// The reader of a VMDK, VHD, VHDX or VDI image.
+    pub fn driver(&self) -> Option<&dyn Driver> {
+        match &self.kind {
+            Kind::Driver(d) => Some(d.as_ref()),
+            _ => None,
         }
     }
 
@@ -106,7 +146,7 @@ impl Image {
     pub fn qcow2(&self) -> Option<&Qcow2> {
         match &self.kind {
             Kind::Qcow2(q) => Some(q),
-            Kind::Raw { .. } => None,
+            _ => None,
         }
     }
 
@@ -114,7 +154,7 @@ impl Image {
     pub fn iso(&self) -> Option<&IsoInfo> {
         match &self.kind {
             Kind::Raw { iso, .. } => iso.as_ref(),
-            Kind::Qcow2(_) => None,
+            _ => None,
         }
     }
 
@@ -123,6 +163,7 @@ impl Image {
         match &self.kind {
             Kind::Raw { io, .. } => io,
             Kind::Qcow2(q) => q.file(),
+            Kind::Driver(d) => d.file(),
         }
     }
 
@@ -131,6 +172,7 @@ impl Image {
         match &self.kind {
             Kind::Raw { size, .. } => *size,
             Kind::Qcow2(q) => q.virtual_size(),
+            Kind::Driver(d) => d.virtual_size(),
         }
     }
 
@@ -139,6 +181,7 @@ impl Image {
         match &self.kind {
             Kind::Raw { io, size, .. } => raw_extent(io.as_ref(), *size, offset, max),
             Kind::Qcow2(q) => q.extent(offset, max),
+            Kind::Driver(d) => d.extent(offset, max),
         }
         .map_err(|e| self.name_in(e))
     }
@@ -171,6 +214,15 @@ impl Image {
                     .map_err(|e| Error::io("read failed", e))
             }
             Kind::Qcow2(q) => q.read_at(buf, offset),
+            Kind::Driver(d) => {
+                if offset
+                    .checked_add(buf.len() as u64)
+                    .is_none_or(|e| e > d.virtual_size())
+                {
+                    return Err(Error::invalid("read past the end of the image"));
+                }
+                d.read_at(buf, offset)
+            }
         }
     }
 }
@@ -280,6 +332,29 @@ fn open_io(
                 kind: Kind::Qcow2(Box::new(q)),
             })
         }
+        Format::Vmdk | Format::Vhd | Format::VhdFixed | Format::Vhdx | Format::Vdi => {
+            if opts.snapshot.is_some() {
+                return Err(Error::new(
+                    ErrorKind::UnsupportedFeature,
+                    format!("{} images have no internal snapshots", format.name()),
+                ));
+            }
+            let ctx = DriverContext {
+                path,
+                policy: opts.policy,
+                metadata_only: opts.metadata_only,
+            };
+            let d: Box<dyn Driver> = match format {
+                Format::Vmdk => crate::vmdk::open(io, &ctx)?,
+                Format::Vhd | Format::VhdFixed => crate::vhd::open(io, &ctx)?,
+                Format::Vhdx => crate::vhdx::open(io, &ctx)?,
+                _ => crate::vdi::open(io, &ctx)?,
+            };
+            Ok(Image {
+                path: None,
+                kind: Kind::Driver(d),
+            })
+        }
         other if other.is_stream() => Err(Error::new(
             ErrorKind::UnsupportedFormat,
             format!(
@@ -295,6 +370,21 @@ fn open_io(
             ),
         )),
     }
+}
+
+/// What a [`Driver`]'s `open` is told besides the file: where the image is (to resolve names
+/// it stores, under [`Policy::Trusted`] only) and the policy. Under [`Policy::Untrusted`] an
+/// image naming any other file (a VMDK descriptor's extents, a differencing disk's parent) is
+/// refused with [`ErrorKind::Denied`], never opened; with `metadata_only` such names are
+/// reported, not opened.
+#[derive(Debug, Clone, Copy)]
+pub struct DriverContext<'a> {
+    /// The image's own path, when opened from one.
+    pub path: Option<&'a Path>,
+    /// Whether other files named by the image may be opened.
+    pub policy: Policy,
+    /// Metadata only (`info`): never open other files.
+    pub metadata_only: bool,
 }
 
 /// Refuse names that are not plain local file names (qemu's rule since CVE-2024-4467).

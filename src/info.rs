@@ -60,6 +60,8 @@ pub struct ImageInfo {
     pub qcow2: Option<Qcow2Info>,
     /// ISO 9660 volume details.
     pub iso: Option<IsoInfo>,
+    /// `format-specific` of a VMDK, VHD, VHDX or VDI image, as its reader reports it.
+    pub format_specific: Option<Value>,
 }
 
 impl ImageInfo {
@@ -75,11 +77,7 @@ impl ImageInfo {
         let actual_size = file.allocated_bytes().ok().flatten();
         let mut info = ImageInfo {
             filename: filename.to_string(),
-            format: if img.qcow2().is_some() {
-                "qcow2"
-            } else {
-                "raw"
-            },
+            format: img.format().name(),
             virtual_size: img.virtual_size(),
             actual_size,
             file_length,
@@ -91,7 +89,11 @@ impl ImageInfo {
             snapshots: Vec::new(),
             qcow2: None,
             iso: img.iso().cloned(),
+            format_specific: img.driver().and_then(|d| d.format_specific()),
         };
+        if let Some(d) = img.driver() {
+            info.cluster_size = d.cluster_size();
+        }
         if let Some(q) = img.qcow2() {
             let h = q.header();
             info.virtual_size = h.size;
@@ -193,6 +195,9 @@ impl ImageInfo {
                     "volume-space-size": i.volume_space_size,
                 }}),
             );
+        }
+        if let Some(f) = &self.format_specific {
+            m.insert("format-specific".into(), f.clone());
         }
         let mut child = serde_json::Map::new();
         child.insert("children".into(), json!([]));

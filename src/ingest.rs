@@ -274,6 +274,17 @@ impl<'a> Sink<'a> {
         }
     }
 
+    /// `len` bytes at `off` read as zeros afterwards.
+    fn zero(&self, off: u64, len: u64) -> Result<()> {
+        self.check(off, len)?;
+        if !self.zero_init {
+            self.io
+                .write_zeroes(off, len)
+                .map_err(|e| Error::io("cannot zero target", e))?;
+        }
+        Ok(())
+    }
+
     fn check(&self, off: u64, len: u64) -> Result<()> {
         match off.checked_add(len) {
             Some(end) if end <= self.capacity => Ok(()),
@@ -691,6 +702,9 @@ fn ingest_image(
                 "tar archive holds no disk image file",
             ))
         }
+        Format::Vmdk | Format::Vhd | Format::VhdFixed | Format::Vhdx | Format::Vdi => {
+            spool_and_copy(fmt, inner, sink, ticker, spill_dir, say)
+        }
         other => Err(Error::new(
             ErrorKind::UnsupportedFormat,
             format!(
@@ -699,6 +713,80 @@ fn ingest_image(
             ),
         )),
     }
+}
+
+/// A format read through its random-access reader: the stream is first copied to an unlinked
+/// file beside the target (or in the temporary directory for a device), in 1 MiB pieces, then
+/// opened as an untrusted image of format `fmt` and copied extent by extent; memory stays at
+/// the buffer and the reader's bounded tables, whatever the image size.
+fn spool_and_copy(
+    fmt: Format,
+    mut inner: Stream<'_>,
+    sink: &Sink<'_>,
+    ticker: &mut Ticker<'_, '_>,
+    spill_dir: Option<&Path>,
+    say: &dyn Fn(&str),
+) -> Result<u64> {
+    use crate::qcow2::stream::Target;
+    use std::os::unix::fs::FileExt;
+    const BUF: usize = 1 << 20;
+    let dir = spill_dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
+    let p = dir.join(format!(".vdisk-spool-{}", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .map_err(|e| Error::io("cannot create spool file", e).with_path(&p))?;
+    let _ = std::fs::remove_file(&p);
+    say(&format!(
+        "{} images are read with random access: spooling the stream to a temporary file in {}",
+        fmt.name(),
+        dir.display()
+    ));
+    let mut buf = vec![0u8; BUF];
+    let mut pos = 0u64;
+    loop {
+        let n = read_full(&mut inner, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        f.write_all_at(&buf[..n], pos)
+            .map_err(|e| Error::io("cannot write spool file", e).with_path(&dir))?;
+        pos += n as u64;
+        ticker.tick()?;
+        if n < buf.len() {
+            break;
+        }
+    }
+    let io = FileIo::from_file(f).map_err(|e| Error::io("cannot open spool file", e))?;
+    let opts = crate::image::OpenOptions {
+        format: Some(fmt),
+        policy: crate::image::Policy::Untrusted,
+        ..Default::default()
+    };
+    let img = crate::image::Image::from_io(Arc::new(io), &opts)?;
+    let size = img.virtual_size();
+    if size > sink.capacity {
+        return Err(too_large(Some(size), sink.capacity));
+    }
+    let mut off = 0u64;
+    while off < size {
+        let e = img.extent(off, size - off)?;
+        if e.zero || !e.data {
+            sink.zero(off, e.len)?;
+        } else {
+            let mut o = off;
+            while o < off + e.len {
+                let n = (off + e.len - o).min(BUF as u64) as usize;
+                img.read_at(&mut buf[..n], o)?;
+                sink.write(o, &buf[..n])?;
+                o += n as u64;
+            }
+        }
+        off += e.len;
+    }
+    Ok(size)
 }
 
 fn ingest_raw(mut inner: Stream<'_>, sink: &Sink<'_>, ticker: &mut Ticker<'_, '_>) -> Result<u64> {

@@ -43,6 +43,10 @@ pub mod net;
 pub mod qcow2;
 pub mod sizing;
 pub mod stream;
+pub mod vdi;
+pub mod vhd;
+pub mod vhdx;
+pub mod vmdk;
 
 pub use convert::{CancelToken, ConvertOptions, Report};
 pub use detect::Format;

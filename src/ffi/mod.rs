@@ -354,16 +354,22 @@ pub unsafe extern "C" fn vdisk_string_free(s: *mut c_char) {
     }
 }
 
-/// The image's format as `qemu-img info` names it ("qcow2" or "raw"; ISO images read as
-/// "raw"). Static storage; never free it. NULL when `img` is NULL.
+/// The image's format as `qemu-img info` names it ("qcow2", "raw", "vmdk", "vpc", "vhdx",
+/// "vdi"; ISO images read as "raw"). Static storage; never free it. NULL when `img` is NULL.
 ///
 /// # Safety
 /// `img` is NULL or a live image.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vdisk_image_format_name(img: *const vdisk_image) -> *const c_char {
     match image_ref(img) {
-        Ok(i) if i.qcow2().is_some() => c"qcow2".as_ptr(),
-        Ok(_) => c"raw".as_ptr(),
+        Ok(i) => match i.format() {
+            crate::Format::Qcow2 => c"qcow2".as_ptr(),
+            crate::Format::Vmdk => c"vmdk".as_ptr(),
+            crate::Format::Vhd | crate::Format::VhdFixed => c"vpc".as_ptr(),
+            crate::Format::Vhdx => c"vhdx".as_ptr(),
+            crate::Format::Vdi => c"vdi".as_ptr(),
+            _ => c"raw".as_ptr(),
+        },
         Err(_) => std::ptr::null(),
     }
 }
