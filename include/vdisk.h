@@ -451,8 +451,8 @@ enum vdisk_status vdisk_image_read(const struct vdisk_image *img,
 void vdisk_string_free(char *s);
 
 /*
- The image's format as `qemu-img info` names it ("qcow2" or "raw"; ISO images read as
- "raw"). Static storage; never free it. NULL when `img` is NULL.
+ The image's format as `qemu-img info` names it ("qcow2", "raw", "vmdk", "vpc", "vhdx",
+ "vdi"; ISO images read as "raw"). Static storage; never free it. NULL when `img` is NULL.
 
  # Safety
  `img` is NULL or a live image.
