@@ -237,6 +237,16 @@ pub fn check_and_repair(
 ) -> Result<CheckOutcome> {
     use crate::qcow2::check::{Checked, check_path};
     let checked = check_path(path, format, on_message)?;
+    if let Checked::Other(f, r) = &checked
+        && repair != Repair::None
+        && r.corruptions > 0
+    {
+        return Err(Error::new(
+            ErrorKind::UnsupportedFeature,
+            format!("repairing {} images is not supported", f.name()),
+        )
+        .with_path(path));
+    }
     let Checked::Qcow2(r) = &checked else {
         return Ok(CheckOutcome {
             checked,

@@ -408,7 +408,7 @@ pub unsafe extern "C" fn vdisk_check(
         };
         let out = crate::edit::check_and_repair(&p, None, mode, &mut |_| {})?;
         let r = match out.checked {
-            crate::qcow2::check::Checked::Qcow2(r) => r,
+            crate::qcow2::check::Checked::Qcow2(r) | crate::qcow2::check::Checked::Other(_, r) => r,
             crate::qcow2::check::Checked::NoCheck(_) => {
                 return Err(Fail(
                     vdisk_status::UnsupportedFeature,

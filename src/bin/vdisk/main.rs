@@ -823,7 +823,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             let fmt = parse_format(format.as_deref())?;
             let outcome = check_and_repair(&file, fmt, mode, &mut |m: &str| eprintln!("{m}"))?;
             let r = match outcome.checked {
-                Checked::Qcow2(r) => r,
+                Checked::Qcow2(r) | Checked::Other(_, r) => r,
                 Checked::NoCheck(_) => {
                     eprintln!("vdisk: This image format does not support checks");
                     return Ok(63);
