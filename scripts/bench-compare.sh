@@ -6,7 +6,9 @@
 #   scripts/bench-compare.sh CORPUS_DIR [RUNS]
 #
 # CORPUS_DIR is made by ../shared/bench/make-corpus.sh (img.qcow2, img-deflate.qcow2,
-# img-zstd.qcow2, raw.img, overlay.qcow2); files that are missing are skipped. Outputs are
+# img-zstd.qcow2, raw.img, overlay.qcow2); files that are missing are skipped. The other
+# formats are made from raw.img with qemu-img on first use (img-sparse.vmdk, img-stream.vmdk
+# (streamOptimized), img.vhd (dynamic vpc), img-fixed.vhd, img.vhdx, img.vdi). Outputs are
 # written next to the corpus (same filesystem) and removed after each run. The first output of
 # each tool is checked against the other with `qemu-img compare`. A second table times the
 # streaming import (from a pipe) against convert of the same file (the one-engine ratio).
@@ -35,8 +37,21 @@ run() {
 
 median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2}'; }
 
+if [ -e "$CORPUS/raw.img" ]; then
+  mk() {  # NAME FORMAT OPTIONS
+    [ -e "$CORPUS/$1" ] || qemu-img convert -f raw -O "$2" ${3:+-o "$3"} "$CORPUS/raw.img" "$CORPUS/$1"
+  }
+  mk img-sparse.vmdk vmdk subformat=monolithicSparse
+  mk img-stream.vmdk vmdk subformat=streamOptimized
+  mk img.vhd vpc subformat=dynamic
+  mk img-fixed.vhd vpc subformat=fixed
+  mk img.vhdx vhdx ""
+  mk img.vdi vdi ""
+fi
+
 printf '%-20s %10s %10s %8s %12s %12s\n' image qemu-img vdisk speedup qemu-RSS vdisk-RSS
-for img in img.qcow2 img-deflate.qcow2 img-zstd.qcow2 raw.img overlay.qcow2; do
+for img in img.qcow2 img-deflate.qcow2 img-zstd.qcow2 raw.img overlay.qcow2 \
+  img-sparse.vmdk img-stream.vmdk img.vhd img-fixed.vhd img.vhdx img.vdi; do
   src="$CORPUS/$img"
   [ -e "$src" ] || continue
   # correctness first
