@@ -26,6 +26,12 @@ qemu-img create -q -f raw "$D/disk.raw" 32M
 qemu-io -f raw -c 'write -q -P 0x3c 0 1M' -c 'write -q -P 0xc3 17M 3M' "$D/disk.raw" >/dev/null
 qemu-img create -q -f qcow2 "$D/arm.qcow2" 64M
 qemu-io -f qcow2 -c 'write -q -P 0x64 0 2M' -c 'write -q -P 0x46 40M 1M' "$D/arm.qcow2" >/dev/null
+# The other formats CDI accepts, made from the same qcow2: a streamOptimized VMDK (what OVA
+# exports hold), dynamic VHD, VHDX, VDI.
+qemu-img convert -q -O vmdk -o subformat=streamOptimized "$D/disk.qcow2" "$D/disk.vmdk"
+qemu-img convert -q -O vpc -o subformat=dynamic "$D/disk.qcow2" "$D/disk.vhd"
+qemu-img convert -q -O vhdx "$D/disk.qcow2" "$D/disk.vhdx"
+qemu-img convert -q -O vdi "$D/disk.qcow2" "$D/disk.vdi"
 # Hostile: a qcow2 whose backing file is a host path (-u: don't open it now).
 qemu-img create -q -f qcow2 -u -b /etc/passwd -F raw "$D/backing.qcow2" 64M
 echo "not a disk" >"$D/readme.txt"
@@ -41,6 +47,7 @@ mk --disk "$D/disk.qcow2" --out "$O/labels" \
 mk --disk "$D/disk.qcow2" --out "$O/bootc" --label containers.bootc=1
 mk --out "$O/nodisk" --extra-layer-file "etc/readme.txt:$D/readme.txt"
 mk --disk "$D/backing.qcow2" --out "$O/backing"
+mk --disk "$D/disk.vmdk" --out "$O/vmdk"
 
 skopeo_copy() { skopeo --insecure-policy copy -q --all "$@" >/dev/null; }
 pids=()
@@ -57,15 +64,18 @@ push labels:latest "$REGISTRY/disks/labels:latest" --dest-tls-verify=false
 push bootc:latest "$REGISTRY/disks/bootc:latest" --dest-tls-verify=false
 push nodisk:latest "$REGISTRY/disks/nodisk:latest" --dest-tls-verify=false
 push backing:latest "$REGISTRY/disks/backing:latest" --dest-tls-verify=false
+push vmdk:latest "$REGISTRY/disks/vmdk:latest" --dest-tls-verify=false
 # The TLS + basic-auth registry: verify its certificate with the test CA.
 push qcow2-gzip:gzip "$REGISTRY_AUTH/disks/qcow2:gzip" --dest-creds user:pass --dest-cert-dir "$CERT_DIR"
 
 # --- Files for the HTTP servers (nginx and flaky-http share WWW).
-cp "$D/disk.qcow2" "$D/disk.raw" "$D/backing.qcow2" "$WWW/"
+cp "$D/disk.qcow2" "$D/disk.raw" "$D/backing.qcow2" "$D/disk.vmdk" "$D/disk.vhd" \
+  "$D/disk.vhdx" "$D/disk.vdi" "$WWW/"
 gzip -c -1 "$D/disk.raw" >"$WWW/disk.raw.gz"
 xz -c -T0 -1 "$D/disk.raw" >"$WWW/disk.raw.xz"
 zstd -q -c "$D/disk.raw" >"$WWW/disk.raw.zst"
 xz -c -T0 -1 "$D/disk.qcow2" >"$WWW/disk.qcow2.xz"
+gzip -c -1 "$D/disk.vhdx" >"$WWW/disk.vhdx.gz"
 for sub in auth drop slow; do  # hard links: same bytes, no extra space
   mkdir -p "$WWW/$sub"
   for f in disk.qcow2 disk.raw disk.raw.gz disk.raw.xz disk.raw.zst disk.qcow2.xz; do

@@ -811,3 +811,24 @@ fn logs_are_klog_lines_and_follow_the_verbosity() {
         verbose.stderr
     );
 }
+
+#[test]
+fn other_formats_cdi_accepts() {
+    // VMware, Hyper-V/Azure and VirtualBox disks, as CDI users import them: over HTTP
+    // (VHDX also gzip-compressed) and a streamOptimized VMDK inside a containerDisk.
+    let http = var("HTTP_URL");
+    for file in ["disk.vmdk", "disk.vhd", "disk.vhdx", "disk.vdi", "disk.vhdx.gz"] {
+        let pod = Pod::new().http(format!("{http}/{file}"));
+        pod.run().ok();
+        same_disk(pod.disk(), var("DISK_QCOW2"));
+    }
+    let pod = Pod::new()
+        .set("IMPORTER_SOURCE", "registry")
+        .set(
+            "IMPORTER_ENDPOINT",
+            format!("docker://{}/disks/vmdk:latest", var("REGISTRY")),
+        )
+        .set("INSECURE_TLS", "true");
+    pod.run().ok();
+    same_disk(pod.disk(), var("DISK_QCOW2"));
+}
