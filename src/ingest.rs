@@ -644,7 +644,13 @@ fn ingest_image(
 ) -> Result<u64> {
     report.format = Some(if fmt == Format::Iso { Format::Raw } else { fmt });
     match fmt {
-        Format::Raw | Format::Iso => ingest_raw(inner, sink, ticker),
+        Format::Raw | Format::Iso => {
+            let (size, vhd) = ingest_raw(inner, sink, ticker)?;
+            if vhd {
+                report.format = Some(Format::VhdFixed);
+            }
+            Ok(size)
+        }
         Format::Qcow2 => {
             use crate::qcow2::stream;
             let mut inner = inner;
@@ -730,7 +736,11 @@ fn spool_and_copy(
     use crate::qcow2::stream::Target;
     use std::os::unix::fs::FileExt;
     const BUF: usize = 1 << 20;
-    let dir = spill_dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
+    let dir = match spill_dir {
+        Some(d) if d.as_os_str().is_empty() => PathBuf::from("."),
+        Some(d) => d.to_path_buf(),
+        None => std::env::temp_dir(),
+    };
     let p = dir.join(format!(".vdisk-spool-{}", std::process::id()));
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -789,14 +799,24 @@ fn spool_and_copy(
     Ok(size)
 }
 
-fn ingest_raw(mut inner: Stream<'_>, sink: &Sink<'_>, ticker: &mut Ticker<'_, '_>) -> Result<u64> {
+/// A raw stream (what follows is known only at its end): written as it comes, except that the
+/// last 512 bytes are held back; when they are a fixed-VHD footer (a fixed VHD looks raw from
+/// its head) they are dropped and the disk takes the footer's size, as qemu sees such a file.
+/// Returns the virtual size and whether it was a fixed VHD.
+fn ingest_raw(
+    mut inner: Stream<'_>,
+    sink: &Sink<'_>,
+    ticker: &mut Ticker<'_, '_>,
+) -> Result<(u64, bool)> {
     // Decoding (this thread) and zero-scanning + writing (a helper thread) overlap; a few
-    // 1 MiB buffers circulate between them, so memory stays bounded.
+    // 1 MiB buffers circulate between them, so memory stays bounded. Each buffer is sent one
+    // read late, so the stream's last one is known as such.
     const BUF: usize = 1 << 20;
     const IN_FLIGHT: usize = 3;
+    const FOOTER: usize = 512;
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>, usize)>(IN_FLIGHT);
-    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT + 1);
-    for _ in 0..IN_FLIGHT + 1 {
+    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT + 2);
+    for _ in 0..IN_FLIGHT + 2 {
         let _ = free_tx.send(vec![0u8; BUF]);
     }
     let capacity = sink.capacity;
@@ -809,34 +829,55 @@ fn ingest_raw(mut inner: Stream<'_>, sink: &Sink<'_>, ticker: &mut Ticker<'_, '_
             }
             Ok(())
         });
-        let read = (|| -> Result<u64> {
+        let read = (|| -> Result<(u64, bool)> {
             let mut pos = 0u64;
+            let mut held: Option<(Vec<u8>, usize)> = None;
             loop {
                 let Ok(mut buf) = free_rx.recv() else {
                     // The writer stopped (its error is reported below).
-                    return Ok(pos);
+                    return Ok((pos, false));
                 };
                 let n = read_full(&mut inner, &mut buf)?;
                 if n == 0 {
-                    return Ok(pos);
+                    break;
                 }
-                if pos + n as u64 > capacity {
+                if pos + n as u64 > capacity.saturating_add(FOOTER as u64) {
                     return Err(too_large(None, capacity));
                 }
-                if full_tx.send((pos, buf, n)).is_err() {
-                    return Ok(pos);
+                if let Some((b, m)) = held.replace((buf, n)) {
+                    if full_tx.send((pos, b, m)).is_err() {
+                        return Ok((pos, false));
+                    }
+                    pos += m as u64;
                 }
-                pos += n as u64;
                 ticker.tick()?;
             }
+            let Some((b, m)) = held else {
+                return Ok((pos, false));
+            };
+            let end = pos + m as u64;
+            let vhd = (m >= FOOTER)
+                .then(|| crate::vhd::fixed_footer_size(&b[m - FOOTER..m], end - FOOTER as u64))
+                .flatten();
+            let keep = if vhd.is_some() { m - FOOTER } else { m };
+            if pos + keep as u64 > capacity {
+                return Err(too_large(None, capacity));
+            }
+            if keep > 0 && full_tx.send((pos, b, keep)).is_err() {
+                return Ok((pos, false));
+            }
+            Ok(match vhd {
+                Some(size) => (size, true),
+                None => (end, false),
+            })
         })();
         drop(full_tx);
         let written = writer
             .join()
             .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "writer thread panicked")));
-        let pos = read?;
+        let (size, vhd) = read?;
         written?;
         // qemu sees raw images in whole sectors.
-        Ok(pos.div_ceil(512) * 512)
+        Ok((if vhd { size } else { size.div_ceil(512) * 512 }, vhd))
     })
 }

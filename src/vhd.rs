@@ -97,6 +97,18 @@ fn parse_footer(b: &[u8], where_: &str) -> Result<Footer> {
     })
 }
 
+/// For a stream read front to back (no tail to probe first): when the last 512 bytes `tail`,
+/// after `data_len` bytes, are a valid fixed-disk footer, the disk's virtual size by the
+/// same rules as [`open`]. A file whose tail is such a footer is a fixed VHD to qemu, so the
+/// streaming import must not write the footer as guest data.
+pub fn fixed_footer_size(tail: &[u8], data_len: u64) -> Option<u64> {
+    if tail.len() != FOOTER_LEN as usize || &tail[0..8] != b"conectix" {
+        return None;
+    }
+    let f = parse_footer(tail, "at the end of the stream").ok()?;
+    (f.disk_type == TYPE_FIXED && f.size <= data_len).then_some(f.size)
+}
+
 fn read(io: &dyn BlockIo, buf: &mut [u8], off: u64, what: &str) -> Result<()> {
     io.read_exact_at(buf, off)
         .map_err(|e| Error::io(format!("cannot read the {what} at offset {off}"), e))

@@ -817,7 +817,13 @@ fn other_formats_cdi_accepts() {
     // VMware, Hyper-V/Azure and VirtualBox disks, as CDI users import them: over HTTP
     // (VHDX also gzip-compressed) and a streamOptimized VMDK inside a containerDisk.
     let http = var("HTTP_URL");
-    for file in ["disk.vmdk", "disk.vhd", "disk.vhdx", "disk.vdi", "disk.vhdx.gz"] {
+    for file in [
+        "disk.vmdk",
+        "disk.vhd",
+        "disk.vhdx",
+        "disk.vdi",
+        "disk.vhdx.gz",
+    ] {
         let pod = Pod::new().http(format!("{http}/{file}"));
         pod.run().ok();
         same_disk(pod.disk(), var("DISK_QCOW2"));

@@ -828,3 +828,49 @@ fn hostile_mappings_stay_within_the_memory_budget() {
         assert!(!d.p("out.img").exists(), "{flags}: left a disk");
     }
 }
+
+#[test]
+fn fixed_vhd_streams_front_to_back() {
+    // A fixed VHD looks raw from its head: the stream holds its last 512 bytes back and drops
+    // them when they are the footer, so the disk has qemu's virtual size and no footer bytes;
+    // a raw disk ending in anything else keeps every byte. Nothing is spooled.
+    let d = Dir::new();
+    make_raw(&d.p("src.raw"), (24 << 20) + 4096, 5);
+    let img = d.s("f.vhd");
+    let o = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed"])
+        .arg(d.p("src.raw"))
+        .arg(&img)
+        .output()
+        .unwrap();
+    ok(&o, "qemu-img convert -O vpc");
+    let dst = d.s("f.img");
+    let out = import_pipe(&img, &dst, "");
+    ok(&out, "import fixed vhd");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("(vpc)"), "{log}");
+    assert!(!log.contains("spooling"), "{log}");
+    // qemu probes a fixed VHD as raw (footer included); with -f vpc it reads the disk.
+    let info = Command::new("qemu-img")
+        .args(["info", "-f", "vpc", "--output=json", &img])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(
+        std::fs::metadata(&dst).unwrap().len(),
+        v["virtual-size"].as_u64().unwrap()
+    );
+    let o = Command::new("qemu-img")
+        .args(["compare", "-f", "vpc", "-F", "raw", &img, &dst])
+        .output()
+        .unwrap();
+    ok(&o, "qemu-img compare -f vpc");
+    // A footer with a bad checksum is data: the raw disk keeps all its bytes.
+    let mut bytes = std::fs::read(&img).unwrap();
+    let n = bytes.len();
+    bytes[n - 512 + 64] ^= 0xff;
+    std::fs::write(d.p("bad.vhd"), &bytes).unwrap();
+    let dst = d.s("bad.img");
+    ok(&import_pipe(&d.s("bad.vhd"), &dst, ""), "import raw");
+    assert_eq!(std::fs::read(&dst).unwrap(), bytes);
+}
