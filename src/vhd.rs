@@ -360,7 +360,7 @@ impl Dynamic {
         } else {
             file_len
         };
-        let mut blocks: Vec<(u64, usize)> = Vec::new();
+        let mut blocks: Vec<(u32, u32)> = Vec::new();
         for (i, &e) in bat.iter().enumerate() {
             if e == UNALLOCATED {
                 continue;
@@ -380,14 +380,15 @@ impl Dynamic {
                     "VHD BAT entry {i}: block at offset {start} overlaps the footer copy, dynamic header or BAT"
                 )));
             }
-            blocks.push((start, i));
+            blocks.push((e, i as u32));
         }
         blocks.sort_unstable();
         for w in blocks.windows(2) {
-            if w[1].0 < w[0].0 + stride {
+            let (a, b) = (u64::from(w[0].0) * SECTOR, u64::from(w[1].0) * SECTOR);
+            if b < a + stride {
                 return Err(Error::corrupt(format!(
-                    "VHD BAT entries {} and {}: blocks at offsets {} and {} overlap",
-                    w[0].1, w[1].1, w[0].0, w[1].0
+                    "VHD BAT entries {} and {}: blocks at offsets {a} and {b} overlap",
+                    w[0].1, w[1].1
                 )));
             }
         }

@@ -311,7 +311,7 @@ fn check_finds_shared_and_stray_blocks() {
     assert!(
         found
             .iter()
-            .any(|p| p.contains("used by block map entries")),
+            .any(|p| p.contains("already used by an earlier entry")),
         "{found:?}"
     );
     let q = env.qemu_img_any(&["check", "-f", "vdi", "dup.vdi"]);
