@@ -332,3 +332,65 @@ fn clear_bitmap_bits_read_as_zeros() {
     let e = img.extent(0, 4096).unwrap();
     assert_eq!((e.len, e.zero, e.data), (512, false, true));
 }
+
+/// qemu's virtual-size rule by creator app and geometry, on qemu-made images whose footers
+/// are patched (creator, geometry) and re-checksummed: vdisk agrees with `qemu-img info`.
+#[test]
+fn size_rules_follow_the_creator_app() {
+    let env = Env::new();
+    env.create("s.vhd", "vpc", "", "100M");
+    env.create("sf.vhd", "vpc", "subformat=fixed", "10M");
+    let base = std::fs::read(env.path("s.vhd")).unwrap();
+    let fixed_len = std::fs::metadata(env.path("sf.vhd")).unwrap().len() as usize;
+    let fixed_tail = {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(env.path("sf.vhd")).unwrap();
+        let mut t = vec![0u8; 512];
+        f.read_exact_at(&mut t, (fixed_len - 512) as u64).unwrap();
+        t
+    };
+    let mut n = 0;
+    for creator in [
+        *b"vpc ", *b"win ", *b"qemu", *b"qem2", *b"wa\0\0", *b"d2v\0", *b"CTXS",
+    ] {
+        for max_geometry in [false, true] {
+            // current_size a little below the CHS size, so the two rules differ.
+            let patch = |f: &mut [u8], at: usize| {
+                f[at + 28..at + 32].copy_from_slice(&creator);
+                let cur = u64::from_be_bytes(f[at + 48..at + 56].try_into().unwrap());
+                put64(f, at + 48, cur - 3 * 512 - 100);
+                if max_geometry {
+                    f[at + 56..at + 60].copy_from_slice(&[0xff, 0xff, 16, 255]);
+                }
+                fix_footer(f, at);
+            };
+            n += 1;
+            let name = format!("c{n}.vhd");
+            let mut b = base.clone();
+            let len = b.len();
+            patch(&mut b, 0);
+            patch(&mut b, len - 512);
+            std::fs::write(env.path(&name), &b).unwrap();
+            let q = env.info(&name, "vpc")["virtual-size"].clone();
+            let v = json(&env.vdisk_ok(&["info", "--output=json", &name]))["virtual-size"].clone();
+            assert_eq!(
+                v, q,
+                "{name}: creator {creator:?}, max geometry {max_geometry}"
+            );
+            // The fixed image: only its footer at the end changes.
+            let fname = format!("f{n}.vhd");
+            std::fs::copy(env.path("sf.vhd"), env.path(&fname)).unwrap();
+            let mut t = fixed_tail.clone();
+            patch(&mut t, 0);
+            env.write_bytes(&fname, (fixed_len - 512) as u64, &t);
+            let q = env.info(&fname, "vpc")["virtual-size"].clone();
+            let v = json(&env.vdisk_ok(&["info", "--output=json", "-f", "vpc", &fname]))
+                ["virtual-size"]
+                .clone();
+            assert_eq!(
+                v, q,
+                "{fname}: creator {creator:?}, max geometry {max_geometry}"
+            );
+        }
+    }
+}
