@@ -191,7 +191,7 @@ fn import_through_a_pipe() {
     env.create("p.vhdx", "vhdx", "", "64M");
     scribble(&env, "p.vhdx", 64 * MIB);
     let out = env.path("out.img");
-    let cat = Command::new("cat")
+    let mut cat = Command::new("cat")
         .arg(env.path("p.vhdx"))
         .stdout(Stdio::piped())
         .spawn()
@@ -200,9 +200,10 @@ fn import_through_a_pipe() {
         .current_dir(env.dir())
         .args(["import", "-"])
         .arg(&out)
-        .stdin(cat.stdout.unwrap())
+        .stdin(cat.stdout.take().unwrap())
         .output()
         .unwrap();
+    assert!(cat.wait().unwrap().success());
     assert!(o.status.success(), "import: {}", stderr(&o));
     same_disk(env.path("p.vhdx"), &out);
 }
