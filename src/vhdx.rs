@@ -2,11 +2,12 @@
 //! headers (CRC-32C, higher sequence wins), the region table, the metadata items, and the
 //! block allocation table read on demand in bounded pages. Payload blocks in states
 //! NOT_PRESENT, UNDEFINED, ZERO and UNMAPPED read as zeros, FULLY_PRESENT ones from the file.
+//! A log that needs replay is replayed in memory ([`log`]), never written back.
 //!
-//! Refused: a log that needs replay (the active header names a log; qemu refuses read-only
-//! opens of such files too), differencing disks (the parent locator is never followed:
-//! `Denied` under the untrusted policy, `UnsupportedFeature` otherwise), PARTIALLY_PRESENT
-//! blocks outside differencing disks, unknown required regions or metadata items.
+//! Refused: logs over 16 MiB that need replay, differencing disks (the parent locator is never
+//! followed: `Denied` under the untrusted policy, `UnsupportedFeature` otherwise),
+//! PARTIALLY_PRESENT blocks outside differencing disks, unknown required regions or metadata
+//! items.
 
 use crate::detect::Format;
 use crate::error::{Error, ErrorKind, Result};
@@ -14,6 +15,8 @@ use crate::image::{Driver, DriverContext, Extent, Policy};
 use crate::io::BlockIo;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+mod log;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -132,11 +135,15 @@ const CRC32C_TABLE: [u32; 256] = {
 
 /// CRC-32C (Castagnoli), as VHDX checksums use it.
 fn crc32c(data: &[u8]) -> u32 {
-    let mut c = !0u32;
+    !crc32c_update(!0, data)
+}
+
+/// Feed `data` into a running CRC-32C register (start with `!0`, finish with `!`).
+fn crc32c_update(mut c: u32, data: &[u8]) -> u32 {
     for &b in data {
         c = CRC32C_TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
     }
-    !c
+    c
 }
 
 /// Whether the CRC-32C stored at `at` matches `buf` with that field taken as zero.
@@ -470,7 +477,12 @@ fn metadata(io: &dyn BlockIo, (region, region_len): (u64, u64)) -> Result<Metada
 /// An open VHDX image.
 #[derive(Debug)]
 pub struct Vhdx {
+    /// The image file.
+    file: Arc<dyn BlockIo>,
+    /// What is read: the file, or the file under its log replayed in memory.
     io: Arc<dyn BlockIo>,
+    /// 4 KiB pages the log replay holds, when the log needed replay.
+    replayed_pages: Option<usize>,
     file_size: u64,
     virtual_size: u64,
     block_size: u64,
@@ -517,18 +529,14 @@ impl Vhdx {
         }
         let header = current_header(io.as_ref())?;
         let log_len = u64::from(header.log_length);
-        if header.log_guid != [0u8; 16] && log_len != 0 {
-            return Err(Error::new(
-                ErrorKind::UnsupportedFeature,
-                "vhdx log needs replay (the active header names a log); open and close it once \
-                 with a writer that replays it (qemu-img check -r all)",
-            ));
-        }
         let mut reserved = vec![Span {
             start: 0,
             end: HEADER_SECTION,
             name: "header section",
         }];
+        let mut replayed_pages = None;
+        let mut view = io.clone();
+        let mut file_size = file_size;
         if log_len != 0 {
             let end = header
                 .log_offset
@@ -546,8 +554,26 @@ impl Vhdx {
                 end,
                 name: "log",
             });
+            if header.log_guid != [0u8; 16] {
+                if end > file_size {
+                    return Err(Error::corrupt(format!(
+                        "vhdx header: the log ({log_len} bytes at {}) lies past the end of the file ({file_size})",
+                        header.log_offset
+                    )));
+                }
+                // The log needs replay: apply it in memory, never to the file.
+                if let Some(r) =
+                    log::replay(&io, file_size, header.log_offset, log_len, header.log_guid)?
+                {
+                    replayed_pages = Some(r.pages());
+                    file_size = r
+                        .size()
+                        .map_err(|e| Error::io("cannot size the replayed vhdx", e))?;
+                    view = Arc::new(r);
+                }
+            }
         }
-        let regions = region_table(io.as_ref(), file_size)?;
+        let regions = region_table(view.as_ref(), file_size)?;
         for (name, (off, len)) in [("BAT", regions.bat), ("metadata", regions.metadata)] {
             if let Some(s) = reserved.iter().find(|s| s.overlaps(off, off + len)) {
                 return Err(Error::corrupt(format!(
@@ -566,7 +592,7 @@ impl Vhdx {
             end: regions.metadata.0 + regions.metadata.1,
             name: "metadata region",
         });
-        let md = metadata(io.as_ref(), regions.metadata)?;
+        let md = metadata(view.as_ref(), regions.metadata)?;
         if md.has_parent {
             let Some(_) = md.parent_locator else {
                 return Err(Error::corrupt(
@@ -603,7 +629,9 @@ impl Vhdx {
             )));
         }
         let v = Vhdx {
-            io,
+            file: io,
+            io: view,
+            replayed_pages,
             file_size,
             virtual_size: md.virtual_size,
             block_size: md.block_size,
@@ -696,7 +724,7 @@ impl Driver for Vhdx {
     }
 
     fn file(&self) -> &Arc<dyn BlockIo> {
-        &self.io
+        &self.file
     }
 
     fn virtual_size(&self) -> u64 {
@@ -813,6 +841,11 @@ impl Vhdx {
     /// The logical and physical sector sizes.
     pub fn sector_sizes(&self) -> (u64, u64) {
         (self.logical_sector, self.physical_sector)
+    }
+
+    /// When the log needed replay: the 4 KiB pages it changed (held in memory).
+    pub fn replayed_pages(&self) -> Option<usize> {
+        self.replayed_pages
     }
 }
 

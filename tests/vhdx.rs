@@ -86,25 +86,30 @@ fn oracle(env: &Env, file: &str) {
     let qraw = format!("{file}.qemu.raw");
     check_convert(env, file, None, None, &qraw);
     check_convert(env, file, Some("vhdx"), None, &qraw);
-    let raw = fs::read(env.path(&qraw)).unwrap();
+    let raw = fs::File::open(env.path(&qraw)).unwrap();
+    let raw_len = raw.metadata().unwrap().len();
     let map: Value = json(&env.vdisk_ok(&["map", "--output=json", file]));
     let mut pos = 0u64;
+    let mut buf = vec![0u8; MIB as usize];
     for e in map.as_array().unwrap() {
         let start = e["start"].as_u64().unwrap();
         let len = e["length"].as_u64().unwrap();
         assert_eq!(start, pos, "{file}: map not contiguous");
         let (zero, data) = (e["zero"].as_bool().unwrap(), e["data"].as_bool().unwrap());
         assert!(zero != data, "{file}: extent {e} is neither data nor zero");
-        if zero {
-            let r = &raw[start as usize..(start + len) as usize];
+        let mut at = start;
+        while zero && at < start + len {
+            let n = (start + len - at).min(MIB) as usize;
+            raw.read_exact_at(&mut buf[..n], at).unwrap();
             assert!(
-                r.iter().all(|&b| b == 0),
-                "{file}: vdisk maps {start}+{len} as zero but it holds data"
+                buf[..n].iter().all(|&b| b == 0),
+                "{file}: vdisk maps {start}+{len} as zero but it holds data near {at}"
             );
+            at += n as u64;
         }
         pos += len;
     }
-    assert_eq!(pos, raw.len() as u64, "{file}: map does not cover the disk");
+    assert_eq!(pos, raw_len, "{file}: map does not cover the disk");
     fs::remove_file(env.path(&qraw)).unwrap();
 }
 
@@ -121,6 +126,7 @@ fn scribble(env: &Env, file: &str, size: u64) {
             "write -z 41M 512K",
             "discard 42M 1M",
             &format!("write -P 0x77 {last} 3000"),
+            &format!("write -P 0x99 {} 5000", size / 8 * 7 + 77),
         ],
     );
 }
@@ -344,16 +350,142 @@ fn malformed_headers_and_regions() {
         ErrorKind::Corrupt,
         "truncated",
     );
+}
 
-    // A log to replay.
-    base(&env, "log.vhdx");
-    for h in [64 * 1024u64, 128 * 1024] {
-        env.write_bytes("log.vhdx", h + 48, &[0x11; 16]);
-        fix_crc(&env, "log.vhdx", h, 4096);
+/// Log entries of `name` as (file offset, sectors, GUID), in log order.
+fn log_entries(env: &Env, name: &str) -> Vec<(u64, u64, [u8; 16])> {
+    let d = fs::read(env.path(name)).unwrap();
+    let (mut out, mut at) = (Vec::new(), MIB as usize);
+    while &d[at..at + 4] == b"loge" {
+        let len = u32::from_le_bytes(d[at + 8..at + 12].try_into().unwrap()) as usize;
+        out.push((
+            at as u64,
+            len as u64 / 4096,
+            d[at + 32..at + 48].try_into().unwrap(),
+        ));
+        at += len;
     }
+    out
+}
+
+/// Make the log of `name` need replay: the headers name `guid`.
+fn set_log_guid(env: &Env, name: &str, guid: &[u8; 16]) {
+    for h in [64 * 1024u64, 128 * 1024] {
+        env.write_bytes(name, h + 48, guid);
+        fix_crc(env, name, h, 4096);
+    }
+}
+
+/// A dirty log, replayed in memory: vdisk reads what qemu-img reads after its own replay
+/// (`qemu-img check -r all` on a copy), and leaves the file untouched.
+#[test]
+fn log_replay() {
+    let env = Env::new();
+    for (opts, size) in [
+        ("block_size=1M", 64 * MIB),
+        ("log_size=8M", 100 * MIB + 512),
+    ] {
+        let name = format!("log-{}.vhdx", opts.replace('=', "-"));
+        env.create(&name, "vhdx", opts, &size.to_string());
+        // One session: qemu leaves one entry per metadata update, each with a fresh GUID.
+        env.qemu_io(
+            &name,
+            "vhdx",
+            &[
+                "write -P 0x11 1000 4k",
+                "write -P 0x22 5M 1M",
+                "write -P 0x33 20M 3M",
+                "write -z 21M 4k",
+                "discard 22M 1M",
+            ],
+        );
+        let entries = log_entries(&env, &name);
+        assert!(entries.len() >= 2, "{name}: qemu left no log entries");
+        let (_, _, last_guid) = *entries.last().unwrap();
+        let (bat, _) = regions(&env, &name);
+        fs::copy(env.path(&name), env.path("orig.vhdx")).unwrap();
+        set_log_guid(&env, &name, &last_guid);
+        // The BAT on disk is stale: only the log has its current first sector.
+        env.write_bytes(&name, bat, &[0u8; 4096]);
+        let before = fs::read(env.path(&name)).unwrap();
+        fs::copy(env.path(&name), env.path("fixed.vhdx")).unwrap();
+        env.qemu_img(&["check", "-q", "-r", "all", "fixed.vhdx"]);
+        env.assert_same("fixed.vhdx", "vhdx", "orig.vhdx", "vhdx");
+        env.vdisk_ok(&["convert", "-O", "raw", &name, "v.raw"]);
+        env.assert_same("v.raw", "raw", "fixed.vhdx", "vhdx");
+        let cmp = env.vdisk(&["compare", &name, "orig.vhdx"]);
+        assert_eq!(
+            stdout(&cmp),
+            "Images are identical.\n",
+            "{name}: {}",
+            stderr(&cmp)
+        );
+        assert!(
+            fs::read(env.path(&name)).unwrap() == before,
+            "{name}: file modified"
+        );
+        // qemu-img refuses to read it read-only; vdisk's map still marks data and zeros.
+        let map = json(&env.vdisk_ok(&["map", "--output=json", &name]));
+        assert!(map.as_array().unwrap().iter().any(|e| e["data"] == true));
+
+        // The log GUID of an earlier entry: only that entry is replayed, as qemu does.
+        let (first_off, first_sectors, first_guid) = entries[0];
+        let old = format!("old-{name}");
+        fs::copy(env.path("orig.vhdx"), env.path(&old)).unwrap();
+        set_log_guid(&env, &old, &first_guid);
+        fs::copy(env.path(&old), env.path("fixed.vhdx")).unwrap();
+        env.qemu_img(&["check", "-q", "-r", "all", "fixed.vhdx"]);
+        env.vdisk_ok(&["convert", "-O", "raw", &old, "v.raw"]);
+        env.assert_same("v.raw", "raw", "fixed.vhdx", "vhdx");
+
+        // A log GUID no entry carries: nothing to replay (qemu agrees).
+        let none = format!("none-{name}");
+        fs::copy(env.path("orig.vhdx"), env.path(&none)).unwrap();
+        set_log_guid(&env, &none, &[0x11; 16]);
+        env.assert_same(&none, "vhdx", "orig.vhdx", "vhdx");
+        let cmp = env.vdisk(&["compare", &none, "orig.vhdx"]);
+        assert_eq!(
+            stdout(&cmp),
+            "Images are identical.\n",
+            "{none}: {}",
+            stderr(&cmp)
+        );
+
+        // An entry with a bad checksum is not part of the log: nothing to replay.
+        let bad = format!("bad-{name}");
+        fs::copy(env.path("orig.vhdx"), env.path(&bad)).unwrap();
+        set_log_guid(&env, &bad, &first_guid);
+        env.write_bytes(&bad, first_off + 4096 * first_sectors - 100, b"x");
+        let cmp = env.vdisk(&["compare", &bad, "orig.vhdx"]);
+        assert!(
+            cmp.status.code().is_some_and(|c| c <= 1),
+            "{bad}: {}",
+            stderr(&cmp)
+        );
+
+        // An entry recording a flush past the end of the (truncated) file.
+        let trunc = format!("flushed-{name}");
+        fs::copy(env.path("orig.vhdx"), env.path(&trunc)).unwrap();
+        set_log_guid(&env, &trunc, &first_guid);
+        env.write_bytes(&trunc, first_off + 48, &(1u64 << 40).to_le_bytes());
+        fix_crc(&env, &trunc, first_off, 4096 * first_sectors as usize);
+        refused(
+            &env,
+            &trunc,
+            Policy::Untrusted,
+            ErrorKind::Corrupt,
+            "flushed",
+        );
+    }
+
+    // A log too large to replay in memory.
+    env.create("big.vhdx", "vhdx", "log_size=32M", "64M");
+    env.qemu_io("big.vhdx", "vhdx", &["write -P 1 0 4k"]);
+    let (_, _, g) = *log_entries(&env, "big.vhdx").last().unwrap();
+    set_log_guid(&env, "big.vhdx", &g);
     refused(
         &env,
-        "log.vhdx",
+        "big.vhdx",
         Policy::Trusted,
         ErrorKind::UnsupportedFeature,
         "log needs replay",
