@@ -809,7 +809,7 @@ impl Driver for Vhdx {
             }
             match self.block(b) {
                 Ok(Block::Data(o)) => {
-                    if offsets.len() < (1 << 20) {
+                    if offsets.len() < (1 << 19) {
                         offsets.push((o, b));
                     }
                 }

@@ -223,7 +223,7 @@ pub(super) fn replay(
         let seq = valid[&cur].seq;
         let prev = valid
             .values()
-            .find(|e| e.seq + 1 == seq && (e.slot + e.sectors) % log.n == cur);
+            .find(|e| e.seq.checked_add(1) == Some(seq) && (e.slot + e.sectors) % log.n == cur);
         match prev {
             Some(p) => chain.push(p.slot),
             None => break,
