@@ -1943,14 +1943,15 @@ fn cdi_large_memory_fixture() {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/invalid-qcow-large-memory.img");
     let bytes = std::fs::read(&p).unwrap();
     // Despite its name the fixture is a VMDK sparse extent ("KDMV") whose grain directory
-    // (vmdk's L1) would need ~600 MiB: qemu-img says "L1 size too big". We do not read VMDK,
-    // so it is refused at detection, before anything is allocated.
+    // (vmdk's L1) would need ~600 MiB: qemu-img says "L1 size too big". The VMDK reader
+    // refuses its header (grain of 3456 sectors, capacity near 2^48 sectors) before
+    // anything is allocated.
     assert_eq!(&bytes[..4], b"KDMV");
     let e = open_file(&p, Policy::Trusted).unwrap_err();
-    check_error(&e, ErrorKind::UnsupportedFormat, "vmdk");
+    check_error(&e, ErrorKind::Corrupt, "grain size");
     let r = cli(&[os("info"), p.as_os_str()]);
-    assert_cli_error(&r, &p, "vmdk", "info");
-    cli_convert_fails(&p, &[], "vmdk");
+    assert_cli_error(&r, &p, "grain size", "info");
+    cli_convert_fails(&p, &[], "grain size");
     // Forced to qcow2 it is not one.
     let r = cli(&[os("info"), os("-f"), os("qcow2"), p.as_os_str()]);
     assert_cli_error(&r, &p, "bad magic", "info -f qcow2");
