@@ -26,9 +26,14 @@ export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-co
 -Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks"
 
 echo "fuzz-check: building ${targets[*]} for $host"
+# PIPESTATUS must be read right after the pipeline (an `|| true` would replace it): a failed
+# build must never run the previous build's binaries and report them as passing.
+set +e
 cargo build --release --manifest-path fuzz/Cargo.toml --target "$host" 2>&1 |
-  grep -v '^\s*Compiling' || true
-[ "${PIPESTATUS[0]}" = 0 ] || { echo "fuzz-check: build failed" >&2; exit 1; }
+  grep -v '^\s*Compiling'
+built=${PIPESTATUS[0]}
+set -e
+[ "$built" = 0 ] || { echo "fuzz-check: build failed" >&2; exit 1; }
 bin=$CARGO_TARGET_DIR/$host/release
 
 work=$(mktemp -d)

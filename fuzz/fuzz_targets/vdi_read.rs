@@ -1,86 +1,15 @@
-//! Open arbitrary bytes as vdi (untrusted policy, in memory) and read what they describe:
-//! block status, guest data, `info`, `map` and `check` output. Any panic, hang or
-//! huge allocation is a bug. The work per input is capped so one input stays fast.
+//! Open arbitrary bytes as vdi (untrusted policy, in memory) and read what they describe
+//! (block status, guest data, `info`, `map`, `check`: see `shared/exercise.rs`). Any
+//! panic, hang or huge allocation is a bug.
 #![no_main]
+
+#[path = "shared/exercise.rs"]
+mod shared;
 
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
-use vdisk::info::{ImageInfo, map_extents, write_map_json};
 use vdisk::io::MemIo;
 use vdisk::{Format, Image, OpenOptions, Policy};
-
-/// Guest bytes read per image at most.
-const MAX_READ: u64 = 16 << 20;
-/// Largest single read request.
-const STEP: u64 = 256 << 10;
-/// Extents walked per image at most.
-const MAX_EXTENTS: usize = 4096;
-/// `map_extents` walks the whole disk: only for small disks.
-const MAX_MAP_SIZE: u64 = 4 << 20;
-
-/// A writer that fails once its byte budget is spent.
-struct FailAfter(usize);
-
-impl std::io::Write for FailAfter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if buf.len() > self.0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        self.0 -= buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn exercise(img: &Image) {
-    let size = img.virtual_size();
-    // Block status, in bounded steps; every extent must be non-empty and inside the disk.
-    let mut pos = 0u64;
-    let mut n = 0;
-    while pos < size && n < MAX_EXTENTS {
-        match img.extent(pos, size - pos) {
-            Ok(e) => {
-                assert!(
-                    e.len >= 1 && e.len <= size - pos,
-                    "bad extent {e:?} at {pos}"
-                );
-                pos += e.len;
-            }
-            Err(_) => break,
-        }
-        n += 1;
-    }
-    // Guest data, every cluster of the first MAX_READ bytes.
-    let end = size.min(MAX_READ);
-    let mut buf = vec![0u8; STEP.min(end) as usize];
-    let mut pos = 0u64;
-    while pos < end {
-        let len = STEP.min(end - pos) as usize;
-        // A failing step is skipped; later ones may still be readable.
-        let _ = img.read_at(&mut buf[..len], pos);
-        pos += len as u64;
-    }
-    // A read that ends at the last byte, and one just past it.
-    if size > 0 {
-        let mut one = [0u8; 1];
-        let _ = img.read_at(&mut one, size - 1);
-        assert!(img.read_at(&mut one, size).is_err());
-    }
-    if size <= MAX_MAP_SIZE
-        && let Ok(list) = map_extents(img)
-    {
-        let total: u64 = list.iter().map(|e| e.len).sum();
-        assert_eq!(total, size, "map does not cover the disk");
-        // The streamed JSON form stops cleanly when its writer fails.
-        let _ = write_map_json(img, &mut FailAfter(200));
-    }
-    if let Ok(info) = ImageInfo::new(img, "fuzz.vdi") {
-        let _ = info.to_json().to_string();
-        let _ = info.to_human();
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let opts = OpenOptions {
@@ -89,11 +18,7 @@ fuzz_target!(|data: &[u8]| {
         ..OpenOptions::default()
     };
     let io = Arc::new(MemIo::new(data.to_vec()));
-    let Ok(img) = Image::from_io(io, &opts) else {
-        return;
-    };
-    exercise(&img);
-    if let Some(d) = img.driver() {
-        let _ = d.check();
+    if let Ok(img) = Image::from_io(io, &opts) {
+        shared::exercise(&img, "fuzz.vdi", 4 << 20);
     }
 });

@@ -9,9 +9,11 @@
 //! are qemu-img images cut into these pieces.
 #![no_main]
 
+#[path = "shared/exercise.rs"]
+mod shared;
+
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
-use vdisk::info::{ImageInfo, map_extents, write_map_json};
 use vdisk::io::MemIo;
 use vdisk::{Format, Image, OpenOptions, Policy};
 
@@ -36,77 +38,6 @@ const SLOTS: [usize; 14] = [
 ];
 /// The file the pieces are scattered over.
 const FILE_SIZE: usize = 12 * MIB;
-/// Guest bytes read per image at most.
-const MAX_READ: u64 = 16 << 20;
-/// Largest single read request.
-const STEP: u64 = 256 << 10;
-/// Extents walked per image at most.
-const MAX_EXTENTS: usize = 4096;
-/// `map_extents` walks the whole disk: only for small disks.
-const MAX_MAP_SIZE: u64 = 64 << 20;
-
-/// A writer that fails once its byte budget is spent.
-struct FailAfter(usize);
-
-impl std::io::Write for FailAfter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if buf.len() > self.0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        self.0 -= buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn exercise(img: &Image) {
-    let size = img.virtual_size();
-    let mut pos = 0u64;
-    let mut n = 0;
-    while pos < size && n < MAX_EXTENTS {
-        match img.extent(pos, size - pos) {
-            Ok(e) => {
-                assert!(
-                    e.len >= 1 && e.len <= size - pos,
-                    "bad extent {e:?} at {pos}"
-                );
-                pos += e.len;
-            }
-            Err(_) => break,
-        }
-        n += 1;
-    }
-    let end = size.min(MAX_READ);
-    let mut buf = vec![0u8; STEP.min(end) as usize];
-    let mut pos = 0u64;
-    while pos < end {
-        let len = STEP.min(end - pos) as usize;
-        let _ = img.read_at(&mut buf[..len], pos);
-        pos += len as u64;
-    }
-    if size > 0 {
-        let mut one = [0u8; 1];
-        let _ = img.read_at(&mut one, size - 1);
-        assert!(img.read_at(&mut one, size).is_err());
-    }
-    if size <= MAX_MAP_SIZE
-        && let Ok(list) = map_extents(img)
-    {
-        let total: u64 = list.iter().map(|e| e.len).sum();
-        assert_eq!(total, size, "map does not cover the disk");
-        let _ = write_map_json(img, &mut FailAfter(200));
-    }
-    if let Some(d) = img.driver() {
-        let _ = d.check();
-    }
-    if let Ok(info) = ImageInfo::new(img, "fuzz.vhdx") {
-        let _ = info.to_json().to_string();
-        let _ = info.to_human();
-    }
-}
-
 fuzz_target!(|data: &[u8]| {
     let mut file = vec![0u8; FILE_SIZE];
     for (piece, &at) in data.chunks(4 * KIB).zip(SLOTS.iter()) {
@@ -119,6 +50,6 @@ fuzz_target!(|data: &[u8]| {
     };
     let io = Arc::new(MemIo::new(file));
     if let Ok(img) = Image::from_io(io, &opts) {
-        exercise(&img);
+        shared::exercise(&img, "fuzz.vhdx", 64 << 20);
     }
 });
