@@ -27,6 +27,7 @@ pub mod archive;
 pub mod budget;
 #[cfg(feature = "net")]
 pub mod cdi;
+pub mod civil;
 pub mod compare;
 pub mod convert;
 pub mod create;

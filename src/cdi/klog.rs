@@ -146,7 +146,7 @@ impl Logger {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let secs = t.as_secs();
-        let (_, month, day) = civil_from_days((secs / 86_400) as i64);
+        let (_, month, day) = crate::civil::from_days((secs / 86_400) as i64);
         let tod = secs % 86_400;
         let base = file.rsplit(['/', '\\']).next().unwrap_or(file);
         let mut s = format!(
@@ -214,22 +214,6 @@ impl Logger {
             None => self.log(Severity::Info, msg),
         }
     }
-}
-
-/// (year, month 1–12, day 1–31) of the day `days` after 1970-01-01 in the proleptic
-/// Gregorian calendar: counted in 400-year eras of 146 097 days starting on 1 March, so the
-/// leap day falls at the end of a year.
-pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468; // days since 0000-03-01
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097); // day of era, 0..146096
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // year of era
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // day of the March-based year
-    let mp = (5 * doy + 2) / 153; // month from March = 0
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 /// A Go `flag`-package command line: `-name`, `--name`, `-name=value`, and `-name value` for
@@ -351,17 +335,6 @@ mod tests {
             l.render(Severity::Warning, "a/b.rs", 1, "w")
                 .starts_with("W1202 06:32:24.123456      42 b.rs:1] w")
         );
-    }
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(59), (1970, 3, 1));
-        // 2024-02-29 and the day after.
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(19_783), (2024, 3, 1));
-        assert_eq!(civil_from_days(20_818), (2026, 12, 31));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
     }
 
     #[test]

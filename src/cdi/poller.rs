@@ -435,14 +435,8 @@ fn yaml_block(lines: &mut [(usize, String)], i: &mut usize, indent: usize) -> Re
 /// `t` in RFC 3339, UTC, to the second (Go's `time.RFC3339` of a UTC time).
 pub fn rfc3339(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    let (y, m, d) = super::klog::civil_from_days((secs / 86_400) as i64);
-    let tod = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        tod / 3600,
-        tod / 60 % 60,
-        tod % 60
-    )
+    let (y, m, d, hh, mm, ss) = crate::civil::from_secs(secs as i64);
+    format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
 }
 
 /// The merge patch recording a poll at `now` that found `digest`.

@@ -61,30 +61,6 @@ pub fn region(host_port: &str) -> String {
     host_port.split('.').next().unwrap_or("").to_string()
 }
 
-/// Decode `%XX` escapes into bytes (anything else is kept as it is).
-pub fn percent_decode(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let (Some(h), Some(l)) = (hex_val(b[i + 1]), hex_val(b[i + 2]))
-        {
-            out.push(h << 4 | l);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
-}
-
-fn hex_val(c: u8) -> Option<u8> {
-    (c as char).to_digit(16).map(|d| d as u8)
-}
-
 /// AWS URI encoding: the unreserved `A-Za-z0-9-._~` stay, every other byte becomes `%XX`
 /// (uppercase), and `/` stays when `keep_slash` (a path).
 pub fn uri_encode(s: &[u8], keep_slash: bool) -> String {
@@ -104,7 +80,7 @@ impl Endpoint {
     pub fn parse(s: &str) -> Result<Endpoint> {
         let u = Url::parse(s)?;
         let path = u.path.split('?').next().unwrap_or("");
-        let path = String::from_utf8(percent_decode(path))
+        let path = String::from_utf8(crate::net::http::percent_decode(path))
             .map_err(|_| Error::invalid(format!("s3 endpoint '{s}': the path is not UTF-8")))?;
         let path = path.trim_matches('/');
         let (bucket, key) = path.split_once('/').unwrap_or((path, ""));
@@ -166,23 +142,8 @@ fn hex(b: &[u8]) -> String {
 /// `YYYYMMDDTHHMMSSZ` (UTC) for `t`.
 pub fn amz_date(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86400, secs % 86400);
-    // Civil date from days since 1970-01-01 (proleptic Gregorian calendar).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    let (y, m, d, hh, mm, ss) = crate::civil::from_secs(secs as i64);
+    format!("{y:04}{m:02}{d:02}T{hh:02}{mm:02}{ss:02}Z")
 }
 
 /// One request to sign.
@@ -375,7 +336,10 @@ mod tests {
         assert_eq!(uri_encode(b"a b/c~d+e", true), "a%20b/c~d%2Be");
         assert_eq!(uri_encode(b"a/b", false), "a%2Fb");
         assert_eq!(uri_encode("é".as_bytes(), true), "%C3%A9");
-        assert_eq!(percent_decode("a%20b%2fc%zz%4"), b"a b/c%zz%4");
+        assert_eq!(
+            crate::net::http::percent_decode("a%20b%2fc%zz%4"),
+            b"a b/c%zz%4"
+        );
     }
 
     #[test]
