@@ -7,8 +7,9 @@
 //! key's `token_uri`). Without a key the download is anonymous.
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::net::http::percent_decode;
 use crate::net::http::{Client, HeaderSource};
-use crate::net::s3::{percent_decode, uri_encode};
+use crate::net::s3::uri_encode;
 use base64::Engine as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

@@ -77,7 +77,10 @@ impl Url {
             Some((u, h)) => {
                 let (user, pass) = u.split_once(':').unwrap_or((u, ""));
                 (
-                    Some((percent_decode(user), percent_decode(pass))),
+                    Some((
+                        String::from_utf8_lossy(&percent_decode(user)).into_owned(),
+                        String::from_utf8_lossy(&percent_decode(pass)).into_owned(),
+                    )),
                     h.to_string(),
                 )
             }
@@ -169,24 +172,28 @@ impl std::fmt::Display for Url {
     }
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decode `%XX` escapes into bytes (anything else is kept as it is).
+pub fn percent_decode(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%'
             && i + 2 < b.len()
-            && let Ok(v) =
-                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("x"), 16)
+            && let (Some(h), Some(l)) = (hex_val(b[i + 1]), hex_val(b[i + 2]))
         {
-            out.push(v);
+            out.push(h << 4 | l);
             i += 3;
             continue;
         }
         out.push(b[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).map(|d| d as u8)
 }
 
 /// Proxy settings: `HTTP_PROXY`, `HTTPS_PROXY` and `NO_PROXY` (the upper-case name wins,
