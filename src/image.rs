@@ -202,27 +202,19 @@ impl Image {
     }
 
     fn read_at_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if !matches!(self.kind, Kind::Qcow2(_))
+            && offset
+                .checked_add(buf.len() as u64)
+                .is_none_or(|e| e > self.virtual_size())
+        {
+            return Err(Error::invalid("read past the end of the image"));
+        }
         match &self.kind {
-            Kind::Raw { io, size, .. } => {
-                if offset
-                    .checked_add(buf.len() as u64)
-                    .is_none_or(|e| e > *size)
-                {
-                    return Err(Error::invalid("read past the end of the image"));
-                }
-                io.read_at_zero_padded(buf, offset)
-                    .map_err(|e| Error::io("read failed", e))
-            }
+            Kind::Raw { io, .. } => io
+                .read_at_zero_padded(buf, offset)
+                .map_err(|e| Error::io("read failed", e)),
             Kind::Qcow2(q) => q.read_at(buf, offset),
-            Kind::Driver(d) => {
-                if offset
-                    .checked_add(buf.len() as u64)
-                    .is_none_or(|e| e > d.virtual_size())
-                {
-                    return Err(Error::invalid("read past the end of the image"));
-                }
-                d.read_at(buf, offset)
-            }
+            Kind::Driver(d) => d.read_at(buf, offset),
         }
     }
 }

@@ -151,9 +151,9 @@ impl CheckReport {
         s
     }
 
-    /// `qemu-img check --output=json` for `filename`, with qemu's key order and its habit of
-    /// leaving out counters that are zero (except `check-errors`).
-    pub fn to_json(&self, filename: &str) -> String {
+    /// `qemu-img check --output=json` for `filename` of format `format`, with qemu's key order
+    /// and its habit of leaving out counters that are zero (except `check-errors`).
+    pub fn to_json(&self, filename: &str, format: Format) -> String {
         let mut fields: Vec<(&str, String)> = Vec::new();
         let mut num = |k, v: u64, always: bool| {
             if always || v != 0 {
@@ -169,7 +169,7 @@ impl CheckReport {
         num("allocated-clusters", self.allocated_clusters, false);
         let quote = |s: &str| serde_json::Value::from(s).to_string();
         fields.push(("filename", quote(filename)));
-        fields.push(("format", quote("qcow2")));
+        fields.push(("format", quote(format.name())));
         if self.fragmented_clusters != 0 {
             fields.push(("fragmented-clusters", self.fragmented_clusters.to_string()));
         }
@@ -1246,7 +1246,7 @@ mod tests {
             ..CheckReport::default()
         };
         assert_eq!(
-            r.to_json("a\"b"),
+            r.to_json("a\"b", Format::Qcow2),
             "{\n    \"image-end-offset\": 512,\n    \"total-clusters\": 4,\n    \
              \"corruptions\": 1,\n    \"check-errors\": 0,\n    \"filename\": \"a\\\"b\",\n    \
              \"format\": \"qcow2\"\n}\n"

@@ -822,8 +822,9 @@ fn run(cli: Cli) -> Result<u8, Error> {
             };
             let fmt = parse_format(format.as_deref())?;
             let outcome = check_and_repair(&file, fmt, mode, &mut |m: &str| eprintln!("{m}"))?;
-            let r = match outcome.checked {
-                Checked::Qcow2(r) | Checked::Other(_, r) => r,
+            let (r, checked_format) = match outcome.checked {
+                Checked::Qcow2(r) => (r, vdisk::Format::Qcow2),
+                Checked::Other(f, r) => (r, f),
                 Checked::NoCheck(_) => {
                     eprintln!("vdisk: This image format does not support checks");
                     return Ok(63);
@@ -843,7 +844,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             }
             if !quiet {
                 let s = match output.as_str() {
-                    "json" => r.to_json(&file.display().to_string()),
+                    "json" => r.to_json(&file.display().to_string(), checked_format),
                     _ => r.to_human(),
                 };
                 w(&mut out, &s)?;
