@@ -18,18 +18,8 @@ PY=$VENV/bin/python
 
 die() { echo "pyservices: ERROR: $*" >&2; exit 1; }
 
-stop() {
-  [ -d "$PIDS" ] || return 0
-  local f pid
-  for f in "$PIDS"/*.pid; do
-    [ -e "$f" ] || continue
-    pid=$(cat "$f")
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$f"
-  done
-}
+# shellcheck source=pids.sh
+source "$here/pids.sh"
 
 install_tools() {  # with apt, when missing: python3 and its venv module, curl, openssl
   local need=()

@@ -15,18 +15,8 @@ PIDS=$S/pids
 
 die() { echo "services: ERROR: $*" >&2; exit 1; }
 
-stop() {
-  [ -d "$PIDS" ] || return 0
-  local f pid
-  for f in "$PIDS"/*.pid; do
-    [ -e "$f" ] || continue
-    pid=$(cat "$f")
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$f"
-  done
-}
+# shellcheck source=pids.sh
+source "$here/pids.sh"
 
 install_deps() {
   local need=()

@@ -430,7 +430,8 @@ fn container_disk() -> &'static str {
              ENV INSTANCETYPE_KUBEVIRT_IO_DEFAULT_PREFERENCE=fedora\n",
         )
         .unwrap();
-        let tag = format!("localhost/vdisk-test-containerdisk:{}", std::process::id());
+        // One fixed tag, replaced by each run, so runs do not pile up images.
+        let tag = "localhost/vdisk-test-containerdisk:latest".to_string();
         podman_ok(&["build", "-q", "-t", &tag, &ctx.path().display().to_string()]);
         tag
     })
@@ -567,42 +568,54 @@ impl Certs {
     fn p(&self, name: &str) -> String {
         self.dir.path().join(name).display().to_string()
     }
+
+    /// `curl -sS` trusting the server CA, presenting the upload proxy's certificate when
+    /// `as_proxy`.
+    fn curl(&self, as_proxy: bool) -> Command {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--cacert", &self.p("server-ca.crt")]);
+        if as_proxy {
+            c.args([
+                "--cert",
+                &self.p("proxy.crt"),
+                "--key",
+                &self.p("proxy.key"),
+            ]);
+        }
+        c
+    }
 }
 
-/// An upload server pod on `port`, with CDI's environment and the certificates at `/etc/tls`.
-fn uploader_pod(certs: &Certs, port: &str) -> Pod {
+/// An upload server pod with CDI's environment and the certificates at `/etc/tls`, started
+/// on a free port and answering `/healthz`: the pod, its container, its base URL.
+fn start_uploader(certs: &Certs, args: &[&str]) -> (Pod, Container, String) {
+    let port = free_port().to_string();
     let pod = Pod::new();
     let d = pod.path("data");
-    pod.mount(&d, "/data")
+    let pod = pod
+        .mount(&d, "/data")
         .mount(certs.dir.path(), "/etc/tls")
         .set("LISTEN_ADDRESS", "127.0.0.1")
-        .set("LISTEN_PORT", port)
+        .set("LISTEN_PORT", &port)
         .set("TLS_CERT_FILE", "/etc/tls/tls.crt")
         .set("TLS_KEY_FILE", "/etc/tls/tls.key")
         .set("CLIENT_CERT_FILE", "/etc/tls/client-ca.crt")
         .set("CLIENT_NAME", "client.upload-server.cdi.kubevirt.io")
         .set("UPLOAD_IMAGE_SIZE", "100Mi")
         .set("FILESYSTEM_OVERHEAD", "0.055")
-        .set("PREALLOCATION", "false")
-}
-
-fn wait_healthy(certs: &Certs, port: &str, c: &Container) {
+        .set("PREALLOCATION", "false");
+    let c = pod.start(UPLOADER, args);
+    let url = format!("https://127.0.0.1:{port}");
     let t0 = Instant::now();
     loop {
-        let o = Command::new("curl")
-            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-            .arg(certs.p("server-ca.crt"))
-            .args([
-                "--cert",
-                &certs.p("proxy.crt"),
-                "--key",
-                &certs.p("proxy.key"),
-            ])
-            .arg(format!("https://127.0.0.1:{port}/healthz"))
+        let o = certs
+            .curl(true)
+            .args(["-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("{url}/healthz"))
             .output()
             .unwrap();
         if String::from_utf8_lossy(&o.stdout) == "200" {
-            return;
+            return (pod, c, url);
         }
         assert!(
             t0.elapsed() < Duration::from_secs(30),
@@ -618,19 +631,12 @@ fn uploader_over_mutual_tls() {
     images();
     let certs = Certs::new();
     // From `vdisk upload`, a qcow2.
-    let port = free_port().to_string();
-    let pod = uploader_pod(&certs, &port);
-    let c = pod.start(UPLOADER, &["-v=1"]);
-    wait_healthy(&certs, &port, &c);
+    let (pod, c, url) = start_uploader(&certs, &["-v=1"]);
     let o = Command::new(env!("CARGO_BIN_EXE_vdisk"))
         .args(["upload", "--ca", &certs.p("server-ca.crt")])
-        .args([
-            "--cert",
-            &certs.p("proxy.crt"),
-            "--key",
-            &certs.p("proxy.key"),
-        ])
-        .arg(format!("https://127.0.0.1:{port}"))
+        .args(["--cert", &certs.p("proxy.crt")])
+        .args(["--key", &certs.p("proxy.key")])
+        .arg(&url)
         .arg(var("DISK_QCOW2"))
         .output()
         .unwrap();
@@ -646,25 +652,13 @@ fn uploader_over_mutual_tls() {
     same_disk(pod.path("data/disk.img"), var("DISK_QCOW2"));
 
     // From curl, an xz-compressed raw, as virtctl posts it.
-    let port = free_port().to_string();
-    let pod = uploader_pod(&certs, &port);
-    let c = pod.start(UPLOADER, &["-v=1"]);
-    wait_healthy(&certs, &port, &c);
-    let o = Command::new("curl")
-        .args(["-sS", "-f", "--cacert", &certs.p("server-ca.crt")])
-        .args([
-            "--cert",
-            &certs.p("proxy.crt"),
-            "--key",
-            &certs.p("proxy.key"),
-        ])
-        .args([
-            "-H",
-            "Content-Type: application/octet-stream",
-            "--data-binary",
-        ])
+    let (pod, c, url) = start_uploader(&certs, &["-v=1"]);
+    let o = certs
+        .curl(true)
+        .args(["-f", "-H", "Content-Type: application/octet-stream"])
+        .arg("--data-binary")
         .arg(format!("@{}/disk.raw.xz", var("WWW")))
-        .arg(format!("https://127.0.0.1:{port}/v1beta1/upload"))
+        .arg(format!("{url}/v1beta1/upload"))
         .output()
         .unwrap();
     assert!(
@@ -678,15 +672,12 @@ fn uploader_over_mutual_tls() {
     same_disk(pod.path("data/disk.img"), var("DISK_RAW"));
 
     // A client without the proxy's certificate is refused, and nothing is written.
-    let port = free_port().to_string();
-    let pod = uploader_pod(&certs, &port);
-    let c = pod.start(UPLOADER, &[]);
-    wait_healthy(&certs, &port, &c);
-    let o = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-        .arg(certs.p("server-ca.crt"))
+    let (pod, _c, url) = start_uploader(&certs, &[]);
+    let o = certs
+        .curl(false)
+        .args(["-o", "/dev/null", "-w", "%{http_code}"])
         .args(["--data-binary", "@/etc/hostname"])
-        .arg(format!("https://127.0.0.1:{port}/v1beta1/upload"))
+        .arg(format!("{url}/v1beta1/upload"))
         .output()
         .unwrap();
     let code = String::from_utf8_lossy(&o.stdout).to_string();

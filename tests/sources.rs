@@ -17,72 +17,14 @@ mod common;
 
 use common::{free_port, same_disk};
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::{Child, Command, Output};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-static SERVICES: OnceLock<HashMap<String, String>> = OnceLock::new();
-static OWN_STATE: OnceLock<PathBuf> = OnceLock::new();
-
-const SCRIPT: &str = "scripts/pyservices.sh";
-
-extern "C" fn stop_own_services() {
-    if let Some(s) = OWN_STATE.get() {
-        let _ = Command::new("bash")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .arg(SCRIPT)
-            .arg("stop")
-            .arg(s)
-            .stdout(Stdio::null())
-            .status();
-        let _ = std::fs::remove_dir_all(s);
-    }
-}
-
-fn var(name: &str) -> String {
-    let env = SERVICES.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let state = match std::env::var_os("VDISK_PYSERVICES") {
-            Some(s) => PathBuf::from(s),
-            None => {
-                let s = std::env::temp_dir().join(format!("vdisk-pysvc-{}", std::process::id()));
-                let st = Command::new("bash")
-                    .current_dir(root)
-                    .arg(SCRIPT)
-                    .arg("start")
-                    .arg(&s)
-                    .status()
-                    .unwrap_or_else(|e| panic!("cannot run {SCRIPT}: {e}"));
-                assert!(
-                    st.success(),
-                    "{SCRIPT} failed: the s3/gcs tests need moto and gcp-storage-emulator \
-                     (run `bash {SCRIPT} start DIR` to see why)"
-                );
-                OWN_STATE.set(s.clone()).unwrap();
-                // SAFETY: registering a plain extern "C" function with no captured state.
-                unsafe { libc::atexit(stop_own_services) };
-                s
-            }
-        };
-        let text = std::fs::read_to_string(state.join("env")).unwrap_or_else(|e| {
-            panic!(
-                "{}/env: {e}; start the servers with `bash {SCRIPT} start DIR`",
-                state.display()
-            )
-        });
-        text.lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-            .collect()
-    });
-    env.get(name)
-        .unwrap_or_else(|| panic!("{SCRIPT}'s env has no {name}"))
-        .clone()
-}
+use common::services::object_store_var as var;
 
 fn run_ok(cmd: &mut Command) -> Output {
     let o = cmd
