@@ -708,9 +708,35 @@ fn ingest_image(
                 "tar archive holds no disk image file",
             ))
         }
-        Format::Vmdk | Format::Vhd | Format::VhdFixed | Format::Vhdx | Format::Vdi => {
-            spool_and_copy(fmt, inner, sink, ticker, spill_dir, say)
+        Format::Vmdk | Format::Vhd | Format::Vdi => {
+            // Front to back through the format's streaming strategy; a layout that needs
+            // random access goes through the spool file.
+            let mut inner = inner;
+            let mem = crate::budget::Budget::new(budget.saturating_add(STREAM_BASE));
+            let head_limit =
+                usize::try_from(budget.saturating_add(MAPPING_ALLOWANCE)).unwrap_or(usize::MAX);
+            let outcome = {
+                let mut fill = |b: &mut [u8]| read_full(&mut inner, b);
+                crate::forward::run(
+                    fmt,
+                    &mut fill,
+                    sink,
+                    sink.capacity,
+                    head_limit,
+                    &mem,
+                    &mut || ticker.tick(),
+                    &|size| too_large(Some(size), sink.capacity),
+                )?
+            };
+            match outcome {
+                crate::forward::Outcome::Done(size) => Ok(size),
+                crate::forward::Outcome::Spool(held) => {
+                    let rest: Stream<'_> = Box::new(std::io::Cursor::new(held).chain(inner));
+                    spool_and_copy(fmt, rest, sink, ticker, spill_dir, say)
+                }
+            }
         }
+        Format::VhdFixed | Format::Vhdx => spool_and_copy(fmt, inner, sink, ticker, spill_dir, say),
         other => Err(Error::new(
             ErrorKind::UnsupportedFormat,
             format!(

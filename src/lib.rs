@@ -35,6 +35,7 @@ pub mod detect;
 pub mod edit;
 pub mod error;
 pub mod ffi;
+pub mod forward;
 pub mod image;
 pub mod info;
 pub mod ingest;

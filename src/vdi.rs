@@ -8,8 +8,10 @@
 
 use crate::detect::Format;
 use crate::error::{Error, ErrorKind, Result};
+use crate::forward::{Forward, HeadIo, UNKNOWN_LEN};
 use crate::image::{Driver, DriverContext, Extent};
 use crate::io::BlockIo;
+use crate::qcow2::stream::Target;
 use std::sync::Arc;
 
 const SIGNATURE: u32 = 0xbeda_107f;
@@ -56,13 +58,22 @@ pub fn open(io: Arc<dyn BlockIo>, _ctx: &DriverContext<'_>) -> Result<Box<dyn Dr
     let file_len = io
         .size()
         .map_err(|e| Error::io("cannot get the VDI file size", e))?;
+    let v = parse(io.as_ref(), io.clone(), file_len)?;
+    v.check_ends(file_len)?;
+    Ok(Box::new(v))
+}
+
+/// Parse and validate the header and block map, reading through `src` (the file, or a
+/// stream's head with `file_len` [`UNKNOWN_LEN`]); `io` is kept for later reads. Blocks are
+/// checked against the file's end by [`Vdi::check_ends`].
+fn parse(src: &dyn BlockIo, io: Arc<dyn BlockIo>, file_len: u64) -> Result<Vdi> {
     if file_len < 512 {
         return Err(Error::corrupt(format!(
             "VDI file of {file_len} bytes is too short for a header"
         )));
     }
     let mut h = [0u8; 512];
-    io.read_exact_at(&mut h, 0)
+    src.read_exact_at(&mut h, 0)
         .map_err(|e| Error::io("cannot read the VDI header", e))?;
     let sig = le32(&h, 0x40);
     if sig != SIGNATURE {
@@ -175,42 +186,48 @@ pub fn open(io: Arc<dyn BlockIo>, _ctx: &DriverContext<'_>) -> Result<Box<dyn Dr
         )));
     }
     let mut raw = vec![0u8; (blocks * 4) as usize];
-    io.read_exact_at(&mut raw, map_offset)
+    src.read_exact_at(&mut raw, map_offset)
         .map_err(|e| Error::io("cannot read the VDI block map", e))?;
     let map: Vec<u32> = raw
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
         .collect();
     drop(raw);
-    let used = size.div_ceil(BLOCK_SIZE) as usize;
-    for (i, &e) in map.iter().enumerate().take(used) {
-        if e >= FIRST_UNALLOCATED {
-            continue;
-        }
-        if u64::from(e) >= blocks {
-            return Err(Error::corrupt(format!(
-                "VDI block map entry {i}: block {e} is not below the {blocks} blocks in the image"
-            )));
-        }
-        // The guest bytes of this block must be in the file.
-        let need = BLOCK_SIZE.min(size - i as u64 * BLOCK_SIZE);
-        let end = data_offset + u64::from(e) * BLOCK_SIZE + need;
-        if end > file_len {
-            return Err(Error::corrupt(format!(
-                "VDI block map entry {i}: block {e} ends at offset {end}, past the end of the file ({file_len} bytes)"
-            )));
-        }
-    }
-    Ok(Box::new(Vdi {
+    Ok(Vdi {
         io,
         size,
         data_offset,
         blocks_allocated,
         map,
-    }))
+    })
 }
 
 impl Vdi {
+    /// Every entry's block lies in the image and its guest bytes in the file's `file_len`.
+    fn check_ends(&self, file_len: u64) -> Result<()> {
+        let blocks = self.map.len() as u64;
+        let used = self.size.div_ceil(BLOCK_SIZE) as usize;
+        for (i, &e) in self.map.iter().enumerate().take(used) {
+            if e >= FIRST_UNALLOCATED {
+                continue;
+            }
+            if u64::from(e) >= blocks {
+                return Err(Error::corrupt(format!(
+                    "VDI block map entry {i}: block {e} is not below the {blocks} blocks in the image"
+                )));
+            }
+            // The guest bytes of this block must be in the file.
+            let need = BLOCK_SIZE.min(self.size - i as u64 * BLOCK_SIZE);
+            let end = self.data_offset + u64::from(e) * BLOCK_SIZE + need;
+            if end > file_len {
+                return Err(Error::corrupt(format!(
+                    "VDI block map entry {i}: block {e} ends at offset {end}, past the end of the file ({file_len} bytes)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Host offset of guest `off` when its block is allocated.
     fn host(&self, off: u64) -> Option<u64> {
         let e = self.map[(off / BLOCK_SIZE) as usize];
@@ -351,5 +368,92 @@ impl Driver for Vdi {
             problems.push(format!("... and {more} more problems"));
         }
         Some(problems)
+    }
+}
+
+/// The streaming strategy: blocks read front to back in file order (a block two entries
+/// share is read once), over the same parse and checks as [`open`].
+pub(crate) fn forward(head: &HeadIo<'_, '_>) -> Result<Option<Box<dyn Forward>>> {
+    let placeholder: Arc<dyn BlockIo> = Arc::new(crate::io::MemIo::default());
+    let v = parse(head, placeholder, UNKNOWN_LEN)?;
+    // The entries of the disk's blocks that are allocated, by block in the file.
+    let used = v.size.div_ceil(BLOCK_SIZE) as usize;
+    let mut order: Vec<(u32, u32)> = v
+        .map
+        .iter()
+        .take(used)
+        .enumerate()
+        .filter(|&(_, &e)| e < FIRST_UNALLOCATED)
+        .map(|(i, &e)| (e, i as u32))
+        .collect();
+    order.sort_unstable();
+    // Blocks are checked against the map at open (below the blocks in the image).
+    v.check_ends(UNKNOWN_LEN)?;
+    Ok(Some(Box::new(VdiForward {
+        v,
+        order,
+        next: 0,
+        cur: 0..0,
+    })))
+}
+
+/// [`forward`]'s reader.
+struct VdiForward {
+    v: Vdi,
+    /// (block in the file, entry) of every allocated entry, by block.
+    order: Vec<(u32, u32)>,
+    next: usize,
+    /// The entries sharing the block being read (a range of `order`).
+    cur: std::ops::Range<usize>,
+}
+
+impl Forward for VdiForward {
+    fn virtual_size(&self) -> u64 {
+        self.v.size
+    }
+
+    fn held(&self) -> u64 {
+        (self.v.map.capacity() * 4 + self.order.capacity() * 8) as u64
+    }
+
+    fn want(&mut self) -> Result<Option<(u64, u64)>> {
+        let Some(&(blk, _)) = self.order.get(self.next) else {
+            return Ok(None);
+        };
+        let mut end = self.next + 1;
+        while self.order.get(end).is_some_and(|&(b, _)| b == blk) {
+            end += 1;
+        }
+        self.cur = self.next..end;
+        self.next = end;
+        Ok(Some((
+            self.v.data_offset + u64::from(blk) * BLOCK_SIZE,
+            BLOCK_SIZE,
+        )))
+    }
+
+    fn take(&mut self, at: u64, bytes: &[u8], out: &dyn Target) -> Result<()> {
+        let rel = (at - self.v.data_offset) % BLOCK_SIZE;
+        for &(_, entry) in &self.order[self.cur.clone()] {
+            let guest = u64::from(entry) * BLOCK_SIZE + rel;
+            let n = (bytes.len() as u64).min(self.v.size.saturating_sub(guest));
+            if n > 0 {
+                out.write(guest, &bytes[..n as usize])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, len: u64, _tail: &[u8], out: &dyn Target) -> Result<()> {
+        self.v.check_ends(len)?;
+        let mut off = 0u64;
+        while off < self.v.size {
+            let n = (self.v.size - off).min(BLOCK_SIZE);
+            if self.v.host(off).is_none() {
+                out.zero(off, n)?;
+            }
+            off += n;
+        }
+        Ok(())
     }
 }

@@ -6,8 +6,10 @@
 
 use crate::detect::Format;
 use crate::error::{Error, ErrorKind, Result};
+use crate::forward::{Forward, HeadIo, UNKNOWN_LEN};
 use crate::image::{Driver, DriverContext, Extent, Policy};
 use crate::io::BlockIo;
+use crate::qcow2::stream::Target;
 use std::sync::Arc;
 
 const SECTOR: u64 = 512;
@@ -130,7 +132,11 @@ pub fn open(io: Arc<dyn BlockIo>, ctx: &DriverContext<'_>) -> Result<Box<dyn Dri
     if &head[0..8] == b"conectix" {
         let f = parse_footer(&head, "copy at offset 0")?;
         match f.disk_type {
-            TYPE_DYNAMIC => return Ok(Box::new(Dynamic::open(io, file_len, f)?)),
+            TYPE_DYNAMIC => {
+                let d = Dynamic::parse(io.as_ref(), io.clone(), file_len, f)?;
+                d.check_ends(data_limit(io.as_ref(), file_len))?;
+                return Ok(Box::new(d));
+            }
             TYPE_DIFFERENCING => return Err(refuse_differencing(io.as_ref(), file_len, &f, ctx)),
             // A fixed disk whose guest data starts with a footer: the real footer is at EOF.
             TYPE_FIXED => {}
@@ -276,8 +282,30 @@ struct Dynamic {
     bat: Vec<u32>,
 }
 
+/// Where a dynamic disk's blocks must end: before the trailing footer when the last 512 of
+/// the file's `len` bytes are one (`tail` reads them).
+fn limit_for(len: u64, tail: &[u8]) -> u64 {
+    if len >= 2 * FOOTER_LEN && tail.starts_with(b"conectix") {
+        len - FOOTER_LEN
+    } else {
+        len
+    }
+}
+
+fn data_limit(io: &dyn BlockIo, file_len: u64) -> u64 {
+    let mut tail = [0u8; 8];
+    match io.read_exact_at(&mut tail, file_len - FOOTER_LEN) {
+        Ok(()) => limit_for(file_len, &tail),
+        Err(_) => file_len,
+    }
+}
+
 impl Dynamic {
-    fn open(io: Arc<dyn BlockIo>, file_len: u64, f: Footer) -> Result<Dynamic> {
+    /// Parse and validate the dynamic header and BAT of a disk whose footer is `f`, reading
+    /// through `src` (the file, or a stream's head with `file_len` [`UNKNOWN_LEN`]); `io` is
+    /// kept for later reads. Blocks are checked against the file's end by
+    /// [`Dynamic::check_ends`].
+    fn parse(src: &dyn BlockIo, io: Arc<dyn BlockIo>, file_len: u64, f: Footer) -> Result<Dynamic> {
         let hdr_off = f.data_offset;
         if hdr_off < FOOTER_LEN || hdr_off.checked_add(HEADER_LEN).is_none_or(|e| e > file_len) {
             return Err(Error::corrupt(format!(
@@ -285,7 +313,7 @@ impl Dynamic {
             )));
         }
         let mut h = vec![0u8; HEADER_LEN as usize];
-        read(io.as_ref(), &mut h, hdr_off, "VHD dynamic header")?;
+        read(src, &mut h, hdr_off, "VHD dynamic header")?;
         if &h[0..8] != b"cxsparse" {
             return Err(Error::corrupt(format!(
                 "VHD dynamic header at offset {hdr_off}: no \"cxsparse\" cookie"
@@ -342,7 +370,7 @@ impl Dynamic {
         }
         // Only the entries covering the virtual disk are used.
         let mut raw = vec![0u8; (needed * 4) as usize];
-        read(io.as_ref(), &mut raw, bat_off, "VHD BAT")?;
+        read(src, &mut raw, bat_off, "VHD BAT")?;
         let bat: Vec<u32> = raw
             .chunks_exact(4)
             .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
@@ -350,16 +378,6 @@ impl Dynamic {
         drop(raw);
         let bitmap_len = (block_size / SECTOR).div_ceil(8).next_multiple_of(SECTOR);
         let stride = bitmap_len + block_size;
-        // Blocks end before the trailing footer when there is one.
-        let mut tail = [0u8; 8];
-        let limit = if file_len >= 2 * FOOTER_LEN
-            && io.read_exact_at(&mut tail, file_len - FOOTER_LEN).is_ok()
-            && &tail == b"conectix"
-        {
-            file_len - FOOTER_LEN
-        } else {
-            file_len
-        };
         let mut blocks: Vec<(u32, u32)> = Vec::new();
         for (i, &e) in bat.iter().enumerate() {
             if e == UNALLOCATED {
@@ -367,11 +385,6 @@ impl Dynamic {
             }
             let start = u64::from(e) * SECTOR;
             let end = start + stride;
-            if end > limit {
-                return Err(Error::corrupt(format!(
-                    "VHD BAT entry {i}: block at offset {start} ends past the end of the data ({limit} bytes; image truncated?)"
-                )));
-            }
             if overlaps(start, end, 0, FOOTER_LEN)
                 || overlaps(start, end, hdr_off, hdr_off + HEADER_LEN)
                 || overlaps(start, end, bat_off, bat_end)
@@ -399,6 +412,23 @@ impl Dynamic {
             bitmap_len,
             bat,
         })
+    }
+
+    fn stride(&self) -> u64 {
+        self.bitmap_len + self.block_size
+    }
+
+    /// Every allocated block ends by `limit` (the file's end, or its trailing footer).
+    fn check_ends(&self, limit: u64) -> Result<()> {
+        for (i, &e) in self.bat.iter().enumerate() {
+            let start = u64::from(e) * SECTOR;
+            if e != UNALLOCATED && start + self.stride() > limit {
+                return Err(Error::corrupt(format!(
+                    "VHD BAT entry {i}: block at offset {start} ends past the end of the data ({limit} bytes; image truncated?)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The bitmap bytes covering sectors `s0..s1` of block `b` (allocated), starting at the
@@ -526,6 +556,126 @@ impl Driver for Dynamic {
                 }
             }
             done += chunk as usize;
+        }
+        Ok(())
+    }
+}
+
+/// The streaming strategy: a dynamic disk read front to back, over the same parse and checks
+/// as [`open`]; `Ok(None)` for what is not a dynamic disk (spooled and opened as a file).
+pub(crate) fn forward(head: &HeadIo<'_, '_>) -> Result<Option<Box<dyn Forward>>> {
+    let mut first = [0u8; 512];
+    read(head, &mut first, 0, "VHD footer copy")?;
+    if &first[0..8] != b"conectix" {
+        return Ok(None);
+    }
+    let f = parse_footer(&first, "copy at offset 0")?;
+    match f.disk_type {
+        TYPE_DYNAMIC => {}
+        TYPE_DIFFERENCING => {
+            let ctx = DriverContext {
+                path: None,
+                policy: Policy::Untrusted,
+                metadata_only: true,
+            };
+            return Err(refuse_differencing(head, UNKNOWN_LEN, &f, &ctx));
+        }
+        TYPE_FIXED => return Ok(None),
+        t => return Err(bad_type(t)),
+    }
+    let placeholder: Arc<dyn BlockIo> = Arc::new(crate::io::MemIo::default());
+    let d = Dynamic::parse(head, placeholder, UNKNOWN_LEN, f)?;
+    let mut order: Vec<(u32, u32)> = d
+        .bat
+        .iter()
+        .enumerate()
+        .filter(|&(_, &e)| e != UNALLOCATED)
+        .map(|(i, &e)| (e, i as u32))
+        .collect();
+    order.sort_unstable();
+    Ok(Some(Box::new(DynamicForward {
+        bitmap: vec![0u8; d.bitmap_len as usize],
+        d,
+        order,
+        next: 0,
+    })))
+}
+
+/// [`forward`]'s reader: allocated blocks in file order, each bitmap then data.
+struct DynamicForward {
+    d: Dynamic,
+    /// (sector, block) of every allocated block, by sector.
+    order: Vec<(u32, u32)>,
+    /// Index in `order` of the next block to want.
+    next: usize,
+    /// The sector bitmap of the block being read.
+    bitmap: Vec<u8>,
+}
+
+impl Forward for DynamicForward {
+    fn virtual_size(&self) -> u64 {
+        self.d.size
+    }
+
+    fn held(&self) -> u64 {
+        (self.d.bat.capacity() * 4 + self.order.capacity() * 8 + self.bitmap.capacity()) as u64
+    }
+
+    fn want(&mut self) -> Result<Option<(u64, u64)>> {
+        let Some(&(s, _)) = self.order.get(self.next) else {
+            return Ok(None);
+        };
+        self.next += 1;
+        Ok(Some((u64::from(s) * SECTOR, self.d.stride())))
+    }
+
+    fn take(&mut self, at: u64, bytes: &[u8], out: &dyn Target) -> Result<()> {
+        let (s, b) = self.order[self.next - 1];
+        let mut rel = at - u64::from(s) * SECTOR;
+        let mut bytes = bytes;
+        let bl = self.d.bitmap_len;
+        if rel < bl {
+            let n = (bl - rel).min(bytes.len() as u64) as usize;
+            self.bitmap[rel as usize..rel as usize + n].copy_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            rel += n as u64;
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let in_blk = rel - bl;
+        let base = u64::from(b) * self.d.block_size;
+        // Only the part inside the virtual disk (the last block may reach past it).
+        let len = (bytes.len() as u64).min(self.d.size.saturating_sub(base + in_blk));
+        let mut p = 0u64;
+        while p < len {
+            let (set, n) = run_in(&self.bitmap, 0, in_blk + p, len - p);
+            let at = base + in_blk + p;
+            if set {
+                out.write(at, &bytes[p as usize..(p + n) as usize])?;
+            } else {
+                out.zero(at, n)?;
+            }
+            p += n;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, len: u64, tail: &[u8], out: &dyn Target) -> Result<()> {
+        let last = &tail[tail.len().saturating_sub(FOOTER_LEN as usize)..];
+        self.d.check_ends(limit_for(len, last))?;
+        let bs = self.d.block_size;
+        let mut b = 0usize;
+        while b < self.d.bat.len() && (b as u64) * bs < self.d.size {
+            if self.d.bat[b] != UNALLOCATED {
+                b += 1;
+                continue;
+            }
+            let start = b as u64 * bs;
+            while b < self.d.bat.len() && self.d.bat[b] == UNALLOCATED {
+                b += 1;
+            }
+            out.zero(start, (b as u64 * bs).min(self.d.size) - start)?;
         }
         Ok(())
     }

@@ -23,8 +23,10 @@
 
 use crate::detect::Format;
 use crate::error::{Error, ErrorKind, Result, corrupt};
+use crate::forward::{Forward, HeadIo, UNKNOWN_LEN};
 use crate::image::{Driver, DriverContext, Extent, Policy};
 use crate::io::{BlockIo, FileIo};
+use crate::qcow2::stream::Target;
 use serde_json::{Value, json};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -228,6 +230,9 @@ fn inflate(src: &[u8], dst: &mut [u8]) -> Result<usize> {
     })
 }
 
+/// Byte ranges `[start, end)` of a file.
+type Ranges = Vec<(u64, u64)>;
+
 /// One hosted sparse extent (`KDMV`), validated at open.
 #[derive(Debug)]
 struct Sparse {
@@ -258,19 +263,30 @@ impl Sparse {
     /// Validate the header (and footer) of the sparse extent in `io` and load its grain
     /// directory. `name` is empty for the image itself, else the extent's file name.
     fn open(io: Arc<dyn BlockIo>, name: &str) -> Result<Sparse> {
+        let file_size = io.size().map_err(io_err("cannot stat VMDK extent"))?;
+        Self::open_from(io.as_ref(), io.clone(), file_size, name)
+    }
+
+    /// [`Sparse::open`] reading through `src` (the file, or a stream's head with `file_size`
+    /// [`UNKNOWN_LEN`]), keeping `io` for later reads.
+    fn open_from(
+        src: &dyn BlockIo,
+        io: Arc<dyn BlockIo>,
+        file_size: u64,
+        name: &str,
+    ) -> Result<Sparse> {
         let what = if name.is_empty() {
             String::new()
         } else {
             format!(" in extent '{name}'")
         };
-        let file_size = io.size().map_err(io_err("cannot stat VMDK extent"))?;
         if file_size < SECTOR {
             return Err(corrupt!(
                 "file of {file_size} bytes is too short for a VMDK sparse header{what}"
             ));
         }
         let mut sec = [0u8; SECTOR as usize];
-        io.read_exact_at(&mut sec, 0)
+        src.read_exact_at(&mut sec, 0)
             .map_err(io_err("cannot read VMDK header"))?;
         let head = Header::parse(&sec).ok_or_else(|| {
             if sec.starts_with(b"COWD") {
@@ -289,10 +305,48 @@ impl Sparse {
             ));
         }
         let h = if head.gd_offset == GD_AT_END {
-            Self::footer(io.as_ref(), file_size, &head, &what)?
+            Self::footer(src, file_size, &head, &what)?
         } else {
             head
         };
+        let (meta, gd_start, gd_bytes) = Self::layout(&h, file_size, &what)?;
+        // The redundant directory is neither used nor checked: qemu reads only the primary
+        // one, and writers disagree on what its offset means without the flag.
+        let mut raw = vec![0u8; gd_bytes as usize];
+        src.read_exact_at(&mut raw, gd_start)
+            .map_err(io_err("cannot read VMDK grain directory"))?;
+        let gd: Vec<u32> = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
+        Self::check_tables(&gd, file_size, &meta, &what)?;
+        let compressed = h.compress == 1;
+        let grain_bytes = h.grain * SECTOR;
+        let max_compressed = deflate_bound(grain_bytes);
+        let markers = compressed && h.flags & FLAG_MARKER != 0;
+        Ok(Sparse {
+            io,
+            what,
+            file_size,
+            h,
+            size: h.capacity * SECTOR,
+            grain_bytes,
+            grains: h.capacity.div_ceil(h.grain),
+            compressed,
+            markers,
+            zero_grain: h.flags & FLAG_ZERO_GRAIN != 0,
+            max_compressed,
+            max_read: if markers {
+                12 + max_compressed
+            } else {
+                2 * grain_bytes
+            },
+            gd,
+            meta,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The header's checks (with the file's size): the byte ranges of the metadata, the
+    /// grain directory's offset and length.
+    fn layout(h: &Header, file_size: u64, what: &str) -> Result<(Ranges, u64, u64)> {
         if h.version == 0 || h.version > 3 {
             return Err(unsupported(format!(
                 "VMDK version {} is not supported{what}",
@@ -398,12 +452,11 @@ impl Sparse {
             ));
         }
         meta.push((gd_start, gd_end.next_multiple_of(SECTOR)));
-        // The redundant directory is neither used nor checked: qemu reads only the primary
-        // one, and writers disagree on what its offset means without the flag.
-        let mut raw = vec![0u8; gd_bytes as usize];
-        io.read_exact_at(&mut raw, gd_start)
-            .map_err(io_err("cannot read VMDK grain directory"))?;
-        let gd: Vec<u32> = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
+        Ok((meta, gd_start, gd_bytes))
+    }
+
+    /// Every grain table the directory names lies inside the file and clear of `meta`.
+    fn check_tables(gd: &[u32], file_size: u64, meta: &[(u64, u64)], what: &str) -> Result<()> {
         for (i, &e) in gd.iter().enumerate() {
             if e == 0 {
                 continue;
@@ -421,30 +474,7 @@ impl Sparse {
                 ));
             }
         }
-        let grain_bytes = h.grain * SECTOR;
-        let max_compressed = deflate_bound(grain_bytes);
-        let markers = compressed && h.flags & FLAG_MARKER != 0;
-        Ok(Sparse {
-            io,
-            what,
-            file_size,
-            h,
-            size: h.capacity * SECTOR,
-            grain_bytes,
-            grains,
-            compressed,
-            markers,
-            zero_grain: h.flags & FLAG_ZERO_GRAIN != 0,
-            max_compressed,
-            max_read: if markers {
-                12 + max_compressed
-            } else {
-                2 * grain_bytes
-            },
-            gd,
-            meta,
-            cache: Mutex::new(HashMap::new()),
-        })
+        Ok(())
     }
 
     /// The header copy of a stream whose header says GD_AT_END: footer marker, footer and
@@ -482,14 +512,14 @@ impl Sparse {
         Ok(f)
     }
 
-    /// The embedded descriptor's text (up to its first NUL), if it has one.
-    fn embedded_descriptor(&self) -> Result<Option<String>> {
+    /// The embedded descriptor's text (up to its first NUL), if it has one, read through
+    /// `src`.
+    fn embedded_descriptor_in(&self, src: &dyn BlockIo) -> Result<Option<String>> {
         if self.h.desc_offset == 0 || self.h.desc_size == 0 {
             return Ok(None);
         }
         let mut b = vec![0u8; (self.h.desc_size * SECTOR) as usize];
-        self.io
-            .read_exact_at(&mut b, self.h.desc_offset * SECTOR)
+        src.read_exact_at(&mut b, self.h.desc_offset * SECTOR)
             .map_err(io_err("cannot read VMDK descriptor"))?;
         let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
         b.truncate(n);
@@ -750,15 +780,7 @@ impl Sparse {
                     .map_err(io_err("cannot read VMDK compressed grain"))?;
                 for it in items.get(i..j).unwrap_or(&[]) {
                     let src = span.get((it.host - start) as usize..).unwrap_or(&[]);
-                    self.decode_one(it, src, buf).map_err(|e| {
-                        corrupt!(
-                            "compressed grain for sector {} at offset {:#x}{}: {}",
-                            it.grain * self.h.grain,
-                            it.host,
-                            self.what,
-                            e.message()
-                        )
-                    })?;
+                    self.decode_named(it, src, buf)?;
                 }
                 Ok(())
             })?;
@@ -805,6 +827,19 @@ impl Sparse {
         let size = u64::from(le32(src, 8));
         self.check_marker(grain, host, le64(src, 0), size)?;
         Ok(src.get(12..12 + size as usize).unwrap_or(&[]))
+    }
+
+    /// [`Sparse::decode_one`], its error naming the grain.
+    fn decode_named(&self, it: &Item, src: &[u8], buf: &mut [u8]) -> Result<()> {
+        self.decode_one(it, src, buf).map_err(|e| {
+            corrupt!(
+                "compressed grain for sector {} at offset {:#x}{}: {}",
+                it.grain * self.h.grain,
+                it.host,
+                self.what,
+                e.message()
+            )
+        })
     }
 
     fn decode_one(&self, it: &Item, src: &[u8], buf: &mut [u8]) -> Result<()> {
@@ -1281,11 +1316,7 @@ fn open_kdmv(io: Arc<dyn BlockIo>, ctx: &DriverContext<'_>) -> Result<Vmdk> {
         }
     }
     let s = Sparse::open(io.clone(), "")?;
-    let text = s
-        .embedded_descriptor()?
-        .ok_or_else(|| corrupt!("VMDK sparse image has no embedded descriptor (no CID)"))?;
-    let d = Descriptor::parse(&text, false)?;
-    let (cid, parent_cid) = d.ids()?;
+    let (cid, parent_cid) = sparse_ids(&s, io.as_ref())?;
     let create_type = if s.compressed {
         "streamOptimized"
     } else {
@@ -1306,6 +1337,15 @@ fn open_kdmv(io: Arc<dyn BlockIo>, ctx: &DriverContext<'_>) -> Result<Vmdk> {
         parent_cid,
         create_type: create_type.to_string(),
     })
+}
+
+/// The CID and parent CID of a sparse image's embedded descriptor, read through `src`
+/// (images with a parent are refused).
+fn sparse_ids(s: &Sparse, src: &dyn BlockIo) -> Result<(u32, u32)> {
+    let text = s
+        .embedded_descriptor_in(src)?
+        .ok_or_else(|| corrupt!("VMDK sparse image has no embedded descriptor (no CID)"))?;
+    Descriptor::parse(&text, false)?.ids()
 }
 
 fn open_descriptor(io: Arc<dyn BlockIo>, text: &[u8], ctx: &DriverContext<'_>) -> Result<Vmdk> {
@@ -1633,6 +1673,218 @@ impl Driver for Vmdk {
             }
         }
         Some(out)
+    }
+}
+
+/// The streaming strategy (see [`crate::forward`]) for a sparse image whose grain tables come
+/// before its grains (what qemu writes, streamOptimized included), over the same parse and
+/// checks as the file reader: every grain table is read from the stream's head, then grains
+/// in file order. `Ok(None)` (spool and open as a file) for descriptors, a directory found
+/// through the footer, compressed grains without markers and grains overlapping each other.
+pub(crate) fn forward(head: &HeadIo<'_, '_>) -> Result<Option<Box<dyn Forward>>> {
+    let mut sec = [0u8; SECTOR as usize];
+    head.read_exact_at(&mut sec, 0)
+        .map_err(io_err("cannot read VMDK header"))?;
+    let Some(h) = Header::parse(&sec) else {
+        return Ok(None);
+    };
+    if h.capacity == 0 || h.gd_offset == GD_AT_END {
+        return Ok(None);
+    }
+    let placeholder: Arc<dyn BlockIo> = Arc::new(crate::io::MemIo::default());
+    let s = Sparse::open_from(head, placeholder, UNKNOWN_LEN, "")?;
+    sparse_ids(&s, head)?;
+    if s.compressed && !s.markers {
+        return Ok(None);
+    }
+    // Every allocated grain, (host, grain), by host.
+    let mut units: Vec<(u64, u64)> = Vec::new();
+    let mut raw = vec![0u8; GT_BYTES as usize];
+    for (gi, &e) in s.gd.iter().enumerate() {
+        if e == 0 {
+            continue;
+        }
+        head.read_exact_at(&mut raw, u64::from(e) * SECTOR)
+            .map_err(io_err("cannot read VMDK grain table"))?;
+        for k in 0..GTES {
+            let g = gi as u64 * GTES + k;
+            if g >= s.grains {
+                break;
+            }
+            match s.classify(le32(&raw, 4 * k as usize), s.grain_len(g)) {
+                Ok(Grain::Data(host) | Grain::Compressed(host)) => units.push((host, g)),
+                Ok(_) => {}
+                Err(b) => return Err(s.bad(g, b)),
+            }
+        }
+    }
+    units.sort_unstable();
+    if !s.compressed {
+        // Data grains are read where they lie: two that overlap (without being the same)
+        // cannot be read front to back.
+        let clash = units
+            .windows(2)
+            .any(|w| w[0].0 != w[1].0 && w[1].0 < w[0].0 + s.grain_bytes);
+        if clash {
+            return Ok(None);
+        }
+    }
+    let window = if s.compressed {
+        (s.max_read as usize) + crate::forward::PIECE
+    } else {
+        0
+    };
+    Ok(Some(Box::new(SparseForward {
+        s,
+        units,
+        next: 0,
+        cur: 0..0,
+        window: Vec::with_capacity(window),
+        win_start: 0,
+        grain: Vec::new(),
+    })))
+}
+
+/// [`forward`]'s reader.
+struct SparseForward {
+    s: Sparse,
+    units: Vec<(u64, u64)>,
+    /// The first unit not yet wanted (data) or decoded (compressed).
+    next: usize,
+    /// Data grains: the units sharing the host range being read.
+    cur: std::ops::Range<usize>,
+    /// Compressed grains: the file's bytes from `win_start`, kept until every grain starting
+    /// in them is decoded (each sees what the file reader reads: up to `max_read` bytes).
+    window: Vec<u8>,
+    win_start: u64,
+    grain: Vec<u8>,
+}
+
+impl SparseForward {
+    /// Decode the compressed grains whose bytes the window holds (all of them at the end).
+    fn decode_ready(&mut self, at_end: bool, out: &dyn Target) -> Result<()> {
+        let win_end = self.win_start + self.window.len() as u64;
+        while let Some(&(host, g)) = self.units.get(self.next) {
+            if host >= win_end && !at_end {
+                break;
+            }
+            let want_end = host + self.s.max_read;
+            if want_end > win_end && !at_end {
+                break;
+            }
+            let from = host.saturating_sub(self.win_start) as usize;
+            let to = (want_end.min(win_end).saturating_sub(self.win_start) as usize).max(from);
+            let src = self.window.get(from..to).unwrap_or(&[]);
+            let len = self.s.grain_len(g) as usize;
+            self.grain.resize(len, 0);
+            let it = Item {
+                at: 0,
+                grain: g,
+                host,
+                within: 0,
+                len,
+            };
+            self.s.decode_named(&it, src, &mut self.grain)?;
+            out.write(g * self.s.grain_bytes, &self.grain)?;
+            self.next += 1;
+        }
+        // Keep only what later grains may need.
+        let keep_from = self
+            .units
+            .get(self.next)
+            .map_or(win_end, |&(h, _)| h.min(win_end));
+        let cut = (keep_from - self.win_start) as usize;
+        self.window.drain(..cut);
+        self.win_start = keep_from;
+        Ok(())
+    }
+}
+
+impl Forward for SparseForward {
+    fn virtual_size(&self) -> u64 {
+        self.s.size
+    }
+
+    fn held(&self) -> u64 {
+        (self.units.capacity() * 16 + self.window.capacity() + self.s.gd.len() * 4) as u64
+    }
+
+    fn want(&mut self) -> Result<Option<(u64, u64)>> {
+        let Some(&(host, _)) = self.units.get(self.next) else {
+            return Ok(None);
+        };
+        if self.s.compressed {
+            let win_end = self.win_start + self.window.len() as u64;
+            if self.window.is_empty() || host > win_end {
+                self.window.clear();
+                self.win_start = host;
+            }
+            let from = self.win_start + self.window.len() as u64;
+            return Ok(Some((from, crate::forward::PIECE as u64)));
+        }
+        let mut end = self.next + 1;
+        while self.units.get(end).is_some_and(|&(h, _)| h == host) {
+            end += 1;
+        }
+        self.cur = self.next..end;
+        self.next = end;
+        Ok(Some((host, self.s.grain_bytes)))
+    }
+
+    fn take(&mut self, at: u64, bytes: &[u8], out: &dyn Target) -> Result<()> {
+        if self.s.compressed {
+            self.window.extend_from_slice(bytes);
+            return self.decode_ready(false, out);
+        }
+        let host = self.units[self.cur.start].0;
+        let rel = at - host;
+        for &(_, g) in &self.units[self.cur.clone()] {
+            let len = self.s.grain_len(g);
+            if rel < len {
+                let n = (bytes.len() as u64).min(len - rel) as usize;
+                out.write(g * self.s.grain_bytes + rel, &bytes[..n])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, len: u64, _tail: &[u8], out: &dyn Target) -> Result<()> {
+        // The file reader's checks, on the stream's length.
+        let (meta, _, _) = Sparse::layout(&self.s.h, len, &self.s.what)?;
+        Sparse::check_tables(&self.s.gd, len, &meta, &self.s.what)?;
+        self.s.file_size = len;
+        for &(host, g) in &self.units {
+            let e = u32::try_from(host / SECTOR).unwrap_or(u32::MAX);
+            self.s
+                .classify(e, self.s.grain_len(g))
+                .map_err(|b| self.s.bad(g, b))?;
+        }
+        if self.s.compressed {
+            self.decode_ready(true, out)?;
+        } else {
+            // Data grains cut short by the end read as zeros past it (as from a file).
+            for &(host, g) in &self.units[self.cur.start..] {
+                let got = len.saturating_sub(host).min(self.s.grain_len(g));
+                let rest = self.s.grain_len(g) - got;
+                if rest > 0 {
+                    out.zero(g * self.s.grain_bytes + got, rest)?;
+                }
+            }
+        }
+        // Everything no grain holds reads as zeros.
+        let gb = self.s.grain_bytes;
+        let mut held: Vec<u64> = self.units.iter().map(|&(_, g)| g).collect();
+        held.sort_unstable();
+        held.dedup();
+        let mut pos = 0u64;
+        for g in held.into_iter().chain(std::iter::once(self.s.grains)) {
+            let start = g * gb;
+            if start > pos {
+                out.zero(pos, start.min(self.s.size) - pos)?;
+            }
+            pos = ((g + 1) * gb).min(self.s.size);
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,352 @@
+//! Front-to-back reading of the formats behind [`crate::image::Driver`] (VHD, VDI, VMDK): the
+//! streaming strategy over each format's one model, so the importer and uploader take them
+//! from a pipe with no spool file.
+//!
+//! A format module parses its metadata with the same code and limits as its file reader,
+//! reading through [`HeadIo`] (the stream's first bytes, kept in memory and charged to the
+//! budget), and returns a [`Forward`]: a reader that asks for byte ranges of the file in
+//! increasing order, decodes what it is handed and writes guest data. [`run`] reads the stream
+//! once, front to back, hands the ranges over and finally gives the reader the stream's length
+//! and last bytes, so every check the file reader makes against the file's size is made again
+//! on the same numbers. A layout that puts data before its metadata, or metadata beyond the
+//! memory kept for it, makes [`run`] give the stream back for spooling.
+
+use crate::budget::Budget;
+use crate::detect::Format;
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::BlockIo;
+use crate::qcow2::stream::{Fill, Target};
+use std::io;
+use std::sync::Mutex;
+
+/// Largest piece handed to [`Forward::take`] at once.
+pub const PIECE: usize = 1 << 20;
+/// Bytes of the stream's end kept for [`Forward::finish`] (a VMDK footer's three sectors).
+pub const TAIL: usize = 1536;
+/// A file size that passes every "inside the file" check at open; the stream's real length
+/// is checked by [`Forward::finish`] with the same rules.
+pub const UNKNOWN_LEN: u64 = 1 << 62;
+
+/// A format's front-to-back reader.
+pub trait Forward: Send {
+    /// Size of the virtual disk.
+    fn virtual_size(&self) -> u64;
+    /// Bytes of memory the reader holds (its tables), charged to the budget.
+    fn held(&self) -> u64 {
+        0
+    }
+    /// The next range of the file wanted, `(offset, len)`, starting at or after the end of the
+    /// previous one; `None` when nothing more is needed (the rest is read only for its length
+    /// and its last bytes).
+    fn want(&mut self) -> Result<Option<(u64, u64)>>;
+    /// Bytes of the range last wanted, in order: `at` is their file offset. Pieces are
+    /// [`PIECE`] bytes long but for the last of a range (or one cut short by the end).
+    fn take(&mut self, at: u64, bytes: &[u8], out: &dyn Target) -> Result<()>;
+    /// The stream ended after `len` bytes; `tail` holds its last bytes (up to [`TAIL`]).
+    /// Checks against the length and writes whatever is left (zeros where nothing was).
+    fn finish(&mut self, len: u64, tail: &[u8], out: &dyn Target) -> Result<()>;
+}
+
+/// The head of a stream as random-access bytes for a format's open: reads pull the stream
+/// forward and every byte read stays in memory (charged to the budget) until [`run`] takes
+/// them back. Reads past what the stream holds end short, as at a file's end; reads past
+/// `limit` fail and mark the head as overflowing (the stream is then spooled instead).
+pub struct HeadIo<'f, 'a> {
+    state: Mutex<Head<'f, 'a>>,
+    limit: usize,
+    budget: &'f Budget,
+}
+
+struct Head<'f, 'a> {
+    fill: &'f mut Fill<'a>,
+    buf: Vec<u8>,
+    charged: u64,
+    eof: bool,
+    overflow: bool,
+}
+
+impl std::fmt::Debug for HeadIo<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeadIo")
+            .field("limit", &self.limit)
+            .finish()
+    }
+}
+
+impl<'f, 'a> HeadIo<'f, 'a> {
+    /// Wrap the stream `fill` whose first bytes `start` were already read (the sniffed
+    /// magic), keeping at most `limit` bytes.
+    pub fn new(fill: &'f mut Fill<'a>, limit: usize, budget: &'f Budget) -> HeadIo<'f, 'a> {
+        HeadIo {
+            state: Mutex::new(Head {
+                fill,
+                buf: Vec::new(),
+                charged: 0,
+                eof: false,
+                overflow: false,
+            }),
+            limit,
+            budget,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Head<'f, 'a>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a read went past the bytes that may be kept.
+    pub fn overflowed(&self) -> bool {
+        self.lock().overflow
+    }
+
+    /// The bytes read so far and whether the stream ended among them.
+    fn into_parts(self) -> (Vec<u8>, bool, u64) {
+        let h = self.state.into_inner().unwrap_or_else(|e| e.into_inner());
+        (h.buf, h.eof, h.charged)
+    }
+
+    /// Make the first `end` bytes (or all the stream has) present.
+    fn extend(&self, h: &mut Head<'f, 'a>, end: usize) -> io::Result<()> {
+        if end > self.limit {
+            h.overflow = true;
+            return Err(io::Error::other(Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "the image's metadata reaches past the first {} bytes of the stream",
+                    self.limit
+                ),
+            )));
+        }
+        while !h.eof && h.buf.len() < end {
+            let have = h.buf.len();
+            let want = (end - have).max(64 << 10).min(self.limit - have);
+            let grow = (have + want) as u64;
+            if grow > h.charged {
+                if !self.budget.try_charge(grow - h.charged) {
+                    h.overflow = true;
+                    return Err(io::Error::other(Error::new(
+                        ErrorKind::TooLarge,
+                        format!(
+                            "the image's metadata in the stream exceeds the memory budget of {} bytes",
+                            self.budget.limit()
+                        ),
+                    )));
+                }
+                h.charged = grow;
+            }
+            h.buf.resize(have + want, 0);
+            let n = (h.fill)(&mut h.buf[have..]).map_err(io::Error::other)?;
+            h.buf.truncate(have + n);
+            if n < want {
+                h.eof = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BlockIo for HeadIo<'_, '_> {
+    fn size(&self) -> io::Result<u64> {
+        Ok(UNKNOWN_LEN)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut h = self.lock();
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let end = start.saturating_add(buf.len());
+        self.extend(&mut h, end)?;
+        if start >= h.buf.len() {
+            return Ok(0);
+        }
+        let n = (h.buf.len() - start).min(buf.len());
+        buf[..n].copy_from_slice(&h.buf[start..start + n]);
+        Ok(n)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let n = self.read_at(buf, offset)?;
+        if n < buf.len() {
+            // A file this short fails the format's "inside the file" checks: the same verdict.
+            return Err(io::Error::other(Error::corrupt(format!(
+                "the stream ends at {} bytes, before the {} bytes at offset {offset}",
+                offset + n as u64,
+                buf.len()
+            ))));
+        }
+        Ok(())
+    }
+
+    fn write_all_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "a stream's head is read-only",
+        ))
+    }
+}
+
+/// The end of a [`run`].
+pub enum Outcome {
+    /// The image was written; its virtual size.
+    Done(u64),
+    /// The layout cannot be read front to back: the bytes read so far, to be followed by the
+    /// rest of the stream.
+    Spool(Vec<u8>),
+}
+
+/// Opens a format's [`Forward`] reader over the stream's head; `Ok(None)`: this image's
+/// layout is not read front to back (spool it).
+pub type Opener<'h> = dyn FnOnce(&HeadIo<'_, '_>) -> Result<Option<Box<dyn Forward>>> + 'h;
+
+/// Read the image of format `fmt` in the stream `fill` front to back into `out` (at most
+/// `capacity` bytes of disk); metadata held at open stays under `head_limit` bytes and the
+/// budget.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    fmt: Format,
+    fill: &mut Fill<'_>,
+    out: &dyn Target,
+    capacity: u64,
+    head_limit: usize,
+    budget: &Budget,
+    ticker: &mut dyn FnMut() -> Result<()>,
+    too_large: &dyn Fn(u64) -> Error,
+) -> Result<Outcome> {
+    let opener: Box<Opener<'_>> = match fmt {
+        Format::Vhd => Box::new(crate::vhd::forward),
+        Format::Vdi => Box::new(crate::vdi::forward),
+        Format::Vmdk => Box::new(crate::vmdk::forward),
+        _ => return Ok(Outcome::Spool(Vec::new())),
+    };
+    let head = HeadIo::new(fill, head_limit, budget);
+    let opened = opener(&head);
+    let overflow = head.overflowed();
+    let (held, eof, charged) = head.into_parts();
+    let mut fwd = match opened {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            budget.release(charged);
+            return Ok(Outcome::Spool(held));
+        }
+        Err(_) if overflow => {
+            budget.release(charged);
+            return Ok(Outcome::Spool(held));
+        }
+        Err(e) => {
+            budget.release(charged);
+            return Err(e);
+        }
+    };
+    let size = fwd.virtual_size();
+    if size > capacity {
+        budget.release(charged);
+        return Err(too_large(size));
+    }
+    // The head stays charged while it is replayed; the reader's tables for the whole run.
+    let tables = fwd.held();
+    if let Err(e) = budget.charge(tables, "the image's tables") {
+        budget.release(charged);
+        return Err(e);
+    }
+    let r = pump(fwd.as_mut(), fill, held, eof, out, ticker);
+    budget.release(charged);
+    budget.release(tables);
+    r.map(|()| Outcome::Done(size))
+}
+
+/// The stream from its first byte: the held head, then `fill`; keeps the last [`TAIL`] bytes.
+struct Reader<'f, 'a> {
+    fill: &'f mut Fill<'a>,
+    held: Vec<u8>,
+    eof: bool,
+    pos: u64,
+    tail: Vec<u8>,
+}
+
+impl Reader<'_, '_> {
+    /// Read up to `buf.len()` bytes (fewer only at the end).
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let mut n = 0;
+        let p = usize::try_from(self.pos).unwrap_or(usize::MAX);
+        if p < self.held.len() {
+            n = (self.held.len() - p).min(buf.len());
+            buf[..n].copy_from_slice(&self.held[p..p + n]);
+            if p + n == self.held.len() {
+                self.held = Vec::new();
+            }
+        }
+        if n < buf.len() && !self.eof && self.held.is_empty() {
+            let k = (self.fill)(&mut buf[n..])?;
+            if k < buf.len() - n {
+                self.eof = true;
+            }
+            n += k;
+        }
+        self.pos += n as u64;
+        let got = &buf[..n];
+        if got.len() >= TAIL {
+            self.tail.clear();
+            self.tail.extend_from_slice(&got[got.len() - TAIL..]);
+        } else {
+            self.tail.extend_from_slice(got);
+            let cut = self.tail.len().saturating_sub(TAIL);
+            self.tail.drain(..cut);
+        }
+        Ok(n)
+    }
+}
+
+fn pump(
+    fwd: &mut dyn Forward,
+    fill: &mut Fill<'_>,
+    held: Vec<u8>,
+    eof: bool,
+    out: &dyn Target,
+    ticker: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
+    let mut r = Reader {
+        fill,
+        held,
+        eof,
+        pos: 0,
+        tail: Vec::with_capacity(2 * TAIL),
+    };
+    let mut buf = vec![0u8; PIECE];
+    let mut prev_end = 0u64;
+    'ranges: while let Some((off, len)) = fwd.want()? {
+        if off < prev_end || off < r.pos {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "the image needs bytes at offset {off} after those at {}: its layout cannot be read front to back",
+                    prev_end.max(r.pos)
+                ),
+            ));
+        }
+        prev_end = off.saturating_add(len);
+        while r.pos < off {
+            let n = (off - r.pos).min(PIECE as u64) as usize;
+            if r.read(&mut buf[..n])? < n {
+                break 'ranges;
+            }
+            ticker()?;
+        }
+        let mut got = 0u64;
+        while got < len {
+            let n = (len - got).min(PIECE as u64) as usize;
+            let k = r.read(&mut buf[..n])?;
+            if k > 0 {
+                fwd.take(off + got, &buf[..k], out)?;
+            }
+            ticker()?;
+            if k < n {
+                break 'ranges;
+            }
+            got += k as u64;
+        }
+    }
+    while r.read(&mut buf)? > 0 {
+        ticker()?;
+    }
+    let tail = std::mem::take(&mut r.tail);
+    fwd.finish(r.pos, &tail, out)
+}
