@@ -111,6 +111,74 @@ xorriso -as mkisofs -quiet -V cidata -J -R -o "$t/seed.iso" "$t/iso" 2>/dev/null
 dd if="$t/seed.iso" of="$i/cidata" bs=2048 skip=16 count=8 status=none
 dd if="$t/seed.iso" of="$i/pvd-only" bs=2048 skip=16 count=1 status=none
 
+# vmdk_read: the target puts 16 KiB pieces of its input at 0, 64, 128 and 192 KiB (qemu's
+# header, descriptor, grain directories and tables; then the start of its first three 64 KiB
+# grains), so the sparse seeds are qemu images cut into those pieces: cut after the last
+# non-zero sector, only zeros outside the pieces. Descriptor files are seeds as they are.
+v=seeds/vmdk_read
+mkdir -p "$v"
+# monolithicSparse with the zeroed-grain flag and a short last grain (1000 KiB): data at odd
+# offsets in grains 0 and 1 (back to back in the file) and in the last grain, then a zeroed
+# grain (written last: it takes no space).
+qemu-img create -q -f vmdk -o zeroed_grain=on "$t/sparse.vmdk" 1000k
+qemu-io -f vmdk -c 'write -P 0xab 4660 1500' -c 'write -P 0x5c 66313 700' \
+  -c 'write -P 0x17 983373 999' -c 'write -z 128k 64k' "$t/sparse.vmdk" >/dev/null
+# streamOptimized (zlib grains with markers, directory in front as qemu writes it), and the
+# same stream with its grain table and directory moved behind the grains and found through a
+# footer (GT, GD, footer and end-of-stream markers), as VMware writes streams.
+qemu-img convert -q -c -f vmdk -O vmdk -o subformat=streamOptimized "$t/sparse.vmdk" "$t/stream.vmdk"
+python3 - "$t/stream.vmdk" "$t/footer.vmdk" <<'PY2'
+import struct, sys
+S = 512
+b = bytearray(open(sys.argv[1], "rb").read())
+rgd_sec, gd_sec = struct.unpack_from("<QQ", b, 48)
+gd = struct.unpack_from("<I", b, gd_sec * S)[0]    # one directory entry (a 1000 KiB disk)
+gt = bytes(b[gd * S:gd * S + 4 * S])
+b[rgd_sec * S:gd * S + 4 * S] = bytes(gd * S + 4 * S - rgd_sec * S)   # old directories, tables
+flags = struct.unpack_from("<I", b, 8)[0] & ~2      # no redundant directory
+struct.pack_into("<I", b, 8, flags)
+end = len(b.rstrip(b"\0"))
+out = b[:(end + S - 1) // S * S]
+def marker(val, typ):
+    m = bytearray(S); struct.pack_into("<QII", m, 0, val, 0, typ); return m
+out += marker(4, 1)                                 # grain table marker
+gt_sec = len(out) // S
+out += gt
+out += marker(1, 2)                                 # grain directory marker
+new_gd = len(out) // S
+d = bytearray(S); struct.pack_into("<I", d, 0, gt_sec); out += d
+foot = bytearray(b[:S])
+struct.pack_into("<QQ", foot, 48, 0, new_gd)        # the directory, found through the footer
+out += marker(1, 3) + foot                          # footer marker, footer
+out += bytes(S)                                     # end of stream
+struct.pack_into("<QQ", out, 48, 0, 0xffffffffffffffff)   # header: directory at the end
+open(sys.argv[2], "wb").write(out)
+PY2
+qemu-img compare -q -f vmdk -F vmdk "$t/footer.vmdk" "$t/sparse.vmdk"
+python3 - "$v" "$t/sparse.vmdk" sparse "$t/stream.vmdk" stream "$t/footer.vmdk" stream-footer <<'PY2'
+import sys
+P, SLOTS = 16384, (0, 65536, 131072, 196608)
+out = sys.argv[1]
+for src, name in zip(sys.argv[2::2], sys.argv[3::2]):
+    b = open(src, "rb").read()
+    end = (len(b.rstrip(b"\0")) + 511) // 512 * 512
+    if name.endswith("footer"):
+        end = len(b)                      # the footer must stay the file's last sectors
+    b = b[:end]
+    used = [s for s in SLOTS if s < len(b)]
+    assert len(b) <= used[-1] + P, f"{name}: data past the last piece"
+    for a, z in zip([s + P for s in used], used[1:]):
+        assert not any(b[a:z]), f"{name}: non-zero bytes between pieces ({a:#x}..{z:#x})"
+    seed = b"".join(b[s:s + P].ljust(P, b"\0") for s in used[:-1]) + b[used[-1]:]
+    open(f"{out}/{name}.seed", "wb").write(seed)
+PY2
+# monolithicFlat: the descriptor alone (it names its extent file: refused as untrusted), and
+# the same with the extent made a ZERO extent (opened).
+qemu-img create -q -f vmdk -o subformat=monolithicFlat "$t/flat.vmdk" 2M
+cp "$t/flat.vmdk" "$v/flat.vmdk"
+sed 's/^RW \([0-9]*\) FLAT .*/RW \1 ZERO/' "$t/flat.vmdk" >"$v/flat-zero.vmdk"
+grep -q ' ZERO$' "$v/flat-zero.vmdk"
+
 # check: the qcow2_read seeds (valid images of every kind).
 mkdir -p seeds/check seeds/stream_import seeds/tar_unpack
 cp seeds/qcow2_read/*.qcow2 seeds/check/
