@@ -94,6 +94,11 @@ impl<'f, 'a> HeadIo<'f, 'a> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Bytes of the budget not yet used (for what a reader keeps as it goes).
+    pub fn budget_left(&self) -> u64 {
+        self.budget.limit().saturating_sub(self.budget.used())
+    }
+
     /// Whether a read went past the bytes that may be kept.
     pub fn overflowed(&self) -> bool {
         self.lock().overflow

@@ -317,11 +317,23 @@ impl Sparse {
             .map_err(io_err("cannot read VMDK grain directory"))?;
         let gd: Vec<u32> = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
         Self::check_tables(&gd, file_size, &meta, &what)?;
+        Ok(Self::assemble(io, what, file_size, h, gd, meta))
+    }
+
+    /// A sparse extent from its validated header, directory and metadata ranges.
+    fn assemble(
+        io: Arc<dyn BlockIo>,
+        what: String,
+        file_size: u64,
+        h: Header,
+        gd: Vec<u32>,
+        meta: Ranges,
+    ) -> Sparse {
         let compressed = h.compress == 1;
         let grain_bytes = h.grain * SECTOR;
         let max_compressed = deflate_bound(grain_bytes);
         let markers = compressed && h.flags & FLAG_MARKER != 0;
-        Ok(Sparse {
+        Sparse {
             io,
             what,
             file_size,
@@ -341,7 +353,7 @@ impl Sparse {
             gd,
             meta,
             cache: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// The header's checks (with the file's size): the byte ranges of the metadata, the
@@ -487,22 +499,33 @@ impl Sparse {
         let mut b = vec![0u8; 3 * SECTOR as usize];
         io.read_at_zero_padded(&mut b, end - 3 * SECTOR)
             .map_err(io_err("cannot read VMDK footer"))?;
+        Self::footer_in(&b, head, what)
+    }
+
+    /// The footer in `b`, the last three sectors of the file (zero-padded to a sector):
+    /// footer marker, a header with the directory's offset that otherwise repeats `head`,
+    /// end-of-stream marker.
+    fn footer_in(b: &[u8], head: &Header, what: &str) -> Result<Header> {
         let foot = b.get(512..1024).and_then(Header::parse);
-        let ok = le32(&b, 8) == 0
-            && le32(&b, 12) == MARKER_FOOTER
-            && le64(&b, 1024) == 0
-            && le32(&b, 1032) == 0
-            && le32(&b, 1036) == MARKER_EOS;
+        let ok = le32(b, 8) == 0
+            && le32(b, 12) == MARKER_FOOTER
+            && le64(b, 1024) == 0
+            && le32(b, 1032) == 0
+            && le32(b, 1036) == MARKER_EOS;
         let Some(f) = foot.filter(|_| ok) else {
             return Err(corrupt!("Invalid footer{what}"));
         };
         if f.gd_offset == GD_AT_END {
             return Err(corrupt!("footer has no grain directory offset{what}"));
         }
-        if f.capacity != head.capacity || f.grain != head.grain {
+        let rest_differs = Header {
+            gd_offset: head.gd_offset,
+            ..f
+        } != *head;
+        if f.capacity != head.capacity || f.grain != head.grain || rest_differs {
             return Err(corrupt!(
                 "footer (capacity {}, grain {}) does not match the header (capacity {}, \
-                 grain {}){what}",
+                 grain {}, and every field but the directory offset){what}",
                 f.capacity,
                 f.grain,
                 head.capacity,
@@ -515,15 +538,7 @@ impl Sparse {
     /// The embedded descriptor's text (up to its first NUL), if it has one, read through
     /// `src`.
     fn embedded_descriptor_in(&self, src: &dyn BlockIo) -> Result<Option<String>> {
-        if self.h.desc_offset == 0 || self.h.desc_size == 0 {
-            return Ok(None);
-        }
-        let mut b = vec![0u8; (self.h.desc_size * SECTOR) as usize];
-        src.read_exact_at(&mut b, self.h.desc_offset * SECTOR)
-            .map_err(io_err("cannot read VMDK descriptor"))?;
-        let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-        b.truncate(n);
-        Ok(Some(String::from_utf8_lossy(&b).into_owned()))
+        embedded_descriptor(src, &self.h)
     }
 
     /// Grain table `i` of the directory (which must be allocated), from the cache or the file;
@@ -1342,10 +1357,27 @@ fn open_kdmv(io: Arc<dyn BlockIo>, ctx: &DriverContext<'_>) -> Result<Vmdk> {
 /// The CID and parent CID of a sparse image's embedded descriptor, read through `src`
 /// (images with a parent are refused).
 fn sparse_ids(s: &Sparse, src: &dyn BlockIo) -> Result<(u32, u32)> {
-    let text = s
-        .embedded_descriptor_in(src)?
-        .ok_or_else(|| corrupt!("VMDK sparse image has no embedded descriptor (no CID)"))?;
+    descriptor_ids(s.embedded_descriptor_in(src)?)
+}
+
+/// The CID and parent CID in an embedded descriptor's `text`.
+fn descriptor_ids(text: Option<String>) -> Result<(u32, u32)> {
+    let text =
+        text.ok_or_else(|| corrupt!("VMDK sparse image has no embedded descriptor (no CID)"))?;
     Descriptor::parse(&text, false)?.ids()
+}
+
+/// The embedded descriptor of the sparse extent with header `h` (validated) in `src`.
+fn embedded_descriptor(src: &dyn BlockIo, h: &Header) -> Result<Option<String>> {
+    if h.desc_offset == 0 || h.desc_size == 0 {
+        return Ok(None);
+    }
+    let mut b = vec![0u8; (h.desc_size * SECTOR) as usize];
+    src.read_exact_at(&mut b, h.desc_offset * SECTOR)
+        .map_err(io_err("cannot read VMDK descriptor"))?;
+    let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    b.truncate(n);
+    Ok(Some(String::from_utf8_lossy(&b).into_owned()))
 }
 
 fn open_descriptor(io: Arc<dyn BlockIo>, text: &[u8], ctx: &DriverContext<'_>) -> Result<Vmdk> {
@@ -1688,30 +1720,38 @@ pub(crate) fn forward(head: &HeadIo<'_, '_>) -> Result<Option<Box<dyn Forward>>>
     let Some(h) = Header::parse(&sec) else {
         return Ok(None);
     };
-    if h.capacity == 0 || h.gd_offset == GD_AT_END {
+    if h.capacity == 0 {
         return Ok(None);
+    }
+    if h.gd_offset == GD_AT_END {
+        return Ok(FooterForward::open(head, h)?.map(|f| Box::new(f) as Box<dyn Forward>));
     }
     let placeholder: Arc<dyn BlockIo> = Arc::new(crate::io::MemIo::default());
     let s = Sparse::open_from(head, placeholder, UNKNOWN_LEN, "")?;
-    sparse_ids(&s, head)?;
     if s.compressed && !s.markers {
         return Ok(None);
     }
-    // Every allocated grain, (host, grain), by host.
-    let mut units: Vec<(u64, u64)> = Vec::new();
-    let mut raw = vec![0u8; GT_BYTES as usize];
-    for (gi, &e) in s.gd.iter().enumerate() {
-        if e == 0 {
-            continue;
-        }
+    // The tables (which the file reader has checked to lie in the file before the
+    // descriptor), then the descriptor, then every allocated grain, (host, grain), by host.
+    let mut tables = Vec::new();
+    for &e in &s.gd {
+        let mut raw = vec![0u8; if e == 0 { 0 } else { GT_BYTES as usize }];
         head.read_exact_at(&mut raw, u64::from(e) * SECTOR)
             .map_err(io_err("cannot read VMDK grain table"))?;
+        tables.push(raw);
+    }
+    sparse_ids(&s, head)?;
+    let mut units: Vec<(u64, u64)> = Vec::new();
+    for (gi, raw) in tables.iter().enumerate() {
+        if raw.is_empty() {
+            continue;
+        }
         for k in 0..GTES {
             let g = gi as u64 * GTES + k;
             if g >= s.grains {
                 break;
             }
-            match s.classify(le32(&raw, 4 * k as usize), s.grain_len(g)) {
+            match s.classify(le32(raw, 4 * k as usize), s.grain_len(g)) {
                 Ok(Grain::Data(host) | Grain::Compressed(host)) => units.push((host, g)),
                 Ok(_) => {}
                 Err(b) => return Err(s.bad(g, b)),
@@ -1883,6 +1923,368 @@ impl Forward for SparseForward {
                 out.zero(pos, start.min(self.s.size) - pos)?;
             }
             pos = ((g + 1) * gb).min(self.s.size);
+        }
+        Ok(())
+    }
+}
+
+/// How a grain met in a stream with its directory at the end turned out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Met {
+    /// Inflated to a whole grain and written at its marker's sector.
+    Written,
+    /// Not written: its marker names no grain of the disk.
+    Outside,
+    /// Not written: larger than one grain can deflate to.
+    Oversized,
+    /// Not written: the deflate stream is invalid or inflates to the wrong size.
+    Undecodable,
+}
+
+/// A grain marker met in the stream.
+#[derive(Debug, Clone, Copy)]
+struct Rec {
+    host: u64,
+    lba: u64,
+    size: u32,
+    met: Met,
+}
+
+/// What the stream expects next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Marker,
+    /// The rest of a compressed grain whose marker sector is in `buf`.
+    Grain {
+        size: u32,
+    },
+    /// The sectors of a grain table (1), directory (2) or footer (3) marker.
+    Meta {
+        ty: u32,
+        sectors: u64,
+    },
+}
+
+/// The streaming strategy for a streamOptimized image whose grain directory is found through
+/// the footer (what VMware writes, OVA disks): grains are written at their markers' sectors as
+/// they come, tables and directory are kept as met, and at the end the file reader's view
+/// (footer, directory, tables, every entry's grain and marker) decides what the disk holds:
+/// grains no table names become zeros, and a table naming anything but a grain the stream
+/// met, or an earlier of two grains for one sector, is refused.
+struct FooterForward {
+    h: Header,
+    grain_bytes: u64,
+    size: u64,
+    max_compressed: u64,
+    /// Most bytes of records and tables kept (the memory budget).
+    cap: u64,
+    kept: u64,
+    pos: u64,
+    expect: Expect,
+    buf: Vec<u8>,
+    grain: Vec<u8>,
+    recs: Vec<Rec>,
+    /// For each sector, the last grain written there (index in `recs`).
+    last: HashMap<u64, u32>,
+    /// Grain tables and directories met, by the sector their data starts at.
+    tables: HashMap<u64, Vec<u32>>,
+    /// The embedded descriptor as read from the head, judged at the end (as the file reader
+    /// judges it after the footer and tables).
+    desc: Option<Result<Option<String>>>,
+}
+
+impl FooterForward {
+    /// `None` (spool) when the header would not pass the file reader's checks: which error
+    /// the file gives then depends on the footer, known only at the end.
+    fn open(head: &HeadIo<'_, '_>, h: Header) -> Result<Option<FooterForward>> {
+        let probe = Header {
+            gd_offset: UNKNOWN_LEN / SECTOR / 2,
+            ..h
+        };
+        if Sparse::layout(&probe, UNKNOWN_LEN, "").is_err()
+            || h.compress != 1
+            || h.flags & FLAG_MARKER == 0
+            || h.overhead == 0
+        {
+            return Ok(None);
+        }
+        let grain_bytes = h.grain * SECTOR;
+        let desc = Some(embedded_descriptor(head, &h));
+        Ok(Some(FooterForward {
+            desc,
+            h,
+            grain_bytes,
+            size: h.capacity * SECTOR,
+            max_compressed: deflate_bound(grain_bytes),
+            cap: head.budget_left(),
+            kept: 0,
+            pos: h.overhead * SECTOR,
+            expect: Expect::Marker,
+            buf: Vec::new(),
+            grain: vec![0u8; grain_bytes as usize],
+            recs: Vec::new(),
+            last: HashMap::new(),
+            tables: HashMap::new(),
+        }))
+    }
+
+    fn keep(&mut self, n: u64) -> Result<()> {
+        self.kept += n;
+        if self.kept > self.cap {
+            return Err(too_large(format!(
+                "the stream's grain records and tables exceed the memory budget of {} bytes",
+                self.cap
+            )));
+        }
+        Ok(())
+    }
+
+    /// A grain whose compressed bytes are `data`, marker at `host`.
+    fn grain(&mut self, host: u64, lba: u64, size: u32, out: &dyn Target) -> Result<()> {
+        let data = self.buf.get(12..12 + size as usize).unwrap_or(&[]);
+        let met = if lba % self.h.grain != 0 || lba >= self.h.capacity {
+            Met::Outside
+        } else if u64::from(size) > self.max_compressed || data.len() < size as usize {
+            Met::Oversized
+        } else {
+            let need = self.grain_bytes.min(self.size - lba * SECTOR) as usize;
+            match inflate(data, &mut self.grain) {
+                Ok(n) if n >= need => {
+                    out.write(lba * SECTOR, &self.grain[..need])?;
+                    Met::Written
+                }
+                _ => Met::Undecodable,
+            }
+        };
+        if met == Met::Written {
+            self.last.insert(lba, self.recs.len() as u32);
+        }
+        self.recs.push(Rec {
+            host,
+            lba,
+            size,
+            met,
+        });
+        self.keep(48)
+    }
+
+    /// The structure in `buf` (starting at `pos`) is complete.
+    fn complete(&mut self, out: &dyn Target) -> Result<()> {
+        match self.expect {
+            Expect::Marker => {
+                let (val, size, ty) = (le64(&self.buf, 0), le32(&self.buf, 8), le32(&self.buf, 12));
+                if size != 0 {
+                    let total = (12 + u64::from(size)).next_multiple_of(SECTOR);
+                    if total == SECTOR {
+                        self.grain(self.pos, val, size, out)?;
+                        self.pos += SECTOR;
+                        self.buf.clear();
+                    } else {
+                        self.expect = Expect::Grain { size };
+                    }
+                    return Ok(());
+                }
+                self.buf.clear();
+                // A table, directory and footer are as long as the header makes them (what
+                // the file reader reads), whatever the marker says; an end-of-stream marker
+                // (or a zero sector of padding) is stepped over: the footer is found at the
+                // stream's end, as in a file.
+                let gd_sectors =
+                    (self.h.capacity.div_ceil(self.h.grain).div_ceil(GTES) * 4).div_ceil(SECTOR);
+                self.expect = match ty {
+                    MARKER_EOS => {
+                        self.pos += SECTOR;
+                        Expect::Marker
+                    }
+                    1 => Expect::Meta {
+                        ty,
+                        sectors: GT_BYTES / SECTOR,
+                    },
+                    2 => Expect::Meta {
+                        ty,
+                        sectors: gd_sectors,
+                    },
+                    MARKER_FOOTER => Expect::Meta { ty, sectors: 1 },
+                    t => {
+                        return Err(corrupt!(
+                            "marker of unknown type {t} at offset {:#x}: the stream cannot be \
+                             read front to back",
+                            self.pos
+                        ));
+                    }
+                };
+            }
+            Expect::Grain { size } => {
+                let host = self.pos;
+                let lba = le64(&self.buf, 0);
+                self.grain(host, lba, size, out)?;
+                self.pos += (12 + u64::from(size)).next_multiple_of(SECTOR);
+                self.buf.clear();
+                self.expect = Expect::Marker;
+            }
+            Expect::Meta { ty, sectors } => {
+                let data_at = self.pos / SECTOR + 1;
+                if ty != MARKER_FOOTER && !self.buf.is_empty() {
+                    let t: Vec<u32> = self.buf.chunks_exact(4).map(|c| le32(c, 0)).collect();
+                    self.keep(self.buf.len() as u64 + 64)?;
+                    self.tables.insert(data_at, t);
+                }
+                self.pos += (1 + sectors) * SECTOR;
+                self.buf.clear();
+                self.expect = Expect::Marker;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the structure being read that are kept (the rest of a long one is skipped).
+    fn kept_len(&self) -> u64 {
+        match self.expect {
+            Expect::Marker => SECTOR,
+            Expect::Grain { size } => (12 + u64::from(size)).min(12 + self.max_compressed),
+            Expect::Meta {
+                ty: MARKER_FOOTER, ..
+            } => 0,
+            Expect::Meta { sectors, .. } => sectors * SECTOR,
+        }
+    }
+
+    fn bad_grain(&self, g: u64, r: &Rec, why: &str) -> Error {
+        corrupt!(
+            "compressed grain for sector {} at offset {:#x}: {why}",
+            g * self.h.grain,
+            r.host
+        )
+    }
+}
+
+impl Forward for FooterForward {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn want(&mut self) -> Result<Option<(u64, u64)>> {
+        Ok(match self.expect {
+            Expect::Marker => Some((self.pos, SECTOR)),
+            Expect::Grain { size } => {
+                let total = (12 + u64::from(size)).next_multiple_of(SECTOR);
+                Some((self.pos + SECTOR, total - SECTOR))
+            }
+            Expect::Meta { sectors, .. } => Some((self.pos + SECTOR, sectors * SECTOR)),
+        })
+    }
+
+    fn take(&mut self, at: u64, bytes: &[u8], out: &dyn Target) -> Result<()> {
+        let start = match self.expect {
+            Expect::Marker => self.pos,
+            Expect::Grain { .. } => self.pos,
+            _ => self.pos + SECTOR,
+        };
+        let keep = self.kept_len();
+        let rel = at - start;
+        if rel < keep {
+            let n = ((keep - rel) as usize).min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..n]);
+        }
+        let end = at + bytes.len() as u64;
+        let done = match self.expect {
+            Expect::Marker => end >= self.pos + SECTOR,
+            Expect::Grain { size } => {
+                end >= self.pos + (12 + u64::from(size)).next_multiple_of(SECTOR)
+            }
+            Expect::Meta { sectors, .. } => end >= self.pos + (1 + sectors) * SECTOR,
+        };
+        if done {
+            self.complete(out)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, len: u64, tail: &[u8], out: &dyn Target) -> Result<()> {
+        // The footer as the file reader finds it: the last three sectors, zero-padded.
+        let end = len.div_ceil(SECTOR) * SECTOR;
+        if end < 4 * SECTOR {
+            return Err(corrupt!("file too short for a VMDK footer"));
+        }
+        let pad = (end - len) as usize;
+        let take = 3 * SECTOR as usize - pad;
+        let mut b = tail[tail.len().saturating_sub(take)..].to_vec();
+        b.resize(3 * SECTOR as usize, 0);
+        let f = Sparse::footer_in(&b, &self.h, "")?;
+        let (meta, _, gd_bytes) = Sparse::layout(&f, len, "")?;
+        let gd_entries = (gd_bytes / 4) as usize;
+        let gd = match self.tables.get(&f.gd_offset) {
+            Some(t) if t.len() >= gd_entries => t[..gd_entries].to_vec(),
+            _ => {
+                return Err(corrupt!(
+                    "the footer's grain directory (sector {}) is not one the stream introduced \
+                     with a directory marker: the stream cannot be read front to back",
+                    f.gd_offset
+                ));
+            }
+        };
+        Sparse::check_tables(&gd, len, &meta, "")?;
+        let placeholder: Arc<dyn BlockIo> = Arc::new(crate::io::MemIo::default());
+        let s = Sparse::assemble(placeholder, String::new(), len, f, gd, meta);
+        let text = self.desc.take().unwrap_or(Ok(None))?;
+        descriptor_ids(text)?;
+        let gb = s.grain_bytes;
+        let mut pos = 0u64;
+        for g in 0..s.grains {
+            let gi = (g / GTES) as usize;
+            let e = match s.gd[gi] {
+                0 => 0,
+                t => match self.tables.get(&u64::from(t)) {
+                    Some(t) if t.len() >= GTES as usize => t[(g % GTES) as usize],
+                    _ => {
+                        return Err(corrupt!(
+                            "grain table {gi} (sector {t}) is not one the stream introduced \
+                             with a table marker: the stream cannot be read front to back"
+                        ));
+                    }
+                },
+            };
+            let host = match s.classify(e, s.grain_len(g)).map_err(|b| s.bad(g, b))? {
+                Grain::Compressed(h) => h,
+                _ => continue,
+            };
+            let i = self.recs.partition_point(|r| r.host < host);
+            let Some(r) = self.recs.get(i).filter(|r| r.host == host) else {
+                return Err(corrupt!(
+                    "grain table entry for sector {} points at offset {host:#x}, where the \
+                     stream has no grain marker: the stream cannot be read front to back",
+                    g * s.h.grain
+                ));
+            };
+            s.check_marker(g, host, r.lba, u64::from(r.size))
+                .map_err(|e| self.bad_grain(g, r, e.message()))?;
+            match r.met {
+                Met::Written => {}
+                Met::Outside => return Err(self.bad_grain(g, r, "marker names no grain")),
+                Met::Oversized => return Err(self.bad_grain(g, r, "too large for one grain")),
+                Met::Undecodable => {
+                    return Err(self.bad_grain(
+                        g,
+                        r,
+                        "invalid deflate stream or wrong inflated size",
+                    ));
+                }
+            }
+            if self.last.get(&r.lba) != Some(&(i as u32)) {
+                return Err(self.bad_grain(
+                    g,
+                    r,
+                    "a later grain for the same sector follows it: the stream cannot be read \
+                     front to back",
+                ));
+            }
+            if g * gb > pos {
+                out.zero(pos, g * gb - pos)?;
+            }
+            pos = ((g + 1) * gb).min(s.size);
+        }
+        if s.size > pos {
+            out.zero(pos, s.size - pos)?;
         }
         Ok(())
     }
