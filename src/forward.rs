@@ -94,6 +94,11 @@ impl<'f, 'a> HeadIo<'f, 'a> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Most bytes of the stream the head keeps.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Bytes of the budget not yet used (for what a reader keeps as it goes).
     pub fn budget_left(&self) -> u64 {
         self.budget.limit().saturating_sub(self.budget.used())
@@ -220,6 +225,7 @@ pub fn run(
         Format::Vhd => Box::new(crate::vhd::forward),
         Format::Vdi => Box::new(crate::vdi::forward),
         Format::Vmdk => Box::new(crate::vmdk::forward),
+        Format::Vhdx => Box::new(crate::vhdx::forward),
         _ => return Ok(Outcome::Spool(Vec::new())),
     };
     let head = HeadIo::new(fill, head_limit, budget);

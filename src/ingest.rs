@@ -708,7 +708,7 @@ fn ingest_image(
                 "tar archive holds no disk image file",
             ))
         }
-        Format::Vmdk | Format::Vhd | Format::Vdi => {
+        Format::Vmdk | Format::Vhd | Format::Vdi | Format::Vhdx => {
             // Front to back through the format's streaming strategy; a layout that needs
             // random access goes through the spool file.
             let mut inner = inner;
@@ -736,7 +736,7 @@ fn ingest_image(
                 }
             }
         }
-        Format::VhdFixed | Format::Vhdx => spool_and_copy(fmt, inner, sink, ticker, spill_dir, say),
+        Format::VhdFixed => spool_and_copy(fmt, inner, sink, ticker, spill_dir, say),
         other => Err(Error::new(
             ErrorKind::UnsupportedFormat,
             format!(

@@ -11,8 +11,10 @@
 
 use crate::detect::Format;
 use crate::error::{Error, ErrorKind, Result};
+use crate::forward::{Forward, HeadIo, UNKNOWN_LEN};
 use crate::image::{Driver, DriverContext, Extent, Policy};
 use crate::io::BlockIo;
+use crate::qcow2::stream::Target;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -267,6 +269,7 @@ impl Span {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Regions {
     bat: (u64, u64),
     metadata: (u64, u64),
@@ -515,8 +518,21 @@ impl Vhdx {
         let file_size = io
             .size()
             .map_err(|e| Error::io("cannot get the size of the vhdx file", e))?;
+        let v = Self::open_from(io.as_ref(), Some(io.clone()), file_size, ctx)?;
+        v.ok_or_else(|| Error::corrupt("vhdx log replay needs the file"))
+    }
+
+    /// [`Vhdx::open`] reading through `src` (the file, or a stream's head with `file_size`
+    /// [`UNKNOWN_LEN`]); `io` is the file kept for later reads and for a log replay (`None`
+    /// for a stream, which then gives `None` for a log that needs replay).
+    fn open_from(
+        src: &dyn BlockIo,
+        io: Option<Arc<dyn BlockIo>>,
+        file_size: u64,
+        ctx: &DriverContext<'_>,
+    ) -> Result<Option<Vhdx>> {
         let mut ident = [0u8; 8];
-        read(io.as_ref(), &mut ident, 0, "file identifier")?;
+        read(src, &mut ident, 0, "file identifier")?;
         if &ident != b"vhdxfile" {
             return Err(Error::corrupt(
                 "vhdx file identifier: no 'vhdxfile' signature at offset 0",
@@ -527,7 +543,7 @@ impl Vhdx {
                 "vhdx file of {file_size} bytes is shorter than its 1 MiB header section (truncated image)"
             )));
         }
-        let header = current_header(io.as_ref())?;
+        let header = current_header(src)?;
         let log_len = u64::from(header.log_length);
         let mut reserved = vec![Span {
             start: 0,
@@ -535,7 +551,7 @@ impl Vhdx {
             name: "header section",
         }];
         let mut replayed_pages = None;
-        let mut view = io.clone();
+        let mut replayed: Option<Arc<dyn BlockIo>> = None;
         let mut file_size = file_size;
         if log_len != 0 {
             let end = header
@@ -562,18 +578,22 @@ impl Vhdx {
                     )));
                 }
                 // The log needs replay: apply it in memory, never to the file.
+                let Some(file) = &io else {
+                    return Ok(None);
+                };
                 if let Some(r) =
-                    log::replay(&io, file_size, header.log_offset, log_len, header.log_guid)?
+                    log::replay(file, file_size, header.log_offset, log_len, header.log_guid)?
                 {
                     replayed_pages = Some(r.pages());
                     file_size = r
                         .size()
                         .map_err(|e| Error::io("cannot size the replayed vhdx", e))?;
-                    view = Arc::new(r);
+                    replayed = Some(Arc::new(r));
                 }
             }
         }
-        let regions = region_table(view.as_ref(), file_size)?;
+        let view: &dyn BlockIo = replayed.as_deref().unwrap_or(src);
+        let regions = region_table(view, file_size)?;
         for (name, (off, len)) in [("BAT", regions.bat), ("metadata", regions.metadata)] {
             if let Some(s) = reserved.iter().find(|s| s.overlaps(off, off + len)) {
                 return Err(Error::corrupt(format!(
@@ -592,7 +612,7 @@ impl Vhdx {
             end: regions.metadata.0 + regions.metadata.1,
             name: "metadata region",
         });
-        let md = metadata(view.as_ref(), regions.metadata)?;
+        let md = metadata(view, regions.metadata)?;
         if md.has_parent {
             let Some(_) = md.parent_locator else {
                 return Err(Error::corrupt(
@@ -628,9 +648,11 @@ impl Vhdx {
                 regions.bat.1
             )));
         }
+        let placeholder = || -> Arc<dyn BlockIo> { Arc::new(crate::io::MemIo::default()) };
+        let file = io.unwrap_or_else(placeholder);
         let v = Vhdx {
-            file: io,
-            io: view,
+            io: replayed.unwrap_or_else(|| file.clone()),
+            file,
             replayed_pages,
             file_size,
             virtual_size: md.virtual_size,
@@ -649,7 +671,7 @@ impl Vhdx {
                 v.block(b)?;
             }
         }
-        Ok(v)
+        Ok(Some(v))
     }
 
     /// BAT entry `i` (payload or sector bitmap), through the page cache.
@@ -683,6 +705,11 @@ impl Vhdx {
     /// Validate and decode the BAT entry of payload block `b`.
     fn block(&self, b: u64) -> Result<Block> {
         let entry = self.bat_entry(b + b / self.chunk_ratio)?;
+        self.decode(b, entry)
+    }
+
+    /// What BAT entry `entry` says of payload block `b`.
+    fn decode(&self, b: u64, entry: u64) -> Result<Block> {
         match entry & 7 {
             NOT_PRESENT | UNDEFINED | ZERO | UNMAPPED | UNMAPPED_V095 => Ok(Block::Zero),
             FULLY_PRESENT => {
@@ -846,6 +873,148 @@ impl Vhdx {
     /// When the log needed replay: the 4 KiB pages it changed (held in memory).
     pub fn replayed_pages(&self) -> Option<usize> {
         self.replayed_pages
+    }
+}
+
+/// Bytes at the start of the file holding both headers and both region tables.
+const TABLES_END: u64 = 320 * KIB;
+
+/// The streaming strategy (see [`crate::forward`]): headers, region table, metadata and BAT
+/// from the stream's head with the file reader's code, then payload blocks in file order.
+/// `Ok(None)` (spool and open as a file) for a log that needs replay, a BAT larger than the
+/// head may hold, and blocks overlapping each other.
+pub(crate) fn forward(head: &HeadIo<'_, '_>) -> Result<Option<Box<dyn Forward>>> {
+    let ctx = DriverContext {
+        path: None,
+        policy: Policy::Untrusted,
+        metadata_only: true,
+    };
+    let Some(v) = Vhdx::open_from(head, None, UNKNOWN_LEN, &ctx)? else {
+        return Ok(None);
+    };
+    let bat_bytes = v.bat_entries * 8;
+    if v.bat_offset.saturating_add(bat_bytes) > head.limit() as u64 {
+        return Ok(None);
+    }
+    let regions = region_table(head, UNKNOWN_LEN)?;
+    let mut raw = vec![0u8; bat_bytes as usize];
+    read(head, &mut raw, v.bat_offset, "BAT")?;
+    let mut units = Vec::new();
+    for b in 0..v.data_blocks {
+        let i = (b + b / v.chunk_ratio) as usize;
+        if let Block::Data(off) = v.decode(b, le64(&raw, i * 8))? {
+            units.push((off, b));
+        }
+    }
+    drop(raw);
+    units.sort_unstable();
+    if units
+        .windows(2)
+        .any(|w| w[0].0 != w[1].0 && w[1].0 < w[0].0 + v.block_size)
+    {
+        return Ok(None);
+    }
+    let mut tables = vec![0u8; TABLES_END as usize];
+    read(head, &mut tables, 0, "header section")?;
+    Ok(Some(Box::new(VhdxForward {
+        v,
+        regions,
+        units,
+        next: 0,
+        cur: 0..0,
+        tables,
+    })))
+}
+
+/// [`forward`]'s reader.
+struct VhdxForward {
+    v: Vhdx,
+    /// The regions the head was read with.
+    regions: Regions,
+    /// (offset, block) of every present block, by offset.
+    units: Vec<(u64, u64)>,
+    next: usize,
+    /// The units sharing the block being read.
+    cur: std::ops::Range<usize>,
+    /// The file's first bytes (headers and region tables), to check them on its length.
+    tables: Vec<u8>,
+}
+
+impl Forward for VhdxForward {
+    fn virtual_size(&self) -> u64 {
+        self.v.virtual_size
+    }
+
+    fn held(&self) -> u64 {
+        (self.units.capacity() * 16 + self.tables.len()) as u64
+    }
+
+    fn want(&mut self) -> Result<Option<(u64, u64)>> {
+        let Some(&(off, _)) = self.units.get(self.next) else {
+            return Ok(None);
+        };
+        let mut end = self.next + 1;
+        while self.units.get(end).is_some_and(|&(o, _)| o == off) {
+            end += 1;
+        }
+        self.cur = self.next..end;
+        self.next = end;
+        Ok(Some((off, self.v.block_size)))
+    }
+
+    fn take(&mut self, at: u64, bytes: &[u8], out: &dyn Target) -> Result<()> {
+        let rel = at - self.units[self.cur.start].0;
+        for &(_, b) in &self.units[self.cur.clone()] {
+            let guest = b * self.v.block_size + rel;
+            let n = (bytes.len() as u64).min(self.v.virtual_size.saturating_sub(guest));
+            if n > 0 {
+                out.write(guest, &bytes[..n as usize])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, len: u64, _tail: &[u8], out: &dyn Target) -> Result<()> {
+        // The file reader's checks on the stream's length.
+        if len < HEADER_SECTION {
+            return Err(Error::corrupt(format!(
+                "vhdx file of {len} bytes is shorter than its 1 MiB header section (truncated image)"
+            )));
+        }
+        let mem = crate::io::MemIo::new(std::mem::take(&mut self.tables));
+        if region_table(&mem, len)? != self.regions {
+            return Err(Error::corrupt(
+                "vhdx region tables: the first is valid only for a longer file: the stream cannot be read front to back",
+            ));
+        }
+        self.v.file_size = len;
+        for &(off, b) in &self.units {
+            self.v.check_block(b, off).map_err(Error::corrupt)?;
+        }
+        // Blocks cut short by the end read as zeros past it (as from a file).
+        let bs = self.v.block_size;
+        for &(off, b) in &self.units[self.cur.start..] {
+            let full = bs.min(self.v.virtual_size - b * bs);
+            let got = len.saturating_sub(off).min(full);
+            if got < full {
+                out.zero(b * bs + got, full - got)?;
+            }
+        }
+        let mut present: Vec<u64> = self.units.iter().map(|&(_, b)| b).collect();
+        present.sort_unstable();
+        present.dedup();
+        let mut pos = 0u64;
+        for b in present
+            .into_iter()
+            .chain(std::iter::once(self.v.data_blocks))
+        {
+            let start = (b * bs).min(self.v.virtual_size);
+            if start > pos {
+                out.zero(pos, start - pos)?;
+            }
+            pos = ((b + 1) * bs).min(self.v.virtual_size);
+        }
+        Ok(())
     }
 }
 

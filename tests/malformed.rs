@@ -2113,6 +2113,12 @@ fn forward_formats_one_verdict() {
         ("s.vmdk", "vmdk", ""),
         ("z.vmdk", "vmdk", "zeroed_grain=on"),
         ("o.vmdk", "vmdk", "subformat=streamOptimized"),
+        ("d.vhdx", "vhdx", "block_size=1M,log_size=1M"),
+        (
+            "f.vhdx",
+            "vhdx",
+            "subformat=fixed,block_size=1M,log_size=1M",
+        ),
     ];
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
@@ -2137,8 +2143,11 @@ fn forward_formats_one_verdict() {
             let mut b = img.clone();
             let n = 1 + (next() % 4) as usize;
             for _ in 0..n {
-                let at = match k % 3 {
+                let at = match k % 4 {
                     0 => (next() % 65536) as usize,
+                    // VHDX keeps its headers and region tables at 64-320 KiB, its metadata
+                    // and BAT from 1 MiB on.
+                    3 => (65536 + next() % (4 << 20)) as usize,
                     1 => b.len() - 1 - (next() % 2048) as usize,
                     _ => (next() % b.len() as u64) as usize,
                 } % b.len();
@@ -2154,7 +2163,7 @@ fn forward_formats_one_verdict() {
             cases += 1;
         }
     }
-    assert!(cases >= 800, "{cases} cases");
+    assert!(cases >= 1000, "{cases} cases");
     let spooled = SPOOLED.load(std::sync::atomic::Ordering::Relaxed);
     let tally = TALLY.lock().unwrap().clone();
     eprintln!("{cases} cases, {spooled} spooled; file verdicts {tally:?}");
