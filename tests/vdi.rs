@@ -115,6 +115,8 @@ fn import_through_a_pipe() {
         .output()
         .unwrap();
     assert!(o.status.success(), "import: {}", stderr(&o));
+    // Read front to back: no spool file.
+    assert!(!stderr(&o).contains("spooling"), "{}", stderr(&o));
     same_disk(env.path("i.vdi"), env.path("i.out"));
 }
 

@@ -85,6 +85,8 @@ fn import_through_a_pipe() {
             .output()
             .unwrap();
         assert!(o.status.success(), "import: {}", stderr(&o));
+        // Read front to back: no spool file.
+        assert!(!stderr(&o).contains("spooling"), "{}", stderr(&o));
         // A fixed VHD has no header: the stream recognises its footer at the end and drops
         // it, so the disk is what `convert -f vpc` gives (CDI and a probing qemu-img keep
         // the footer as a last raw sector).

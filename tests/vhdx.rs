@@ -211,7 +211,25 @@ fn import_through_a_pipe() {
         .unwrap();
     assert!(cat.wait().unwrap().success());
     assert!(o.status.success(), "import: {}", stderr(&o));
+    // Read front to back: no spool file.
+    assert!(!stderr(&o).contains("spooling"), "{}", stderr(&o));
     same_disk(env.path("p.vhdx"), &out);
+}
+
+/// `vdisk import -` of `name` (as a pipe) into `out`; its stderr.
+fn import_pipe(env: &Env, name: &str, out: &str) -> String {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cat '{}' | '{}' import - '{}'",
+            env.path(name).display(),
+            env!("CARGO_BIN_EXE_vdisk"),
+            env.path(out).display()
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "import {name}: {}", stderr(&o));
+    stderr(&o)
 }
 
 fn open(env: &Env, name: &str, policy: Policy) -> vdisk::Result<Image> {
@@ -424,6 +442,11 @@ fn log_replay() {
             fs::read(env.path(&name)).unwrap() == before,
             "{name}: file modified"
         );
+        // Streamed, a log that needs replay sends the image through the spool file, and the
+        // disk is the replayed one.
+        let said = import_pipe(&env, &name, "piped.raw");
+        assert!(said.contains("spooling"), "{said}");
+        env.assert_same("piped.raw", "raw", "fixed.vhdx", "vhdx");
         // qemu-img refuses to read it read-only; vdisk's map still marks data and zeros.
         let map = json(&env.vdisk_ok(&["map", "--output=json", &name]));
         assert!(map.as_array().unwrap().iter().any(|e| e["data"] == true));
