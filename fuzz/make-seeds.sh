@@ -184,6 +184,11 @@ mkdir -p seeds/check seeds/stream_import seeds/tar_unpack
 cp seeds/qcow2_read/*.qcow2 seeds/check/
 mkdir -p seeds/qcow2_differential
 cp seeds/qcow2_read/*.qcow2 seeds/qcow2_differential/
+# forward_differential: the VHD, VDI and VMDK reader seeds under 64 KiB (fuzz-check's
+# -max_len); the vhd_read and vdi_read ones are committed, not made here.
+mkdir -p seeds/forward_differential
+find seeds/vhd_read seeds/vdi_read seeds/vmdk_read -type f -size -65536c \
+  -exec cp {} seeds/forward_differential/ \;
 
 # stream_import: qcow2 images (plain and compressed) and compressed raw streams, and a tar
 # holding a gzipped disk.
