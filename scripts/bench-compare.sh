@@ -80,7 +80,7 @@ done
 # stream reader, no `cat`) and `vdisk convert` of the file, alternating.
 echo
 printf '%-20s %10s %10s %8s %10s %8s %12s %12s\n' image convert import ratio import-f ratio-f convert-RSS import-RSS
-for img in img.qcow2 img-deflate.qcow2 img-zstd.qcow2; do
+for img in img.qcow2 img-deflate.qcow2 img-zstd.qcow2 img-sparse.vmdk img-stream.vmdk img.vhd img.vhdx img.vdi; do
   src="$CORPUS/$img"
   [ -e "$src" ] || continue
   : > "$OUT/ct"; : > "$OUT/it"; : > "$OUT/ft"; : > "$OUT/cm"; : > "$OUT/im"

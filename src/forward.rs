@@ -244,7 +244,7 @@ pub fn run(
         }
         Err(e) => {
             budget.release(charged);
-            return Err(e);
+            return Err(file_verdict(fmt, held, eof, fill, ticker, e));
         }
     };
     let size = fwd.virtual_size();
@@ -262,6 +262,81 @@ pub fn run(
     budget.release(charged);
     budget.release(tables);
     r.map(|()| Outcome::Done(size))
+}
+
+/// The verdict on a stream whose head the format's streaming open refused with `e`. That open
+/// ran with the file's length unknown, so a check the file reader makes earlier against the
+/// length may decide otherwise: the rest of the stream is read (not kept) for its length and
+/// the file reader opens the head with it. Its error is the verdict; where it would need
+/// bytes that were not kept, or accepts, the streaming open's error stands.
+fn file_verdict(
+    fmt: Format,
+    held: Vec<u8>,
+    eof: bool,
+    fill: &mut Fill<'_>,
+    ticker: &mut dyn FnMut() -> Result<()>,
+    e: Error,
+) -> Error {
+    let mut len = held.len() as u64;
+    if !eof {
+        let mut buf = vec![0u8; PIECE];
+        loop {
+            let n = match fill(&mut buf) {
+                Ok(n) => n,
+                Err(read) => return read,
+            };
+            len += n as u64;
+            if let Err(t) = ticker() {
+                return t;
+            }
+            if n < buf.len() {
+                break;
+            }
+        }
+    }
+    let io = std::sync::Arc::new(Known { bytes: held, len });
+    let opts = crate::image::OpenOptions {
+        format: Some(fmt),
+        policy: crate::image::Policy::Untrusted,
+        ..Default::default()
+    };
+    match crate::image::Image::from_io(io, &opts) {
+        Err(f) if !f.to_string().contains(NOT_KEPT) => f,
+        _ => e,
+    }
+}
+
+const NOT_KEPT: &str = "bytes of the stream that were not kept";
+
+/// A stream's first bytes and its length: what a file reader may open when all it reads lies
+/// in those bytes.
+#[derive(Debug)]
+struct Known {
+    bytes: Vec<u8>,
+    len: u64,
+}
+
+impl BlockIo for Known {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.len {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.len - offset) as usize;
+        let end = offset + n as u64;
+        if end > self.bytes.len() as u64 {
+            return Err(io::Error::other(NOT_KEPT));
+        }
+        buf[..n].copy_from_slice(&self.bytes[offset as usize..end as usize]);
+        Ok(n)
+    }
+
+    fn write_all_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "read-only"))
+    }
 }
 
 /// The stream from its first byte: the held head, then `fill`; keeps the last [`TAIL`] bytes.

@@ -825,7 +825,10 @@ fn other_formats_cdi_accepts() {
         "disk.vhdx.gz",
     ] {
         let pod = Pod::new().http(format!("{http}/{file}"));
-        pod.run().ok();
+        let run = pod.run();
+        run.ok();
+        // Read front to back as it downloads: no spool file.
+        assert!(!run.stderr.contains("spooling"), "{file}: {}", run.stderr);
         same_disk(pod.disk(), var("DISK_QCOW2"));
     }
     let pod = Pod::new()
@@ -835,6 +838,8 @@ fn other_formats_cdi_accepts() {
             format!("docker://{}/disks/vmdk:latest", var("REGISTRY")),
         )
         .set("INSECURE_TLS", "true");
-    pod.run().ok();
+    let run = pod.run();
+    run.ok();
+    assert!(!run.stderr.contains("spooling"), "{}", run.stderr);
     same_disk(pod.disk(), var("DISK_QCOW2"));
 }
