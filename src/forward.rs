@@ -18,6 +18,7 @@ use crate::io::BlockIo;
 use crate::qcow2::stream::{Fill, Target};
 use std::io;
 use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 /// Largest piece handed to [`Forward::take`] at once.
 pub const PIECE: usize = 1 << 20;
@@ -339,16 +340,54 @@ impl BlockIo for Known {
     }
 }
 
-/// The stream from its first byte: the held head, then `fill`; keeps the last [`TAIL`] bytes.
-struct Reader<'f, 'a> {
-    fill: &'f mut Fill<'a>,
+/// Buffers of the stream in flight between the reading thread and the decoder.
+const IN_FLIGHT: usize = 3;
+
+/// The stream from its first byte: the held head, then the pieces a reading thread pulls from
+/// the input (so a pipe or socket is read while the previous piece is decoded and written);
+/// keeps the last [`TAIL`] bytes.
+struct Reader {
     held: Vec<u8>,
+    /// Filled pieces `(buffer, length)`; a short one is the last.
+    full: Option<Receiver<Result<(Vec<u8>, usize)>>>,
+    /// Emptied buffers back to the reading thread.
+    free: Option<SyncSender<Vec<u8>>>,
+    /// The piece being consumed and how far.
+    cur: Option<(Vec<u8>, usize, usize)>,
     eof: bool,
     pos: u64,
     tail: Vec<u8>,
 }
 
-impl Reader<'_, '_> {
+impl Reader {
+    /// The next bytes of the current piece (a new piece when it is used up); empty at the end.
+    fn next_piece(&mut self) -> Result<()> {
+        if self.cur.as_ref().is_some_and(|&(_, n, at)| at < n) || self.eof {
+            return Ok(());
+        }
+        if let Some((b, n, _)) = self.cur.take() {
+            if n < b.len() {
+                self.eof = true;
+                return Ok(());
+            }
+            if let Some(f) = &self.free {
+                let _ = f.send(b);
+            }
+        }
+        match self.full.as_ref().map(|r| r.recv()) {
+            Some(Ok(Ok((b, n)))) => {
+                self.eof = n == 0;
+                self.cur = Some((b, n, 0));
+                Ok(())
+            }
+            Some(Ok(Err(e))) => Err(e),
+            _ => {
+                self.eof = true;
+                Ok(())
+            }
+        }
+    }
+
     /// Read up to `buf.len()` bytes (fewer only at the end).
     fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
         let mut n = 0;
@@ -360,11 +399,17 @@ impl Reader<'_, '_> {
                 self.held = Vec::new();
             }
         }
-        if n < buf.len() && !self.eof && self.held.is_empty() {
-            let k = (self.fill)(&mut buf[n..])?;
-            if k < buf.len() - n {
-                self.eof = true;
+        while n < buf.len() && self.held.is_empty() {
+            self.next_piece()?;
+            let Some((b, len, at)) = self.cur.as_mut() else {
+                break;
+            };
+            if *at >= *len {
+                break;
             }
+            let k = (*len - *at).min(buf.len() - n);
+            buf[n..n + k].copy_from_slice(&b[*at..*at + k]);
+            *at += k;
             n += k;
         }
         self.pos += n as u64;
@@ -389,13 +434,53 @@ fn pump(
     out: &dyn Target,
     ticker: &mut dyn FnMut() -> Result<()>,
 ) -> Result<()> {
-    let mut r = Reader {
-        fill,
-        held,
-        eof,
-        pos: 0,
-        tail: Vec::with_capacity(2 * TAIL),
-    };
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx) = sync_channel::<Result<(Vec<u8>, usize)>>(IN_FLIGHT);
+        let (free_tx, free_rx) = sync_channel::<Vec<u8>>(IN_FLIGHT + 2);
+        for _ in 0..IN_FLIGHT + 1 {
+            let _ = free_tx.send(vec![0u8; PIECE]);
+        }
+        if !eof {
+            scope.spawn(move || {
+                while let Ok(mut b) = free_rx.recv() {
+                    match fill(&mut b) {
+                        Ok(n) => {
+                            let last = n < b.len();
+                            if full_tx.send(Ok((b, n))).is_err() || last {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = full_tx.send(Err(e));
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+        let mut r = Reader {
+            held,
+            full: (!eof).then_some(full_rx),
+            free: Some(free_tx),
+            cur: None,
+            eof,
+            pos: 0,
+            tail: Vec::with_capacity(2 * TAIL),
+        };
+        let res = drive(fwd, &mut r, out, ticker);
+        // Stop the reading thread: it sees both channels closed.
+        r.full = None;
+        r.free = None;
+        res
+    })
+}
+
+fn drive(
+    fwd: &mut dyn Forward,
+    r: &mut Reader,
+    out: &dyn Target,
+    ticker: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
     let mut buf = vec![0u8; PIECE];
     let mut prev_end = 0u64;
     'ranges: while let Some((off, len)) = fwd.want()? {
