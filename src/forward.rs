@@ -340,6 +340,9 @@ impl BlockIo for Known {
     }
 }
 
+/// A filled buffer of the stream and how many bytes it holds (or the read's error).
+type Piece = Result<(Vec<u8>, usize)>;
+
 /// Buffers of the stream in flight between the reading thread and the decoder.
 const IN_FLIGHT: usize = 3;
 
@@ -349,7 +352,7 @@ const IN_FLIGHT: usize = 3;
 struct Reader {
     held: Vec<u8>,
     /// Filled pieces `(buffer, length)`; a short one is the last.
-    full: Option<Receiver<Result<(Vec<u8>, usize)>>>,
+    full: Option<Receiver<Piece>>,
     /// Emptied buffers back to the reading thread.
     free: Option<SyncSender<Vec<u8>>>,
     /// The piece being consumed and how far.
@@ -435,7 +438,7 @@ fn pump(
     ticker: &mut dyn FnMut() -> Result<()>,
 ) -> Result<()> {
     std::thread::scope(|scope| {
-        let (full_tx, full_rx) = sync_channel::<Result<(Vec<u8>, usize)>>(IN_FLIGHT);
+        let (full_tx, full_rx) = sync_channel::<Piece>(IN_FLIGHT);
         let (free_tx, free_rx) = sync_channel::<Vec<u8>>(IN_FLIGHT + 2);
         for _ in 0..IN_FLIGHT + 1 {
             let _ = free_tx.send(vec![0u8; PIECE]);
