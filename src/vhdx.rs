@@ -791,11 +791,26 @@ impl Driver for Vhdx {
             walked += 1;
         }
         let data = matches!(first, Block::Data(_));
+        let mut len = end - offset;
+        let mut zero = !data;
+        if let Some(h) = start_host {
+            // As for VDI and fixed VHD, the file's holes inside a payload block read as zeros
+            // and need not be read (a replayed log's view reports no holes).
+            let next = self
+                .io
+                .next_data(h)
+                .map_err(|e| Error::io("cannot find data extents in the vhdx file", e))?;
+            (len, zero) = match next {
+                Some(r) if r.start > h => (len.min(r.start - h), true),
+                Some(r) => (len.min(r.end.saturating_sub(h)).max(1), false),
+                None => (len, true),
+            };
+        }
         Ok(Extent {
-            len: end - offset,
+            len,
             depth: 0,
             present: true,
-            zero: !data,
+            zero,
             data,
             compressed: false,
             offset: start_host,

@@ -96,7 +96,8 @@ fn oracle(env: &Env, file: &str) {
         let len = e["length"].as_u64().unwrap();
         assert_eq!(start, pos, "{file}: map not contiguous");
         let (zero, data) = (e["zero"].as_bool().unwrap(), e["data"].as_bool().unwrap());
-        assert!(zero != data, "{file}: extent {e} is neither data nor zero");
+        // A hole of the file inside an allocated block is both (as qemu maps VDI holes).
+        assert!(zero || data, "{file}: extent {e} is neither data nor zero");
         let mut at = start;
         while zero && at < start + len {
             let n = (start + len - at).min(MIB) as usize;
