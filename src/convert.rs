@@ -352,11 +352,28 @@ fn write_sparse(sh: &Shared<'_>, data: &[u8], pos: u64) -> Result<()> {
             write(data_start, i)?;
             zero_range(sh, pos + i as u64, (j - i) as u64)?;
             data_start = j;
+        } else if sh.target_is_zero && i == 0 && j == data.len() {
+            // Short, and all there is: the target already reads as zeros.
+            return Ok(());
+        } else if sh.target_is_zero && i == 0 {
+            // A short zero run opening the range: the file-system blocks it alone fills
+            // already read as zeros, so they are not written (the range's neighbour is a
+            // hole or its own writes allocate them).
+            let cut = ((pos + j as u64) / FS_BLOCK * FS_BLOCK).saturating_sub(pos) as usize;
+            data_start = cut.min(j);
+        } else if sh.target_is_zero && j == data.len() {
+            // Likewise a short zero run closing it.
+            let keep = ((pos + i as u64).div_ceil(FS_BLOCK) * FS_BLOCK - pos) as usize;
+            write(data_start, keep.min(data.len()).max(data_start))?;
+            return Ok(());
         }
         i = j;
     }
     write(data_start, data.len())
 }
+
+/// The file-system block size zero edges are trimmed to.
+const FS_BLOCK: u64 = 4096;
 
 /// Write the whole virtual disk of `src` as a new qcow2 image into the empty `dst`.
 ///
