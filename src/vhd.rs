@@ -280,6 +280,15 @@ struct Dynamic {
     bitmap_len: u64,
     /// One entry per block of the virtual disk: the sector of the block's bitmap.
     bat: Vec<u32>,
+    /// Where the BAT the header declares ends (all its entries, used or not).
+    bat_end: u64,
+    entries: u64,
+}
+
+fn bat_outside(bat_off: u64, entries: u64, file_len: u64) -> Error {
+    Error::corrupt(format!(
+        "VHD dynamic header: BAT at offset {bat_off} ({entries} entries) is outside the file ({file_len} bytes)"
+    ))
 }
 
 /// Where a dynamic disk's blocks must end: before the trailing footer when the last 512 of
@@ -354,12 +363,10 @@ impl Dynamic {
         let bat_len = entries * 4;
         let bat_end = bat_off
             .checked_add(bat_len)
-            .filter(|&e| e <= file_len)
-            .ok_or_else(|| {
-                Error::corrupt(format!(
-                    "VHD dynamic header: BAT at offset {bat_off} ({entries} entries) is outside the file ({file_len} bytes)"
-                ))
-            })?;
+            .ok_or_else(|| bat_outside(bat_off, entries, file_len))?;
+        if bat_end > file_len {
+            return Err(bat_outside(bat_off, entries, file_len));
+        }
         let overlaps = |a: u64, b: u64, c: u64, d: u64| a < d && c < b;
         if overlaps(bat_off, bat_end, 0, FOOTER_LEN)
             || overlaps(bat_off, bat_end, hdr_off, hdr_off + HEADER_LEN)
@@ -411,6 +418,8 @@ impl Dynamic {
             block_size,
             bitmap_len,
             bat,
+            bat_end,
+            entries,
         })
     }
 
@@ -662,6 +671,15 @@ impl Forward for DynamicForward {
     }
 
     fn finish(&mut self, len: u64, tail: &[u8], out: &dyn Target) -> Result<()> {
+        // The file reader's checks on the length: the whole declared BAT (the stream read
+        // only the entries the disk uses), then every block.
+        if self.d.bat_end > len {
+            return Err(bat_outside(
+                self.d.bat_end - self.d.entries * 4,
+                self.d.entries,
+                len,
+            ));
+        }
         let last = &tail[tail.len().saturating_sub(FOOTER_LEN as usize)..];
         self.d.check_ends(limit_for(len, last))?;
         let bs = self.d.block_size;
