@@ -88,33 +88,95 @@ impl Default for CreateOptions {
     }
 }
 
-fn parse_size(s: &str) -> Option<u64> {
-    let (num, mult) = match s.char_indices().last()? {
-        (i, c) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                'p' => 1 << 50,
-                'e' => 1 << 60,
-                _ => return None,
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let v: f64 = num.parse().ok()?;
-    if v.is_nan() || v < 0.0 || v * mult as f64 >= u64::MAX as f64 {
-        return None;
-    }
-    Some((v * mult as f64) as u64)
+/// Why a size did not parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SizeError {
+    /// Not a size at all.
+    Syntax,
+    /// A size, but past what an image may have (2^63 - 1 bytes).
+    Range,
 }
 
-/// Parse a qemu-img size (`10G`, `512k`, `1.5M`, plain bytes).
+/// qemu's size syntax, exactly (`qemu_strtosz` as `qemu-img` uses it), without floating-point
+/// surprises: leading white space and `+` allowed, then decimal digits (leading zeros stay
+/// decimal) with an optional `.fraction` and an optional one-letter suffix (b, k, M, G, T, P, E
+/// in powers of 1024, any case), or `0x` hexadecimal with neither. A fraction needs a suffix
+/// other than `b` and is truncated to whole bytes; exponents, octal, signs other than `+`,
+/// trailing characters and values past 2^63 - 1 are refused.
+fn parse_size_exact(s: &str) -> std::result::Result<u64, SizeError> {
+    use SizeError::{Range, Syntax};
+    let s = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let s = s.strip_prefix('+').unwrap_or(s);
+    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Syntax);
+        }
+        let v = u64::from_str_radix(hex, 16).map_err(|_| Range)?;
+        return if v > i64::MAX as u64 {
+            Err(Range)
+        } else {
+            Ok(v)
+        };
+    }
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let (int, rest) = s.split_at(digits);
+    let (frac, rest) = match rest.strip_prefix('.') {
+        Some(r) => {
+            let n = r.bytes().take_while(u8::is_ascii_digit).count();
+            (Some(&r[..n]), &r[n..])
+        }
+        None => (None, rest),
+    };
+    if int.is_empty() && frac.is_none_or(str::is_empty) {
+        return Err(Syntax);
+    }
+    let mult: u64 = match rest {
+        "" => 1,
+        r if r.len() == 1 => match r.as_bytes()[0].to_ascii_lowercase() {
+            b'b' => 1,
+            b'k' => 1 << 10,
+            b'm' => 1 << 20,
+            b'g' => 1 << 30,
+            b't' => 1 << 40,
+            b'p' => 1 << 50,
+            b'e' => 1 << 60,
+            _ => return Err(Syntax),
+        },
+        _ => return Err(Syntax),
+    };
+    if frac.is_some() && mult == 1 {
+        return Err(Syntax);
+    }
+    let whole: u64 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| Range)?
+    };
+    let mut v = whole.checked_mul(mult).ok_or(Range)?;
+    if let Some(f) = frac.filter(|f| !f.is_empty()) {
+        // As qemu: the fraction as a double, scaled and truncated to bytes.
+        let f: f64 = format!("0.{f}").parse().map_err(|_| Syntax)?;
+        v = v.checked_add((f * mult as f64) as u64).ok_or(Range)?;
+    }
+    if v > i64::MAX as u64 {
+        return Err(Range);
+    }
+    Ok(v)
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    parse_size_exact(s).ok()
+}
+
+/// Parse a size as qemu-img does (`10G`, `512k`, `1.5M`, `0x1000`, plain bytes); errors in
+/// qemu-img's words.
 pub fn parse_qemu_size(s: &str) -> Result<u64> {
-    parse_size(s.trim()).ok_or_else(|| Error::invalid(format!("invalid size '{s}'")))
+    parse_size_exact(s).map_err(|e| match e {
+        SizeError::Syntax => Error::invalid(format!("Invalid image size specified: '{s}'.")),
+        SizeError::Range => Error::invalid(
+            "Invalid image size specified. Must be between 0 and 9223372036854775807.",
+        ),
+    })
 }
 
 impl CreateOptions {
@@ -731,6 +793,65 @@ pub fn create(io: &dyn BlockIo, size: u64, opts: &CreateOptions) -> Result<Preal
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_exactly_as_qemu_img_parses_them() {
+        // Each case as qemu-img 10.0 `create -f raw F SIZE` took it (None: refused).
+        let cases: &[(&str, Option<u64>)] = &[
+            ("1e3", None),
+            ("1.5", None),
+            ("1.5k", Some(1536)),
+            ("0x10", Some(16)),
+            ("0X10", Some(16)),
+            ("0x10k", None),
+            ("0x1g", None),
+            ("0x", None),
+            ("00x10", None),
+            ("0x1.8k", None),
+            ("08", Some(8)),
+            (" 512", Some(512)),
+            ("\t12", Some(12)),
+            ("512 ", None),
+            ("1 k", None),
+            ("1k5", None),
+            ("1..5k", None),
+            ("1.999999999999999999k", Some(2048)),
+            ("1K", Some(1024)),
+            ("1b", Some(1)),
+            ("1B", Some(1)),
+            ("1.5B", None),
+            ("0.5b", None),
+            ("1.5kB", None),
+            ("1.k", Some(1024)),
+            (".5k", Some(512)),
+            ("+5", Some(5)),
+            ("-0", None),
+            ("1.5M", Some(1_572_864)),
+            ("1.5e", Some(1_729_382_256_910_270_464)),
+            ("7.99999E", Some(9_223_360_507_639_729_792)),
+            ("9007199254740993", Some(9_007_199_254_740_993)),
+            ("9223372036854775807", Some(i64::MAX as u64)),
+            ("9223372036854775808", None),
+            ("18446744073709551616", None),
+            ("8E", None),
+            ("16E", None),
+        ];
+        for &(s, want) in cases {
+            assert_eq!(parse_size(s), want, "{s:?}");
+        }
+        let e = parse_qemu_size("8E").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("Must be between 0 and 9223372036854775807"),
+            "{e}"
+        );
+        let e = parse_qemu_size("1e3").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("Invalid image size specified: '1e3'"),
+            "{e}"
+        );
+    }
     use crate::image::{Image, OpenOptions};
     use crate::io::MemIo;
     use std::sync::Arc;
