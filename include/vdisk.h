@@ -75,6 +75,11 @@ typedef enum vdisk_status {
    */
   VDISK_STATUS_NETWORK = 12,
   /*
+   Another process holds the image with locks this use cannot go along with (QEMU's
+   image locking).
+   */
+  VDISK_STATUS_LOCKED = 13,
+  /*
    An internal error (a bug) was caught at the boundary.
    */
   VDISK_STATUS_PANIC = 99,
@@ -187,6 +192,35 @@ typedef enum vdisk_snapshot_op {
    */
   VDISK_SNAPSHOT_OP_DELETE = 2,
 } vdisk_snapshot_op;
+
+/*
+ Lock modes for `vdisk_image_open_locked`, passed as `uint32_t`.
+ */
+enum vdisk_lock_mode
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /*
+   Read, refusing writers (what `vdisk_image_open` takes, as qemu-img does by default).
+   */
+  VDISK_LOCK_MODE_READ = 0,
+  /*
+   Read beside writers such as a running VM (qemu-img's `-U`).
+   */
+  VDISK_LOCK_MODE_FORCE_SHARE = 1,
+  /*
+   Take no image locks (the caller guarantees nobody writes the image).
+   */
+  VDISK_LOCK_MODE_OFF = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum vdisk_lock_mode vdisk_lock_mode;
+#else
+typedef uint32_t vdisk_lock_mode;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
 
 /*
  A cancellation flag that may be set from any thread while an operation runs.
@@ -412,6 +446,21 @@ enum vdisk_status vdisk_image_open(const char *path,
                                    int32_t untrusted,
                                    struct vdisk_image **out,
                                    struct vdisk_error **err);
+
+/*
+ As `vdisk_image_open`, with the QEMU-compatible image locks of `lock` (a
+ `vdisk_lock_mode` value; any other gives `VDISK_STATUS_INVALID_ARGUMENT`). The locks
+ are held until the image is freed; a conflicting holder (a running VM, qemu-io, qemu-img,
+ vdisk) gives `VDISK_STATUS_LOCKED`.
+
+ # Safety
+ As for `vdisk_image_open`.
+ */
+enum vdisk_status vdisk_image_open_locked(const char *path,
+                                          int32_t untrusted,
+                                          uint32_t lock,
+                                          struct vdisk_image **out,
+                                          struct vdisk_error **err);
 
 /*
  Free an image. NULL is a no-op. Must not be called twice, nor while another thread uses it.

@@ -625,6 +625,8 @@ pub fn convert_to_raw_path(
     if let Ok(true) = is_block {
         let io = FileIo::open_rw(dst, false)
             .map_err(|e| Error::io("cannot open target", e).with_path(dst))?;
+        io.lock(crate::io::LockMode::Write)
+            .map_err(|e| e.with_path(dst))?;
         let dev = io
             .size()
             .map_err(|e| Error::io("cannot size target", e).with_path(dst))?;

@@ -49,6 +49,9 @@ impl SizeChange {
 fn open_rw(path: &Path, format: Option<Format>) -> Result<(Arc<FileIo>, Format)> {
     let io = FileIo::open_rw(path, false)
         .map_err(|e| Error::io("cannot open image for writing", e).with_path(path))?;
+    // A running VM (or any other QEMU or vdisk user) keeps its metadata from being rewritten.
+    io.lock(crate::io::LockMode::Write)
+        .map_err(|e| e.with_path(path))?;
     let fmt = match format {
         Some(f) => f,
         None => {
@@ -101,7 +104,12 @@ pub fn resize(
             if new > old && m.has_backing() {
                 // As qemu does: where the backing file reaches into the new area it must not
                 // show through, so that area reads as zeros.
-                let img = Image::open(path, &OpenOptions::default())?;
+                // This process already holds the image's writer locks (on `io`).
+                let o = OpenOptions {
+                    lock: crate::io::LockMode::Off,
+                    ..OpenOptions::default()
+                };
+                let img = Image::open(path, &o)?;
                 let backing = img.qcow2().and_then(|q| q.backing());
                 if backing.is_some_and(|b| b.virtual_size() > old) {
                     let start = old / m.cluster_size() * m.cluster_size();
@@ -235,8 +243,25 @@ pub fn check_and_repair(
     repair: Repair,
     on_message: &mut dyn FnMut(&str),
 ) -> Result<CheckOutcome> {
-    use crate::qcow2::check::{Checked, check_path};
-    let checked = check_path(path, format, on_message)?;
+    check_and_repair_locked(path, format, repair, crate::io::LockMode::Read, on_message)
+}
+
+/// [`check_and_repair`] reading with the image locks of `lock` (`ForceShare` for
+/// `check -U`; a repair always takes a writer's locks).
+pub fn check_and_repair_locked(
+    path: &Path,
+    format: Option<Format>,
+    repair: Repair,
+    lock: crate::io::LockMode,
+    on_message: &mut dyn FnMut(&str),
+) -> Result<CheckOutcome> {
+    use crate::qcow2::check::{Checked, check_path_locked};
+    if repair != Repair::None && lock == crate::io::LockMode::ForceShare {
+        return Err(Error::invalid(
+            "--force-share (-U) reads only; it cannot be combined with a repair (-r)",
+        ));
+    }
+    let checked = check_path_locked(path, format, lock, on_message)?;
     if let Checked::Other(f, r) = &checked
         && repair != Repair::None
         && r.corruptions > 0
@@ -264,7 +289,7 @@ pub fn check_and_repair(
     let fixed = (r.leaks, if all { r.corruptions } else { 0 });
     rebuild_refcounts(path)?;
     Ok(CheckOutcome {
-        checked: check_path(path, format, on_message)?,
+        checked: check_path_locked(path, format, lock, on_message)?,
         repaired: Some(fixed),
     })
 }

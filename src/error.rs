@@ -34,6 +34,9 @@ pub enum ErrorKind {
     NotFound,
     /// A network peer could not be reached or broke the protocol.
     Network,
+    /// Another process holds the image with locks this use cannot go along with (QEMU's
+    /// image locking: a running VM, `qemu-io`, another `qemu-img` or vdisk).
+    Locked,
 }
 
 impl ErrorKind {
@@ -51,6 +54,7 @@ impl ErrorKind {
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::NotFound => "not-found",
             ErrorKind::Network => "network",
+            ErrorKind::Locked => "locked",
         }
     }
 }

@@ -36,6 +36,9 @@ pub struct OpenOptions {
     /// Only inspect metadata (as `info` does): never open backing or data files, under any
     /// policy. Reads of ranges that would need them fail.
     pub metadata_only: bool,
+    /// The QEMU-compatible locks taken on every file opened (the image, its backing chain,
+    /// data and extent files): by default a reader's, which refuse a running writer.
+    pub lock: crate::io::LockMode,
 }
 
 /// Block status of a guest range, with the fields of `qemu-img map --output=json`.
@@ -259,6 +262,7 @@ fn open_path(
     visited: &mut Vec<PathBuf>,
 ) -> Result<Image> {
     let io = FileIo::open(path).map_err(|e| Error::io("cannot open image", e))?;
+    io.lock(opts.lock)?;
     let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     if visited.contains(&canonical) {
         return Err(Error::corrupt(format!(
@@ -437,6 +441,7 @@ fn attach_files(
             let p = resolve(path, name, "data file")?;
             let io = FileIo::open(&p)
                 .map_err(|e| Error::io("cannot open data file", e).with_path(&p))?;
+            io.lock(opts.lock).map_err(|e| e.with_path(&p))?;
             q.set_data_file(Arc::new(io));
         }
     }

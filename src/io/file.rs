@@ -68,6 +68,20 @@ impl FileIo {
         })
     }
 
+    /// Take QEMU-compatible image locks for `mode` ([`super::lock`]); a conflict with another
+    /// holder is an [`crate::ErrorKind::Locked`] error in QEMU's words.
+    pub fn lock(&self, mode: super::LockMode) -> crate::Result<()> {
+        use crate::error::{Error, ErrorKind};
+        match super::lock::acquire(&self.file, mode) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(c)) => Err(Error::new(
+                ErrorKind::Locked,
+                format!("{}: is another process using the image?", c.message),
+            )),
+            Err(e) => Err(Error::io("cannot lock the image", e)),
+        }
+    }
+
     /// The underlying file.
     pub fn file(&self) -> &File {
         &self.file

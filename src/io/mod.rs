@@ -8,10 +8,12 @@
 
 mod direct;
 mod file;
+pub mod lock;
 mod mem;
 
 pub use direct::DirectIo;
 pub use file::{FileIo, enlarge_pipe, free_space};
+pub use lock::LockMode;
 pub use mem::MemIo;
 
 use std::fmt::Debug;

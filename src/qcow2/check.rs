@@ -230,7 +230,18 @@ pub fn check_path(
     format: Option<Format>,
     on_message: &mut dyn FnMut(&str),
 ) -> Result<Checked> {
+    check_path_locked(path, format, crate::io::LockMode::Read, on_message)
+}
+
+/// [`check_path`] with the image locks of `lock` (`ForceShare` for `check -U`).
+pub fn check_path_locked(
+    path: &Path,
+    format: Option<Format>,
+    lock: crate::io::LockMode,
+    on_message: &mut dyn FnMut(&str),
+) -> Result<Checked> {
     let io = FileIo::open(path).map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+    io.lock(lock).map_err(|e| e.with_path(path))?;
     let format = match format {
         Some(f) => f,
         None => probe(&io).map_err(|e| e.with_path(path))?,
@@ -245,6 +256,7 @@ pub fn check_path(
             // driver finds (tables pointing past the end or into metadata, duplicates).
             let opts = crate::image::OpenOptions {
                 format: Some(format),
+                lock,
                 ..Default::default()
             };
             let img = crate::image::Image::open(path, &opts)?;

@@ -119,6 +119,18 @@ int main(int argc, char **argv) {
     CHECK(vdisk_image_info_json(NULL, &json, NULL) == VDISK_STATUS_NULL_PARAMETER);
     CHECK(vdisk_image_info_json(img, NULL, NULL) == VDISK_STATUS_NULL_PARAMETER);
 
+    /* Image locks: the open image (a reader) keeps writers off, as QEMU's locks do; a
+       force-share open reads beside a writer's locks; unknown lock modes are refused. */
+    CHECK(vdisk_resize(src, 16u << 20, 0, VDISK_PREALLOCATION_OFF, &err) == VDISK_STATUS_LOCKED);
+    vdisk_error_free(err);
+    err = NULL;
+    vdisk_image *shared = NULL;
+    CHECK(vdisk_image_open_locked(src, 1, VDISK_LOCK_MODE_FORCE_SHARE, &shared, &err) == VDISK_STATUS_OK);
+    vdisk_image_free(shared);
+    CHECK(vdisk_image_open_locked(src, 1, 7, &shared, &err) == VDISK_STATUS_INVALID_ARGUMENT);
+    vdisk_error_free(err);
+    err = NULL;
+
     /* The extent map: ordered, covering the disk, with exactly the written data. */
     struct map_state m = {0, 0, 0, 1};
     CHECK(vdisk_image_map(img, on_extent, &m, &err) == VDISK_STATUS_OK);

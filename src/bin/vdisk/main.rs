@@ -10,6 +10,7 @@ use vdisk::compare::{Comparison, compare};
 use vdisk::convert::{ConvertOptions, Target, convert_path};
 use vdisk::edit::SnapshotOp;
 use vdisk::info::{ImageInfo, snapshot_table, write_map_human, write_map_json};
+use vdisk::io::LockMode;
 use vdisk::qcow2::writer::{CreateOptions, Prealloc};
 use vdisk::{Error, Format, Image, OpenOptions, Policy};
 
@@ -76,7 +77,7 @@ enum Cmd {
         /// Accepted for qemu-img compatibility (writes are always out of order for raw).
         #[arg(short = 'W')]
         oob: bool,
-        /// Accepted for qemu-img compatibility (force share).
+        /// Share the image with writers (a running VM): read without QEMU's reader locks.
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         /// Refuse backing files, data files and non-local names.
@@ -293,7 +294,7 @@ struct Common {
     /// Refuse backing files, data files and non-local names.
     #[arg(long)]
     untrusted: bool,
-    /// Accepted for qemu-img compatibility (force share).
+    /// Share the image with writers (a running VM): read without QEMU's reader locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
 }
@@ -305,9 +306,14 @@ fn parse_format(f: Option<&str>) -> Result<Option<Format>, Error> {
     .transpose()
 }
 
-fn opts(format: Option<&str>, untrusted: bool) -> Result<OpenOptions, Error> {
+fn opts(format: Option<&str>, untrusted: bool, force_share: bool) -> Result<OpenOptions, Error> {
     Ok(OpenOptions {
         format: parse_format(format)?,
+        lock: if force_share {
+            LockMode::ForceShare
+        } else {
+            LockMode::Read
+        },
         policy: if untrusted {
             Policy::Untrusted
         } else {
@@ -348,7 +354,11 @@ fn run(cli: Cli) -> Result<u8, Error> {
             output,
             file,
         } => {
-            let mut o = opts(common.format.as_deref(), common.untrusted)?;
+            let mut o = opts(
+                common.format.as_deref(),
+                common.untrusted,
+                common.force_share,
+            )?;
             o.metadata_only = true;
             let img = Image::open(&file, &o)?;
             let info = ImageInfo::new(&img, &file.display().to_string())?;
@@ -370,7 +380,14 @@ fn run(cli: Cli) -> Result<u8, Error> {
             output,
             file,
         } => {
-            let img = Image::open(&file, &opts(common.format.as_deref(), common.untrusted)?)?;
+            let img = Image::open(
+                &file,
+                &opts(
+                    common.format.as_deref(),
+                    common.untrusted,
+                    common.force_share,
+                )?,
+            )?;
             // Streamed as found: a hostile image can describe hundreds of millions of extents.
             let mut bw = std::io::BufWriter::new(&mut out);
             match output.as_str() {
@@ -396,6 +413,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             snapshot,
             workers,
             untrusted,
+            force_share,
             src,
             dst,
             ..
@@ -432,7 +450,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     ));
                 }
             };
-            let mut o = opts(src_format.as_deref(), untrusted)?;
+            let mut o = opts(src_format.as_deref(), untrusted, force_share)?;
             o.snapshot = snapshot;
             let img = Image::open(&src, &o)?;
             let min_sparse = parse_size(&sparse)?;
@@ -519,10 +537,11 @@ fn run(cli: Cli) -> Result<u8, Error> {
             a,
             b,
             untrusted,
+            force_share,
             ..
         } => {
-            let ia = Image::open(&a, &opts(fmt_a.as_deref(), untrusted)?)?;
-            let ib = Image::open(&b, &opts(fmt_b.as_deref(), untrusted)?)?;
+            let ia = Image::open(&a, &opts(fmt_a.as_deref(), untrusted, force_share)?)?;
+            let ib = Image::open(&b, &opts(fmt_b.as_deref(), untrusted, force_share)?)?;
             let say =
                 |out: &mut std::io::StdoutLock, s: &str| if quiet { Ok(()) } else { w(out, s) };
             if ia.virtual_size() != ib.virtual_size() && !strict {
@@ -768,6 +787,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             apply,
             delete,
             format,
+            force_share,
             file,
             ..
         } => {
@@ -785,7 +805,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 vdisk::edit::snapshot(&file, &op)?;
                 return Ok(0);
             }
-            let mut o = opts(format.as_deref(), false)?;
+            let mut o = opts(format.as_deref(), false, force_share)?;
             o.metadata_only = true;
             let img = Image::open(&file, &o)?;
             let snaps = img
@@ -804,10 +824,11 @@ fn run(cli: Cli) -> Result<u8, Error> {
             output,
             quiet,
             repair,
+            force_share,
             file,
             ..
         } => {
-            use vdisk::edit::{Repair, check_and_repair};
+            use vdisk::edit::{Repair, check_and_repair_locked};
             use vdisk::qcow2::check::Checked;
             if output != "human" && output != "json" {
                 return Err(Error::invalid(format!(
@@ -821,7 +842,13 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 Some(o) => return Err(Error::invalid(format!("-r takes leaks or all, not '{o}'"))),
             };
             let fmt = parse_format(format.as_deref())?;
-            let outcome = check_and_repair(&file, fmt, mode, &mut |m: &str| eprintln!("{m}"))?;
+            let lock = if force_share {
+                LockMode::ForceShare
+            } else {
+                LockMode::Read
+            };
+            let outcome =
+                check_and_repair_locked(&file, fmt, mode, lock, &mut |m: &str| eprintln!("{m}"))?;
             let (r, checked_format) = match outcome.checked {
                 Checked::Qcow2(r) => (r, vdisk::Format::Qcow2),
                 Checked::Other(f, r) => (r, f),
