@@ -48,6 +48,17 @@ pub trait Forward: Send {
     fn finish(&mut self, len: u64, tail: &[u8], out: &dyn Target) -> Result<()>;
 }
 
+/// The units from `next` on that share its key (units sorted by key): a block of the file read
+/// once for every guest range it holds.
+pub fn same_key<K: PartialEq + Copy, V>(units: &[(K, V)], next: usize) -> std::ops::Range<usize> {
+    let key = units[next].0;
+    let mut end = next + 1;
+    while units.get(end).is_some_and(|&(k, _)| k == key) {
+        end += 1;
+    }
+    next..end
+}
+
 /// The head of a stream as random-access bytes for a format's open: reads pull the stream
 /// forward and every byte read stays in memory (charged to the budget) until [`run`] takes
 /// them back. Reads past what the stream holds end short, as at a file's end; reads past

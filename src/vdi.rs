@@ -420,12 +420,8 @@ impl Forward for VdiForward {
         let Some(&(blk, _)) = self.order.get(self.next) else {
             return Ok(None);
         };
-        let mut end = self.next + 1;
-        while self.order.get(end).is_some_and(|&(b, _)| b == blk) {
-            end += 1;
-        }
-        self.cur = self.next..end;
-        self.next = end;
+        self.cur = crate::forward::same_key(&self.order, self.next);
+        self.next = self.cur.end;
         Ok(Some((
             self.v.data_offset + u64::from(blk) * BLOCK_SIZE,
             BLOCK_SIZE,

@@ -968,12 +968,8 @@ impl Forward for VhdxForward {
         let Some(&(off, _)) = self.units.get(self.next) else {
             return Ok(None);
         };
-        let mut end = self.next + 1;
-        while self.units.get(end).is_some_and(|&(o, _)| o == off) {
-            end += 1;
-        }
-        self.cur = self.next..end;
-        self.next = end;
+        self.cur = crate::forward::same_key(&self.units, self.next);
+        self.next = self.cur.end;
         Ok(Some((off, self.v.block_size)))
     }
 

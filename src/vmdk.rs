@@ -1862,12 +1862,8 @@ impl Forward for SparseForward {
             let from = self.win_start + self.window.len() as u64;
             return Ok(Some((from, crate::forward::PIECE as u64)));
         }
-        let mut end = self.next + 1;
-        while self.units.get(end).is_some_and(|&(h, _)| h == host) {
-            end += 1;
-        }
-        self.cur = self.next..end;
-        self.next = end;
+        self.cur = crate::forward::same_key(&self.units, self.next);
+        self.next = self.cur.end;
         Ok(Some((host, self.s.grain_bytes)))
     }
 

@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use std::process::Command;
 use std::sync::Arc;
 use vdisk::io::MemIo;
 use vdisk::{ErrorKind, Format, Image, OpenOptions, Policy};
@@ -104,16 +103,7 @@ fn import_through_a_pipe() {
     let env = Env::new();
     env.create("i.vdi", "vdi", "", "5M");
     fill(&env, "i.vdi", 5 << 20);
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cat '{}' | '{}' import - '{}'",
-            env.path("i.vdi").display(),
-            env!("CARGO_BIN_EXE_vdisk"),
-            env.path("i.out").display()
-        ))
-        .output()
-        .unwrap();
+    let o = env.import_pipe("i.vdi", "i.out");
     assert!(o.status.success(), "import: {}", stderr(&o));
     // Read front to back: no spool file.
     assert!(!stderr(&o).contains("spooling"), "{}", stderr(&o));

@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use std::process::Command;
 use std::sync::Arc;
 use vdisk::io::MemIo;
 use vdisk::{ErrorKind, Format, Image, OpenOptions, Policy};
@@ -74,16 +73,7 @@ fn import_through_a_pipe() {
     fill(&env, "f.vhd", vsize);
     for img in ["b.vhd", "f.vhd"] {
         let out = format!("{img}.imported");
-        let o = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "cat '{}' | '{}' import - '{}'",
-                env.path(img).display(),
-                env!("CARGO_BIN_EXE_vdisk"),
-                env.path(&out).display()
-            ))
-            .output()
-            .unwrap();
+        let o = env.import_pipe(img, &out);
         assert!(o.status.success(), "import: {}", stderr(&o));
         // Read front to back: no spool file.
         assert!(!stderr(&o).contains("spooling"), "{}", stderr(&o));
@@ -301,16 +291,7 @@ fn differencing_is_refused() {
     let o = env.vdisk(&["info", "--untrusted", "diff.vhd"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("parent-disk.vhd"), "{}", stderr(&o));
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cat '{}' | '{}' import - '{}'",
-            env.path("diff.vhd").display(),
-            env!("CARGO_BIN_EXE_vdisk"),
-            env.path("diff.out").display()
-        ))
-        .output()
-        .unwrap();
+    let o = env.import_pipe("diff.vhd", "diff.out");
     assert!(
         !o.status.success(),
         "import of a differencing VHD succeeded"

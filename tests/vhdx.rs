@@ -217,22 +217,6 @@ fn import_through_a_pipe() {
     same_disk(env.path("p.vhdx"), &out);
 }
 
-/// `vdisk import -` of `name` (as a pipe) into `out`; its stderr.
-fn import_pipe(env: &Env, name: &str, out: &str) -> String {
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cat '{}' | '{}' import - '{}'",
-            env.path(name).display(),
-            env!("CARGO_BIN_EXE_vdisk"),
-            env.path(out).display()
-        ))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "import {name}: {}", stderr(&o));
-    stderr(&o)
-}
-
 fn open(env: &Env, name: &str, policy: Policy) -> vdisk::Result<Image> {
     let opts = OpenOptions {
         format: Some(Format::Vhdx),
@@ -445,7 +429,9 @@ fn log_replay() {
         );
         // Streamed, a log that needs replay sends the image through the spool file, and the
         // disk is the replayed one.
-        let said = import_pipe(&env, &name, "piped.raw");
+        let o = env.import_pipe(&name, "piped.raw");
+        assert!(o.status.success(), "import {name}: {}", stderr(&o));
+        let said = stderr(&o);
         assert!(said.contains("spooling"), "{said}");
         env.assert_same("piped.raw", "raw", "fixed.vhdx", "vhdx");
         // qemu-img refuses to read it read-only; vdisk's map still marks data and zeros.

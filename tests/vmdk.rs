@@ -477,16 +477,7 @@ fn stream_with_footer_as_vmware_writes_it() {
     env.assert_same("foot.vmdk", "vmdk", "disk.raw", "raw");
 
     // Streamed, it is read front to back (no spool file) into the same disk.
-    let o = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cat '{}' | '{}' import - '{}'",
-            env.path("foot.vmdk").display(),
-            env!("CARGO_BIN_EXE_vdisk"),
-            env.path("foot.out").display()
-        ))
-        .output()
-        .unwrap();
+    let o = env.import_pipe("foot.vmdk", "foot.out");
     assert!(o.status.success(), "import: {}", stderr(&o));
     assert!(!stderr(&o).contains("spooling"), "{}", stderr(&o));
     env.assert_same("foot.out", "raw", "disk.raw", "raw");

@@ -255,23 +255,8 @@ pub unsafe extern "C" fn vdisk_image_open(
     out: *mut *mut vdisk_image,
     err: *mut *mut vdisk_error,
 ) -> vdisk_status {
-    boundary(err, || {
-        let p = path_arg(path, "path")?;
-        if out.is_null() {
-            return Err(null("out"));
-        }
-        let policy = policy(untrusted != 0);
-        let img = Image::open(
-            &p,
-            &OpenOptions {
-                policy,
-                ..OpenOptions::default()
-            },
-        )?;
-        // SAFETY: `out` is non-NULL and writable per the contract.
-        unsafe { *out = Box::into_raw(Box::new(vdisk_image { inner: img })) };
-        Ok(())
-    })
+    // SAFETY: the caller's guarantees are the ones `vdisk_image_open_locked` needs.
+    unsafe { vdisk_image_open_locked(path, untrusted, vdisk_lock_mode::Read as u32, out, err) }
 }
 
 /// Lock modes for `vdisk_image_open_locked`, passed as `uint32_t`.

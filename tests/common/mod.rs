@@ -113,6 +113,21 @@ impl Env {
         c
     }
 
+    /// `cat NAME | vdisk import - OUT`: the image through a pipe, as the importer streams it.
+    pub fn import_pipe(&self, name: &str, out: &str) -> Output {
+        let o = self
+            .cmd("sh")
+            .arg("-c")
+            .arg(format!(
+                "cat '{}' | '{}' import - '{}'",
+                self.path(name).display(),
+                env!("CARGO_BIN_EXE_vdisk"),
+                self.path(out).display()
+            ))
+            .output();
+        o.expect("sh")
+    }
+
     /// Run qemu-img; it must succeed.
     pub fn qemu_img(&self, args: &[&str]) -> Output {
         run_ok(self.cmd("qemu-img").args(args))
