@@ -18,6 +18,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#define VDISK_VERSION_MAJOR 0
+#define VDISK_VERSION_MINOR 1
+#define VDISK_VERSION_PATCH 0
+
 /*
  Result of a call. Values are stable and never reused.
  */
@@ -86,7 +90,7 @@ typedef enum vdisk_status {
 } vdisk_status;
 
 /*
- What the input of [`vdisk_import_fd`] holds.
+ What the input of `vdisk_import_fd` holds.
  */
 typedef enum vdisk_content {
   /*
@@ -104,7 +108,7 @@ typedef enum vdisk_content {
 } vdisk_content;
 
 /*
- Where [`vdisk_import_fd`] writes.
+ Where `vdisk_import_fd` writes.
  */
 typedef enum vdisk_target {
   /*
@@ -122,7 +126,7 @@ typedef enum vdisk_target {
 } vdisk_target;
 
 /*
- Output format of [`vdisk_convert`] and [`vdisk_create`].
+ Output format of `vdisk_convert` and `vdisk_create`.
  */
 typedef enum vdisk_format {
   /*
@@ -158,7 +162,7 @@ typedef enum vdisk_preallocation {
 } vdisk_preallocation;
 
 /*
- What [`vdisk_check`] may repair.
+ What `vdisk_check` may repair.
  */
 typedef enum vdisk_repair {
   /*
@@ -176,7 +180,7 @@ typedef enum vdisk_repair {
 } vdisk_repair;
 
 /*
- An internal-snapshot operation of [`vdisk_snapshot`].
+ An internal-snapshot operation of `vdisk_snapshot`.
  */
 typedef enum vdisk_snapshot_op {
   /*
@@ -228,7 +232,7 @@ typedef uint32_t vdisk_lock_mode;
 typedef struct vdisk_cancel vdisk_cancel;
 
 /*
- How [`vdisk_convert`] works. Made by [`vdisk_convert_options_new`] with qemu-img's
+ How `vdisk_convert` works. Made by `vdisk_convert_options_new` with qemu-img's
  defaults (raw output, 4 KiB sparse runs, trusted input, no progress, no cancel token).
  Not safe to change from several threads at once; one object may serve many conversions.
  */
@@ -245,8 +249,8 @@ typedef struct vdisk_error vdisk_error;
 typedef struct vdisk_image vdisk_image;
 
 /*
- How [`vdisk_import_fd`] works. Made by [`vdisk_import_options_new`] with the defaults of
- CDI's importer: content `KUBEVIRT`, filesystem overhead 0.055, no requested size (the disk
+ How `vdisk_import_fd` works. Made by `vdisk_import_options_new` with the defaults of
+ CDI's importer: content `KUBEVIRT`, filesystem overhead 0.06, no requested size (the disk
  keeps its virtual size), no preallocation, 32 MiB for out-of-order qcow2 data with
  spilling to the target volume beyond it, one decoder thread per core, buffered I/O.
  Not safe to change from several threads at once.
@@ -309,7 +313,7 @@ typedef int32_t (*vdisk_extent_fn)(void *user_data, const struct vdisk_extent *e
 typedef int32_t (*vdisk_progress_fn)(void *user_data, uint64_t done, uint64_t total);
 
 /*
- What [`vdisk_import_fd`] did.
+ What `vdisk_import_fd` did.
  */
 typedef struct vdisk_import_report {
   /*
@@ -437,7 +441,7 @@ void vdisk_error_free(struct vdisk_error *err);
  Open the image file at `path` (format detected from its content). With `untrusted`
  non-zero, images naming a backing or external data file are refused
  (`VDISK_STATUS_DENIED`); otherwise those are followed as plain local paths. On success
- `*out` receives the image, to be freed with [`vdisk_image_free`].
+ `*out` receives the image, to be freed with `vdisk_image_free`.
 
  # Safety
  `path` is a NUL-terminated string; `out` is writable; `err` is NULL or writable.
@@ -466,7 +470,7 @@ enum vdisk_status vdisk_image_open_locked(const char *path,
  Free an image. NULL is a no-op. Must not be called twice, nor while another thread uses it.
 
  # Safety
- `img` is NULL or an image from [`vdisk_image_open`] not yet freed.
+ `img` is NULL or an image from `vdisk_image_open` not yet freed.
  */
 void vdisk_image_free(struct vdisk_image *img);
 
@@ -544,7 +548,7 @@ enum vdisk_status vdisk_image_actual_size(const struct vdisk_image *img,
 
 /*
  The backing file name as stored in the image into `*out` (a new string freed with
- [`vdisk_string_free`]), or NULL when the image has none.
+ `vdisk_string_free`), or NULL when the image has none.
 
  # Safety
  `img` is a live image; `out` is writable; `err` is NULL or writable.
@@ -556,7 +560,7 @@ enum vdisk_status vdisk_image_backing_file(const struct vdisk_image *img,
 /*
  Everything `qemu-img info --output=json` reports about the image (format, sizes, cluster
  size, backing file, snapshots, format-specific details), as a JSON object in a new string
- freed with [`vdisk_string_free`].
+ freed with `vdisk_string_free`.
 
  # Safety
  `img` is a live image; `out` is writable; `err` is NULL or writable.
@@ -591,7 +595,7 @@ uint64_t vdisk_usable_space(double overhead, uint64_t available);
 uint64_t vdisk_required_space(double overhead, uint64_t requested);
 
 /*
- A new, unset cancellation token; free it with [`vdisk_cancel_free`] after the operations
+ A new, unset cancellation token; free it with `vdisk_cancel_free` after the operations
  using it have returned.
  */
 struct vdisk_cancel *vdisk_cancel_new(void);
@@ -609,12 +613,12 @@ void vdisk_cancel_request(const struct vdisk_cancel *c);
  Free a token. NULL is a no-op; no operation may still be using it.
 
  # Safety
- `c` is NULL or a token from [`vdisk_cancel_new`] not yet freed.
+ `c` is NULL or a token from `vdisk_cancel_new` not yet freed.
  */
 void vdisk_cancel_free(struct vdisk_cancel *c);
 
 /*
- New import options with the defaults; free with [`vdisk_import_options_free`].
+ New import options with the defaults; free with `vdisk_import_options_free`.
  */
 struct vdisk_import_options *vdisk_import_options_new(void);
 
@@ -622,7 +626,7 @@ struct vdisk_import_options *vdisk_import_options_new(void);
  Free import options. NULL is a no-op.
 
  # Safety
- `o` is NULL or options from [`vdisk_import_options_new`] not yet freed.
+ `o` is NULL or options from `vdisk_import_options_new` not yet freed.
  */
 void vdisk_import_options_free(struct vdisk_import_options *o);
 
@@ -707,7 +711,7 @@ enum vdisk_status vdisk_import_options_set_direct_io(struct vdisk_import_options
 /*
  Set the progress callback (NULL for none) and its `user_data`. It receives input bytes
  read and the input size (0 when unknown), runs on the thread that called
- [`vdisk_import_fd`], and cancels the import by returning non-zero.
+ `vdisk_import_fd`, and cancels the import by returning non-zero.
 
  # Safety
  `o` is NULL or live options; `user_data` stays valid while imports use it.
@@ -745,7 +749,7 @@ enum vdisk_status vdisk_import_fd(int32_t fd,
                                   struct vdisk_error **err);
 
 /*
- New convert options with the defaults; free with [`vdisk_convert_options_free`].
+ New convert options with the defaults; free with `vdisk_convert_options_free`.
  */
 struct vdisk_convert_options *vdisk_convert_options_new(void);
 
@@ -753,7 +757,7 @@ struct vdisk_convert_options *vdisk_convert_options_new(void);
  Free convert options. NULL is a no-op.
 
  # Safety
- `o` is NULL or options from [`vdisk_convert_options_new`] not yet freed.
+ `o` is NULL or options from `vdisk_convert_options_new` not yet freed.
  */
 void vdisk_convert_options_free(struct vdisk_convert_options *o);
 
@@ -818,7 +822,7 @@ enum vdisk_status vdisk_convert_options_set_untrusted(struct vdisk_convert_optio
 
 /*
  Set the progress callback (NULL for none) and the `user_data` passed to it. The callback
- runs on the thread that called [`vdisk_convert`]; its non-zero return cancels.
+ runs on the thread that called `vdisk_convert`; its non-zero return cancels.
 
  # Safety
  `o` is NULL or live options; `user_data` stays valid while conversions use it.
@@ -915,7 +919,7 @@ enum vdisk_status vdisk_compare(const struct vdisk_image *a,
 /*
  Create, apply or delete an internal snapshot of the qcow2 image at `path`. The edit is
  crash-safe: an interruption leaves the old state or the new one. List snapshots with
- [`super::vdisk_image_info_json`] (`"snapshots"`) or [`super::vdisk_image_snapshot_count`].
+ `vdisk_image_info_json` (`"snapshots"`) or `vdisk_image_snapshot_count`.
 
  # Safety
  `path`, `name` are NUL-terminated; `err` is NULL or writable.

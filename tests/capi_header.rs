@@ -17,6 +17,26 @@ fn generate() -> String {
 }
 
 #[test]
+fn version_macros_are_the_crate_version() {
+    let header = generate();
+    for (name, want) in [
+        ("VDISK_VERSION_MAJOR", env!("CARGO_PKG_VERSION_MAJOR")),
+        ("VDISK_VERSION_MINOR", env!("CARGO_PKG_VERSION_MINOR")),
+        ("VDISK_VERSION_PATCH", env!("CARGO_PKG_VERSION_PATCH")),
+    ] {
+        let line = format!("#define {name} {want}\n");
+        assert!(header.contains(&line), "the header lacks {line:?} (update cbindgen.toml)");
+    }
+}
+
+#[test]
+fn header_comments_read_as_c() {
+    // Rustdoc links ([`name`]) mean nothing to a C reader.
+    let header = generate();
+    assert!(!header.contains("[`"), "rustdoc link syntax in the header");
+}
+
+#[test]
 fn header_is_current() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("include/vdisk.h");
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();

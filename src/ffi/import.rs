@@ -9,7 +9,7 @@ use crate::ingest::{ContentType, ImportOptions, ImportTarget};
 use std::ffi::{c_char, c_void};
 use std::os::fd::{FromRawFd, RawFd};
 
-/// What the input of [`vdisk_import_fd`] holds.
+/// What the input of `vdisk_import_fd` holds.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum vdisk_content {
@@ -21,7 +21,7 @@ pub enum vdisk_content {
     Raw = 2,
 }
 
-/// Where [`vdisk_import_fd`] writes.
+/// Where `vdisk_import_fd` writes.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum vdisk_target {
@@ -33,8 +33,8 @@ pub enum vdisk_target {
     Directory = 2,
 }
 
-/// How [`vdisk_import_fd`] works. Made by [`vdisk_import_options_new`] with the defaults of
-/// CDI's importer: content `KUBEVIRT`, filesystem overhead 0.055, no requested size (the disk
+/// How `vdisk_import_fd` works. Made by `vdisk_import_options_new` with the defaults of
+/// CDI's importer: content `KUBEVIRT`, filesystem overhead 0.06, no requested size (the disk
 /// keeps its virtual size), no preallocation, 32 MiB for out-of-order qcow2 data with
 /// spilling to the target volume beyond it, one decoder thread per core, buffered I/O.
 /// Not safe to change from several threads at once.
@@ -73,7 +73,7 @@ impl Default for vdisk_import_options {
     }
 }
 
-/// New import options with the defaults; free with [`vdisk_import_options_free`].
+/// New import options with the defaults; free with `vdisk_import_options_free`.
 #[unsafe(no_mangle)]
 pub extern "C" fn vdisk_import_options_new() -> *mut vdisk_import_options {
     Box::into_raw(Box::default())
@@ -82,7 +82,7 @@ pub extern "C" fn vdisk_import_options_new() -> *mut vdisk_import_options {
 /// Free import options. NULL is a no-op.
 ///
 /// # Safety
-/// `o` is NULL or options from [`vdisk_import_options_new`] not yet freed.
+/// `o` is NULL or options from `vdisk_import_options_new` not yet freed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vdisk_import_options_free(o: *mut vdisk_import_options) {
     if !o.is_null() {
@@ -221,7 +221,7 @@ pub unsafe extern "C" fn vdisk_import_options_set_direct_io(
 
 /// Set the progress callback (NULL for none) and its `user_data`. It receives input bytes
 /// read and the input size (0 when unknown), runs on the thread that called
-/// [`vdisk_import_fd`], and cancels the import by returning non-zero.
+/// `vdisk_import_fd`, and cancels the import by returning non-zero.
 ///
 /// # Safety
 /// `o` is NULL or live options; `user_data` stays valid while imports use it.
@@ -253,7 +253,7 @@ pub unsafe extern "C" fn vdisk_import_options_set_cancel(
     })
 }
 
-/// What [`vdisk_import_fd`] did.
+/// What `vdisk_import_fd` did.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct vdisk_import_report {

@@ -9,7 +9,7 @@ use crate::image::{Image, OpenOptions};
 use crate::qcow2::writer::{CreateOptions, Prealloc};
 use std::ffi::{CStr, c_char, c_void};
 
-/// Output format of [`vdisk_convert`] and [`vdisk_create`].
+/// Output format of `vdisk_convert` and `vdisk_create`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum vdisk_format {
@@ -64,7 +64,7 @@ fn text_options(options: *const c_char) -> Result<CreateOptions, Fail> {
     Ok(co)
 }
 
-/// How [`vdisk_convert`] works. Made by [`vdisk_convert_options_new`] with qemu-img's
+/// How `vdisk_convert` works. Made by `vdisk_convert_options_new` with qemu-img's
 /// defaults (raw output, 4 KiB sparse runs, trusted input, no progress, no cancel token).
 /// Not safe to change from several threads at once; one object may serve many conversions.
 pub struct vdisk_convert_options {
@@ -93,7 +93,7 @@ impl Default for vdisk_convert_options {
     }
 }
 
-/// New convert options with the defaults; free with [`vdisk_convert_options_free`].
+/// New convert options with the defaults; free with `vdisk_convert_options_free`.
 #[unsafe(no_mangle)]
 pub extern "C" fn vdisk_convert_options_new() -> *mut vdisk_convert_options {
     Box::into_raw(Box::default())
@@ -102,7 +102,7 @@ pub extern "C" fn vdisk_convert_options_new() -> *mut vdisk_convert_options {
 /// Free convert options. NULL is a no-op.
 ///
 /// # Safety
-/// `o` is NULL or options from [`vdisk_convert_options_new`] not yet freed.
+/// `o` is NULL or options from `vdisk_convert_options_new` not yet freed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vdisk_convert_options_free(o: *mut vdisk_convert_options) {
     if !o.is_null() {
@@ -197,7 +197,7 @@ pub unsafe extern "C" fn vdisk_convert_options_set_untrusted(
 }
 
 /// Set the progress callback (NULL for none) and the `user_data` passed to it. The callback
-/// runs on the thread that called [`vdisk_convert`]; its non-zero return cancels.
+/// runs on the thread that called `vdisk_convert`; its non-zero return cancels.
 ///
 /// # Safety
 /// `o` is NULL or live options; `user_data` stays valid while conversions use it.
@@ -344,7 +344,7 @@ pub unsafe extern "C" fn vdisk_resize(
     })
 }
 
-/// What [`vdisk_check`] may repair.
+/// What `vdisk_check` may repair.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum vdisk_repair {
@@ -477,7 +477,7 @@ pub unsafe extern "C" fn vdisk_compare(
     })
 }
 
-/// An internal-snapshot operation of [`vdisk_snapshot`].
+/// An internal-snapshot operation of `vdisk_snapshot`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum vdisk_snapshot_op {
@@ -491,7 +491,7 @@ pub enum vdisk_snapshot_op {
 
 /// Create, apply or delete an internal snapshot of the qcow2 image at `path`. The edit is
 /// crash-safe: an interruption leaves the old state or the new one. List snapshots with
-/// [`super::vdisk_image_info_json`] (`"snapshots"`) or [`super::vdisk_image_snapshot_count`].
+/// `vdisk_image_info_json` (`"snapshots"`) or `vdisk_image_snapshot_count`.
 ///
 /// # Safety
 /// `path`, `name` are NUL-terminated; `err` is NULL or writable.

@@ -46,6 +46,10 @@ int main(int argc, char **argv) {
     const char *dir = argv[2];
     char out[4096], out2[4096];
     CHECK(strlen(vdisk_version()) > 0);
+    char version[64];
+    snprintf(version, sizeof version, "%d.%d.%d", VDISK_VERSION_MAJOR, VDISK_VERSION_MINOR,
+             VDISK_VERSION_PATCH);
+    CHECK(strcmp(version, vdisk_version()) == 0);
 
     vdisk_image *img = NULL;
     vdisk_error *err = NULL;
