@@ -25,7 +25,10 @@ fn version_macros_are_the_crate_version() {
         ("VDISK_VERSION_PATCH", env!("CARGO_PKG_VERSION_PATCH")),
     ] {
         let line = format!("#define {name} {want}\n");
-        assert!(header.contains(&line), "the header lacks {line:?} (update cbindgen.toml)");
+        assert!(
+            header.contains(&line),
+            "the header lacks {line:?} (update cbindgen.toml)"
+        );
     }
 }
 
