@@ -59,6 +59,48 @@ pub fn same_key<K: PartialEq + Copy, V>(units: &[(K, V)], next: usize) -> std::o
     next..end
 }
 
+/// Make every `unit`-byte unit of a `size`-byte disk that no index in `present` names read as
+/// zeros (what the file reader reads where the tables map nothing), in runs.
+pub fn zero_absent(
+    present: impl Iterator<Item = u64>,
+    unit: u64,
+    size: u64,
+    out: &dyn Target,
+) -> Result<()> {
+    let mut held: Vec<u64> = present.collect();
+    held.sort_unstable();
+    held.dedup();
+    let mut pos = 0u64;
+    for i in held.into_iter().chain(std::iter::once(size.div_ceil(unit))) {
+        let start = i.saturating_mul(unit).min(size);
+        if start > pos {
+            out.zero(pos, start - pos)?;
+        }
+        pos = pos.max(i.saturating_add(1).saturating_mul(unit).min(size));
+    }
+    Ok(())
+}
+
+/// Zero the part of each `(host, index)` unit past the stream's end `len`: a unit of
+/// `unit_len(index)` bytes at guest `index * unit` that the end cut short reads as zeros past
+/// it, as from a file.
+pub fn zero_cut_short(
+    units: &[(u64, u64)],
+    len: u64,
+    unit: u64,
+    unit_len: impl Fn(u64) -> u64,
+    out: &dyn Target,
+) -> Result<()> {
+    for &(host, i) in units {
+        let full = unit_len(i);
+        let got = len.saturating_sub(host).min(full);
+        if got < full {
+            out.zero(i * unit + got, full - got)?;
+        }
+    }
+    Ok(())
+}
+
 /// The head of a stream as random-access bytes for a format's open: reads pull the stream
 /// forward and every byte read stays in memory (charged to the budget) until [`run`] takes
 /// them back. Reads past what the stream holds end short, as at a file's end; reads past

@@ -442,14 +442,7 @@ impl Forward for VdiForward {
 
     fn finish(&mut self, len: u64, _tail: &[u8], out: &dyn Target) -> Result<()> {
         self.v.check_ends(len)?;
-        let mut off = 0u64;
-        while off < self.v.size {
-            let n = (self.v.size - off).min(BLOCK_SIZE);
-            if self.v.host(off).is_none() {
-                out.zero(off, n)?;
-            }
-            off += n;
-        }
-        Ok(())
+        let allocated = self.order.iter().map(|&(_, e)| u64::from(e));
+        crate::forward::zero_absent(allocated, BLOCK_SIZE, self.v.size, out)
     }
 }

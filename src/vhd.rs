@@ -682,20 +682,8 @@ impl Forward for DynamicForward {
         }
         let last = &tail[tail.len().saturating_sub(FOOTER_LEN as usize)..];
         self.d.check_ends(limit_for(len, last))?;
-        let bs = self.d.block_size;
-        let mut b = 0usize;
-        while b < self.d.bat.len() && (b as u64) * bs < self.d.size {
-            if self.d.bat[b] != UNALLOCATED {
-                b += 1;
-                continue;
-            }
-            let start = b as u64 * bs;
-            while b < self.d.bat.len() && self.d.bat[b] == UNALLOCATED {
-                b += 1;
-            }
-            out.zero(start, (b as u64 * bs).min(self.d.size) - start)?;
-        }
-        Ok(())
+        let allocated = self.order.iter().map(|&(_, b)| u64::from(b));
+        crate::forward::zero_absent(allocated, self.d.block_size, self.d.size, out)
     }
 }
 

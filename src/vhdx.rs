@@ -1002,30 +1002,16 @@ impl Forward for VhdxForward {
         for &(off, b) in &self.units {
             self.v.check_block(b, off).map_err(Error::corrupt)?;
         }
-        // Blocks cut short by the end read as zeros past it (as from a file).
-        let bs = self.v.block_size;
-        for &(off, b) in &self.units[self.cur.start..] {
-            let full = bs.min(self.v.virtual_size - b * bs);
-            let got = len.saturating_sub(off).min(full);
-            if got < full {
-                out.zero(b * bs + got, full - got)?;
-            }
-        }
-        let mut present: Vec<u64> = self.units.iter().map(|&(_, b)| b).collect();
-        present.sort_unstable();
-        present.dedup();
-        let mut pos = 0u64;
-        for b in present
-            .into_iter()
-            .chain(std::iter::once(self.v.data_blocks))
-        {
-            let start = (b * bs).min(self.v.virtual_size);
-            if start > pos {
-                out.zero(pos, start - pos)?;
-            }
-            pos = ((b + 1) * bs).min(self.v.virtual_size);
-        }
-        Ok(())
+        let (bs, size) = (self.v.block_size, self.v.virtual_size);
+        crate::forward::zero_cut_short(
+            &self.units[self.cur.start..],
+            len,
+            bs,
+            |b| bs.min(size - b * bs),
+            out,
+        )?;
+        let present = self.units.iter().map(|&(_, b)| b);
+        crate::forward::zero_absent(present, bs, size, out)
     }
 }
 

@@ -1898,29 +1898,17 @@ impl Forward for SparseForward {
         if self.s.compressed {
             self.decode_ready(true, out)?;
         } else {
-            // Data grains cut short by the end read as zeros past it (as from a file).
-            for &(host, g) in &self.units[self.cur.start..] {
-                let got = len.saturating_sub(host).min(self.s.grain_len(g));
-                let rest = self.s.grain_len(g) - got;
-                if rest > 0 {
-                    out.zero(g * self.s.grain_bytes + got, rest)?;
-                }
-            }
+            let s = &self.s;
+            crate::forward::zero_cut_short(
+                &self.units[self.cur.start..],
+                len,
+                s.grain_bytes,
+                |g| s.grain_len(g),
+                out,
+            )?;
         }
-        // Everything no grain holds reads as zeros.
-        let gb = self.s.grain_bytes;
-        let mut held: Vec<u64> = self.units.iter().map(|&(_, g)| g).collect();
-        held.sort_unstable();
-        held.dedup();
-        let mut pos = 0u64;
-        for g in held.into_iter().chain(std::iter::once(self.s.grains)) {
-            let start = g * gb;
-            if start > pos {
-                out.zero(pos, start.min(self.s.size) - pos)?;
-            }
-            pos = ((g + 1) * gb).min(self.s.size);
-        }
-        Ok(())
+        let held = self.units.iter().map(|&(_, g)| g);
+        crate::forward::zero_absent(held, self.s.grain_bytes, self.s.size, out)
     }
 }
 
