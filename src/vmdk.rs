@@ -1731,27 +1731,29 @@ pub(crate) fn forward(head: &HeadIo<'_, '_>) -> Result<Option<Box<dyn Forward>>>
     if s.compressed && !s.markers {
         return Ok(None);
     }
-    // The tables (which the file reader has checked to lie in the file before the
-    // descriptor), then the descriptor, then every allocated grain, (host, grain), by host.
-    let mut tables = Vec::new();
-    for &e in &s.gd {
-        let mut raw = vec![0u8; if e == 0 { 0 } else { GT_BYTES as usize }];
+    // The tables must be in the stream before the descriptor is judged (the file reader
+    // checks them against the file first); the head keeps them, so the second pass reads
+    // them from memory one at a time.
+    let mut raw = vec![0u8; GT_BYTES as usize];
+    for &e in s.gd.iter().filter(|&&e| e != 0) {
         head.read_exact_at(&mut raw, u64::from(e) * SECTOR)
             .map_err(io_err("cannot read VMDK grain table"))?;
-        tables.push(raw);
     }
     sparse_ids(&s, head)?;
+    // Every allocated grain, (host, grain), by host.
     let mut units: Vec<(u64, u64)> = Vec::new();
-    for (gi, raw) in tables.iter().enumerate() {
-        if raw.is_empty() {
+    for (gi, &e) in s.gd.iter().enumerate() {
+        if e == 0 {
             continue;
         }
+        head.read_exact_at(&mut raw, u64::from(e) * SECTOR)
+            .map_err(io_err("cannot read VMDK grain table"))?;
         for k in 0..GTES {
             let g = gi as u64 * GTES + k;
             if g >= s.grains {
                 break;
             }
-            match s.classify(le32(raw, 4 * k as usize), s.grain_len(g)) {
+            match s.classify(le32(&raw, 4 * k as usize), s.grain_len(g)) {
                 Ok(Grain::Data(host) | Grain::Compressed(host)) => units.push((host, g)),
                 Ok(_) => {}
                 Err(b) => return Err(s.bad(g, b)),
