@@ -27,15 +27,35 @@ impl Holder {
             .stderr(Stdio::null())
             .spawn()
             .expect("qemu-io");
-        let h = Holder(child);
-        // Held once a writer (qemu-img resize would be one) is refused.
+        let mut h = Holder(child);
+        // Held once /proc/locks shows QEMU's "no one else may write" and "no one else may
+        // resize" bytes (201 and 203) on the file. Watching takes no lock: a probe that did
+        // (a qemu-img writer, say) could hold its own while qemu-io opens, and qemu-io would
+        // then fail to open and exit.
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(env.path(file)).unwrap());
         let t = Instant::now();
-        while env.qemu_img_any(&["resize", file, "+0"]).status.success() {
+        loop {
+            let locks = std::fs::read_to_string("/proc/locks").unwrap();
+            let held = |byte: u64| {
+                locks.lines().any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() >= 8
+                        && f[1] == "OFDLCK"
+                        && f[5].rsplit(':').next() == Some(ino.to_string().as_str())
+                        && f[6] == byte.to_string()
+                })
+            };
+            if held(201) && held(203) {
+                break;
+            }
+            if let Some(st) = h.0.try_wait().unwrap() {
+                panic!("qemu-io exited ({st}) before it held {file}");
+            }
             assert!(
                 t.elapsed() < Duration::from_secs(20),
                 "qemu-io never took its locks"
             );
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
         h
     }
