@@ -16,10 +16,43 @@ pub enum Comparison {
     Differ(u64),
     /// Strict mode only: the virtual sizes differ.
     SizeMismatch,
+    /// Strict mode only: the two images report a different block status (allocation, zero,
+    /// data, host offset or compression, as qemu-img map shows them) from this guest offset.
+    StatusMismatch(u64),
+}
+
+/// What strict mode compares of two ranges' status (qemu-img's block status flags). QEMU
+/// also flags data in a raw external data file as "look further down" (its status has one
+/// more bit), so such ranges differ from the same data anywhere else.
+fn status(img: &Image, e: &crate::image::Extent) -> (bool, bool, bool, bool, bool, bool) {
+    use crate::qcow2::header::AUTOCLEAR_DATA_FILE_RAW;
+    let raw_data_file = img.qcow2().is_some_and(|q| {
+        let h = q.header();
+        h.data_file.is_some() && h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
+    });
+    let recurse = raw_data_file && e.depth == 0 && e.data && e.offset.is_some();
+    (
+        e.present,
+        e.zero,
+        e.data,
+        e.offset.is_some(),
+        e.compressed,
+        recurse,
+    )
 }
 
 /// Compare `a` and `b`. With `strict`, images of different size differ.
 pub fn compare(a: &Image, b: &Image, strict: bool) -> Result<Comparison> {
+    compare_with_progress(a, b, strict, &mut |_, _| {})
+}
+
+/// [`compare`], calling `progress(done, total)` (guest bytes) as it goes.
+pub fn compare_with_progress(
+    a: &Image,
+    b: &Image,
+    strict: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Comparison> {
     let (sa, sb) = (a.virtual_size(), b.virtual_size());
     if strict && sa != sb {
         return Ok(Comparison::SizeMismatch);
@@ -29,8 +62,18 @@ pub fn compare(a: &Image, b: &Image, strict: bool) -> Result<Comparison> {
     let mut bb = vec![0u8; CHUNK as usize];
     let mut pos = 0;
     while pos < common {
-        let ea = a.extent(pos, (common - pos).min(CHUNK))?;
-        let eb = b.extent(pos, ea.len)?;
+        let mut ea = a.extent(pos, (common - pos).min(CHUNK))?;
+        let mut eb = b.extent(pos, ea.len)?;
+        if strict {
+            // Status as qemu-img reports it, checked before the contents.
+            let ra = a.reported_extent(pos, ea.len)?;
+            let rb = b.reported_extent(pos, eb.len)?;
+            if status(a, &ra) != status(b, &rb) {
+                return Ok(Comparison::StatusMismatch(pos));
+            }
+            ea.len = ea.len.min(ra.len);
+            eb.len = eb.len.min(rb.len);
+        }
         let len = ea.len.min(eb.len);
         if !(ea.zero && eb.zero) {
             let (x, y) = (&mut ba[..len as usize], &mut bb[..len as usize]);
@@ -46,6 +89,7 @@ pub fn compare(a: &Image, b: &Image, strict: bool) -> Result<Comparison> {
             }
         }
         pos += len;
+        progress(pos, sa.max(sb));
     }
     let longer = if sa > sb { a } else { b };
     let end = sa.max(sb);
@@ -59,6 +103,7 @@ pub fn compare(a: &Image, b: &Image, strict: bool) -> Result<Comparison> {
             }
         }
         pos += e.len;
+        progress(pos, end);
     }
     Ok(Comparison::Identical)
 }

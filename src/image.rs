@@ -82,6 +82,11 @@ pub trait Driver: std::fmt::Debug + Send + Sync {
     fn format_specific(&self) -> Option<serde_json::Value> {
         None
     }
+    /// False when QEMU's driver for the format answers no block status (VHDX): qemu-img then
+    /// reports every byte as data with no host offset, and [`Image::reported_extent`] does too.
+    fn qemu_reports_status(&self) -> bool {
+        true
+    }
     /// Metadata problems found by `check` (empty: clean). `None`: the format has no
     /// metadata to check (as qemu-img says for raw).
     fn check(&self) -> Option<Vec<String>> {
@@ -187,6 +192,28 @@ impl Image {
             Kind::Driver(d) => d.extent(offset, max),
         }
         .map_err(|e| self.name_in(e))
+    }
+
+    /// The status qemu-img reports for the range at `offset` (what `map`, `measure` and
+    /// `compare -s` show): [`Image::extent`], except that a format whose QEMU driver answers
+    /// no block status (VHDX) is all data with no host offset, as qemu-img shows it. Copying
+    /// uses [`Image::extent`], which knows the holes.
+    pub fn reported_extent(&self, offset: u64, max: u64) -> Result<Extent> {
+        match &self.kind {
+            Kind::Driver(d) if !d.qemu_reports_status() => {
+                let len = self.virtual_size().saturating_sub(offset).min(max);
+                Ok(Extent {
+                    len: len.max(1),
+                    depth: 0,
+                    present: true,
+                    zero: false,
+                    data: true,
+                    compressed: false,
+                    offset: None,
+                })
+            }
+            _ => self.extent(offset, max),
+        }
     }
 
     /// Read guest bytes at `offset`; the range must lie within the virtual size.

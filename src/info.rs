@@ -6,7 +6,8 @@ use crate::image::{Extent, Image};
 use crate::iso::IsoInfo;
 use crate::qcow2::Snapshot;
 use crate::qcow2::header::{AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, incompat};
-use serde_json::{Value, json};
+use crate::qjson::{QDict, QValue};
+use serde_json::Value;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -29,6 +30,8 @@ pub struct Qcow2Info {
     pub data_file: Option<String>,
     /// Data file is a valid raw image.
     pub data_file_raw: bool,
+    /// Persistent dirty bitmaps.
+    pub bitmaps: Vec<crate::qcow2::bitmaps::Bitmap>,
 }
 
 /// Everything `info` shows about one image.
@@ -123,97 +126,120 @@ impl ImageInfo {
                 extended_l2: h.extended_l2(),
                 data_file: h.data_file.clone(),
                 data_file_raw: h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0,
+                bitmaps: crate::qcow2::bitmaps::list(q)?,
             });
         }
         Ok(info)
     }
 
-    /// qemu-img's `--output=json` object.
+    /// qemu-img's `--output=json` object, as data.
     pub fn to_json(&self) -> Value {
-        let mut m = serde_json::Map::new();
-        m.insert("filename".into(), json!(self.filename));
-        m.insert("format".into(), json!(self.format));
-        m.insert("virtual-size".into(), json!(self.virtual_size));
-        if let Some(a) = self.actual_size {
-            m.insert("actual-size".into(), json!(a));
-        }
-        m.insert("dirty-flag".into(), json!(self.dirty));
-        if let Some(c) = self.cluster_size {
-            m.insert("cluster-size".into(), json!(c));
-        }
-        if let Some(b) = &self.backing_filename {
-            m.insert("backing-filename".into(), json!(b));
-        }
-        if let Some(b) = &self.full_backing_filename {
-            m.insert("full-backing-filename".into(), json!(b));
-        }
-        if let Some(b) = &self.backing_format {
-            m.insert("backing-filename-format".into(), json!(b));
-        }
+        self.to_qobject().to_value()
+    }
+
+    /// qemu-img's `--output=json` text, byte for byte (QEMU's key order and layout).
+    pub fn to_json_text(&self) -> String {
+        crate::qjson::pretty(&self.to_qobject())
+    }
+
+    /// The `--output=json` tree, keys added in the order of QEMU's schema (`BlockGraphInfo`).
+    pub fn to_qobject(&self) -> QValue {
+        let mut m = QDict::new();
+        m.put("filename", &self.filename);
+        m.put("format", self.format);
+        m.put("dirty-flag", self.dirty);
+        m.put_opt("actual-size", self.actual_size);
+        m.put("virtual-size", self.virtual_size);
+        m.put_opt("cluster-size", self.cluster_size);
+        m.put_opt("backing-filename", self.backing_filename.as_ref());
+        m.put_opt("full-backing-filename", self.full_backing_filename.as_ref());
+        m.put_opt("backing-filename-format", self.backing_format.as_ref());
         if !self.snapshots.is_empty() {
-            let snaps: Vec<Value> = self
+            let snaps: Vec<QValue> = self
                 .snapshots
                 .iter()
                 .map(|s| {
-                    json!({
-                        "id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
-                        "date-sec": s.date_sec, "date-nsec": s.date_nsec,
-                        "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
-                        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
-                        "icount": s.icount.unwrap_or(u64::MAX),
-                    })
+                    let mut d = QDict::new();
+                    d.put("id", &s.id);
+                    d.put("name", &s.name);
+                    d.put("vm-state-size", s.vm_state_size);
+                    d.put("date-sec", s.date_sec);
+                    d.put("date-nsec", s.date_nsec);
+                    d.put("vm-clock-sec", s.vm_clock_nsec / 1_000_000_000);
+                    d.put("vm-clock-nsec", s.vm_clock_nsec % 1_000_000_000);
+                    d.put("icount", s.icount.unwrap_or(u64::MAX));
+                    d.into()
                 })
                 .collect();
-            m.insert("snapshots".into(), Value::Array(snaps));
+            m.put("snapshots", snaps);
         }
+        let typed = |t: &str, data: QValue| {
+            let mut f = QDict::new();
+            f.put("type", t);
+            f.put("data", data);
+            f
+        };
         if let Some(q) = &self.qcow2 {
-            let mut d = serde_json::Map::new();
-            d.insert("compat".into(), json!(q.compat));
-            d.insert("compression-type".into(), json!(q.compression_type));
-            if q.compat != "0.10" {
-                d.insert("lazy-refcounts".into(), json!(q.lazy_refcounts));
-            }
-            d.insert("refcount-bits".into(), json!(q.refcount_bits));
-            if q.compat != "0.10" {
-                d.insert("corrupt".into(), json!(q.corrupt));
-                d.insert("extended-l2".into(), json!(q.extended_l2));
-            }
+            let mut d = QDict::new();
+            d.put("compat", q.compat);
             if let Some(f) = &q.data_file {
-                d.insert("data-file".into(), json!(f));
-                d.insert("data-file-raw".into(), json!(q.data_file_raw));
+                d.put("data-file", f);
+                d.put("data-file-raw", q.data_file_raw);
             }
-            m.insert(
-                "format-specific".into(),
-                json!({"type": "qcow2", "data": d}),
-            );
+            if q.compat != "0.10" {
+                d.put("extended-l2", q.extended_l2);
+                d.put("lazy-refcounts", q.lazy_refcounts);
+                d.put("corrupt", q.corrupt);
+            }
+            d.put("refcount-bits", q.refcount_bits);
+            if !q.bitmaps.is_empty() {
+                use crate::qcow2::bitmaps::{FLAG_AUTO, FLAG_IN_USE};
+                let list: Vec<QValue> = q
+                    .bitmaps
+                    .iter()
+                    .map(|b| {
+                        let mut e = QDict::new();
+                        e.put("name", &b.name);
+                        e.put("granularity", 1u64 << b.granularity_bits);
+                        let mut flags = Vec::new();
+                        if b.flags & FLAG_IN_USE != 0 {
+                            flags.push(QValue::from("in-use"));
+                        }
+                        if b.flags & FLAG_AUTO != 0 {
+                            flags.push(QValue::from("auto"));
+                        }
+                        e.put("flags", flags);
+                        e.into()
+                    })
+                    .collect();
+                d.put("bitmaps", list);
+            }
+            d.put("compression-type", q.compression_type);
+            m.put("format-specific", typed("qcow2", d.into()));
         }
         if let Some(i) = &self.iso {
-            m.insert(
-                "format-specific".into(),
-                json!({"type": "iso9660", "data": {
-                    "volume-id": i.volume_id, "logical-block-size": i.block_size,
-                    "volume-space-size": i.volume_space_size,
-                }}),
-            );
+            let mut d = QDict::new();
+            d.put("volume-id", &i.volume_id);
+            d.put("logical-block-size", u64::from(i.block_size));
+            d.put("volume-space-size", u64::from(i.volume_space_size));
+            m.put("format-specific", typed("iso9660", d.into()));
         }
         if let Some(f) = &self.format_specific {
-            m.insert("format-specific".into(), f.clone());
+            m.put("format-specific", QValue::from(f));
         }
-        let mut child = serde_json::Map::new();
-        child.insert("children".into(), json!([]));
-        child.insert("virtual-size".into(), json!(self.file_length));
-        child.insert("filename".into(), json!(self.filename));
-        child.insert("format".into(), json!("file"));
-        if let Some(a) = self.actual_size {
-            child.insert("actual-size".into(), json!(a));
-        }
-        child.insert(
-            "format-specific".into(),
-            json!({"type": "file", "data": {}}),
-        );
-        child.insert("dirty-flag".into(), json!(false));
-        m.insert("children".into(), json!([{"name": "file", "info": child}]));
-        Value::Object(m)
+        let mut child = QDict::new();
+        child.put("filename", &self.filename);
+        child.put("format", "file");
+        child.put("dirty-flag", false);
+        child.put_opt("actual-size", self.actual_size);
+        child.put("virtual-size", self.file_length);
+        child.put("format-specific", typed("file", QDict::new().into()));
+        child.put("children", QValue::List(vec![]));
+        let mut file = QDict::new();
+        file.put("name", "file");
+        file.put("info", child);
+        m.put("children", vec![QValue::from(file)]);
+        m.into()
     }
 
     /// qemu-img's human-readable text.
@@ -253,22 +279,18 @@ impl ImageInfo {
             s.push_str("Snapshot list:\n");
             s.push_str(&snapshot_table(&self.snapshots));
         }
-        if let Some(q) = &self.qcow2 {
-            s.push_str("Format specific information:\n");
-            let _ = writeln!(s, "    compat: {}", q.compat);
-            let _ = writeln!(s, "    compression type: {}", q.compression_type);
-            if q.compat != "0.10" {
-                let _ = writeln!(s, "    lazy refcounts: {}", q.lazy_refcounts);
-            }
-            let _ = writeln!(s, "    refcount bits: {}", q.refcount_bits);
-            // qemu-img prints the data file before the corrupt and extended L2 flags.
-            if let Some(f) = &q.data_file {
-                let _ = writeln!(s, "    data file: {f}");
-                let _ = writeln!(s, "    data file raw: {}", q.data_file_raw);
-            }
-            if q.compat != "0.10" {
-                let _ = writeln!(s, "    corrupt: {}", q.corrupt);
-                let _ = writeln!(s, "    extended l2: {}", q.extended_l2);
+        // qemu prints the format-specific data as it prints any QAPI object: its dictionary
+        // in QEMU's order, '-' in keys as ' ', lists as numbered items.
+        if self.iso.is_none() {
+            if let QValue::Dict(top) = self.to_qobject() {
+                let data = match top.get("format-specific") {
+                    Some(QValue::Dict(f)) => f.get("data").cloned(),
+                    _ => None,
+                };
+                if let Some(QValue::Dict(d)) = data {
+                    s.push_str("Format specific information:\n");
+                    crate::qjson::dump_human(&mut s, &QValue::Dict(d), 1);
+                }
             }
         }
         if let Some(i) = &self.iso {
@@ -357,15 +379,22 @@ pub fn snapshot_table(snaps: &[Snapshot]) -> String {
 /// Walk the merged extent list of `qemu-img map` in guest order, calling `f(start, extent)`
 /// for each. Memory stays constant however many extents there are (a small hostile image can
 /// describe hundreds of millions), so output can be streamed as qemu-img does.
-pub fn for_each_map_extent(
+pub fn for_each_map_extent(img: &Image, f: impl FnMut(u64, &Extent) -> Result<()>) -> Result<()> {
+    for_each_map_extent_in(img, 0..u64::MAX, f)
+}
+
+/// [`for_each_map_extent`] over the guest bytes `range` only (cut to the disk's end), as
+/// `qemu-img map --start-offset --max-length` walks them.
+pub fn for_each_map_extent_in(
     img: &Image,
+    range: std::ops::Range<u64>,
     mut f: impl FnMut(u64, &Extent) -> Result<()>,
 ) -> Result<()> {
-    let size = img.virtual_size();
+    let size = img.virtual_size().min(range.end);
     let mut cur: Option<(u64, Extent)> = None;
-    let mut pos = 0;
+    let mut pos = range.start;
     while pos < size {
-        let e = img.extent(pos, size - pos)?;
+        let e = img.reported_extent(pos, size - pos)?;
         match &mut cur {
             Some((_, last)) if mergeable(last, &e) => last.len += e.len,
             _ => {
@@ -414,11 +443,21 @@ fn write_out(out: &mut dyn std::io::Write, s: &str) -> Result<()> {
 
 /// `qemu-img map --output=json`, byte for byte, written to `out` as the extents are found.
 pub fn write_map_json(img: &Image, out: &mut dyn std::io::Write) -> Result<()> {
+    write_map_json_in(img, 0..u64::MAX, out)
+}
+
+/// [`write_map_json`] over the guest bytes `range` (`--start-offset`, `--max-length`).
+pub fn write_map_json_in(
+    img: &Image,
+    range: std::ops::Range<u64>,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
     write_out(out, "[")?;
     let mut s = String::new();
-    for_each_map_extent(img, |start, e| {
+    let mut first = true;
+    for_each_map_extent_in(img, range, |start, e| {
         s.clear();
-        if start > 0 {
+        if !std::mem::take(&mut first) {
             s.push_str(",\n");
         }
         let _ = write!(
@@ -454,6 +493,16 @@ fn hex(v: u64) -> String {
 /// `qemu-img map` human output (data extents with their host offset and file), written to
 /// `out` as the extents are found.
 pub fn write_map_human(img: &Image, names: &[String], out: &mut dyn std::io::Write) -> Result<()> {
+    write_map_human_in(img, names, 0..u64::MAX, out)
+}
+
+/// [`write_map_human`] over the guest bytes `range` (`--start-offset`, `--max-length`).
+pub fn write_map_human_in(
+    img: &Image,
+    names: &[String],
+    range: std::ops::Range<u64>,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
     write_out(
         out,
         &format!(
@@ -461,7 +510,14 @@ pub fn write_map_human(img: &Image, names: &[String], out: &mut dyn std::io::Wri
             "Offset", "Length", "Mapped to", "File"
         ),
     )?;
-    for_each_map_extent(img, |start, e| {
+    for_each_map_extent_in(img, range, |start, e| {
+        // qemu-img cannot name a place in a file for these, and stops.
+        if e.data && e.offset.is_none() {
+            return Err(crate::Error::new(
+                crate::ErrorKind::UnsupportedFeature,
+                "File contains external, encrypted or compressed clusters.",
+            ));
+        }
         if !e.data || e.zero {
             return Ok(());
         }

@@ -750,6 +750,10 @@ impl Driver for Vhdx {
         Format::Vhdx
     }
 
+    fn qemu_reports_status(&self) -> bool {
+        false
+    }
+
     fn file(&self) -> &Arc<dyn BlockIo> {
         &self.file
     }

@@ -346,12 +346,12 @@ fn sizing_expansion_and_preallocation_follow_cdi() {
         m.blocks() * 512
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("preallocated"));
-    // measure agrees with CDI's worked numbers.
+    // pvc-size agrees with CDI's worked numbers.
     let o = Command::new(vdisk())
-        .args(["measure", "--size", "11381663335", "--output=json"])
+        .args(["pvc-size", "--size", "11381663335", "--output=json"])
         .output()
         .unwrap();
-    ok(&o, "measure");
+    ok(&o, "pvc-size");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["usable-size"], 10737418240u64);
     let q = d.s("m.qcow2");
@@ -363,7 +363,7 @@ fn sizing_expansion_and_preallocation_follow_cdi() {
         "create",
     );
     let o = Command::new(vdisk())
-        .args(["measure", "--output=json", &q])
+        .args(["pvc-size", "--output=json", &q])
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

@@ -523,8 +523,7 @@ pub unsafe extern "C" fn vdisk_image_info_json(
         if out.is_null() {
             return Err(null("out"));
         }
-        let json = serde_json::to_string_pretty(&image_info(i)?.to_json())
-            .map_err(|e| Fail(vdisk_status::Panic, e.to_string()))?;
+        let json = image_info(i)?.to_json_text();
         // SAFETY: `out` is non-NULL and writable per the contract.
         unsafe { *out = c_string(&json) };
         Ok(())

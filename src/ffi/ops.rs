@@ -462,7 +462,7 @@ pub unsafe extern "C" fn vdisk_compare(
         use crate::compare::Comparison;
         let (same, at) = match crate::compare::compare(a, b, strict != 0)? {
             Comparison::Identical => (1, 0),
-            Comparison::Differ(off) => (0, off),
+            Comparison::Differ(off) | Comparison::StatusMismatch(off) => (0, off),
             Comparison::SizeMismatch => (0, a.virtual_size().min(b.virtual_size())),
         };
         // SAFETY: `identical` is non-NULL and writable; `first_difference` is NULL or

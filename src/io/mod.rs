@@ -67,12 +67,12 @@ pub trait BlockIo: Send + Sync + Debug {
         write_zeroes_by_writing(self, offset, len)
     }
 
-    /// Reserve space for `offset..offset+len` without changing what it reads back.
     /// Keep the page cache this file occupies small during long writes: wait for writeback
     /// started by the previous call, drop the now-clean cached pages, and start writeback of
     /// the pages dirtied since. Advisory; the default does nothing.
     fn release_cache(&self) {}
 
+    /// Reserve space for `offset..offset+len` without changing what it reads back.
     fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Err(io::Error::new(
             io::ErrorKind::Unsupported,

@@ -153,31 +153,31 @@ impl CheckReport {
 
     /// `qemu-img check --output=json` for `filename` of format `format`, with qemu's key order
     /// and its habit of leaving out counters that are zero (except `check-errors`).
-    pub fn to_json(&self, filename: &str, format: Format) -> String {
-        let mut fields: Vec<(&str, String)> = Vec::new();
-        let mut num = |k, v: u64, always: bool| {
-            if always || v != 0 {
-                fields.push((k, v.to_string()));
+    pub fn to_json(&self, filename: &str, format: Format, fixed: Option<(u64, u64)>) -> String {
+        use crate::qjson::{QDict, pretty};
+        // Keys in the order of QEMU's schema (`ImageCheck`); counts that are zero are left
+        // out, as qemu-img leaves them out.
+        let mut d = QDict::new();
+        d.put("filename", filename);
+        d.put("format", format.name());
+        d.put("check-errors", self.check_errors);
+        let (leaks_fixed, corruptions_fixed) = fixed.unwrap_or((0, 0));
+        for (k, v) in [
+            ("image-end-offset", self.image_end_offset),
+            ("corruptions", self.corruptions),
+            ("leaks", self.leaks),
+            ("corruptions-fixed", corruptions_fixed),
+            ("leaks-fixed", leaks_fixed),
+            ("total-clusters", self.total_clusters),
+            ("allocated-clusters", self.allocated_clusters),
+            ("fragmented-clusters", self.fragmented_clusters),
+            ("compressed-clusters", self.compressed_clusters),
+        ] {
+            if v != 0 {
+                d.put(k, v);
             }
-        };
-        num("image-end-offset", self.image_end_offset, false);
-        num("compressed-clusters", self.compressed_clusters, false);
-        num("total-clusters", self.total_clusters, false);
-        num("corruptions", self.corruptions, false);
-        num("check-errors", self.check_errors, true);
-        num("leaks", self.leaks, false);
-        num("allocated-clusters", self.allocated_clusters, false);
-        let quote = |s: &str| serde_json::Value::from(s).to_string();
-        fields.push(("filename", quote(filename)));
-        fields.push(("format", quote(format.name())));
-        if self.fragmented_clusters != 0 {
-            fields.push(("fragmented-clusters", self.fragmented_clusters.to_string()));
         }
-        let body: Vec<String> = fields
-            .iter()
-            .map(|(k, v)| format!("    \"{k}\": {v}"))
-            .collect();
-        format!("{{\n{}\n}}\n", body.join(",\n"))
+        pretty(&d.into())
     }
 }
 
@@ -1258,7 +1258,7 @@ mod tests {
             ..CheckReport::default()
         };
         assert_eq!(
-            r.to_json("a\"b", Format::Qcow2),
+            r.to_json("a\"b", Format::Qcow2, None),
             "{\n    \"image-end-offset\": 512,\n    \"total-clusters\": 4,\n    \
              \"corruptions\": 1,\n    \"check-errors\": 0,\n    \"filename\": \"a\\\"b\",\n    \
              \"format\": \"qcow2\"\n}\n"

@@ -133,6 +133,9 @@ pub struct Header {
     pub feature_names: Vec<FeatureName>,
     /// True when a bitmaps extension is present.
     pub has_bitmaps: bool,
+    /// The bitmaps extension: bitmap count, directory size and directory offset (validated
+    /// for shape only; the directory is read by [`crate::qcow2::bitmaps`]).
+    pub bitmaps_ext: Option<(u32, u64, u64)>,
 }
 
 impl Header {
@@ -234,6 +237,7 @@ impl Header {
             data_file: None,
             feature_names: Vec::new(),
             has_bitmaps: false,
+            bitmaps_ext: None,
         };
         if version >= 3 {
             if head.len() < 104 {
@@ -445,6 +449,7 @@ impl Header {
                         return Err(corrupt!("invalid bitmaps extension"));
                     }
                     self.has_bitmaps = true;
+                    self.bitmaps_ext = Some((nb, dir_size, dir_off));
                 }
                 _ => {} // unknown extensions are tolerated
             }

@@ -8,6 +8,7 @@
 //! entry is checked before use (reserved bits, alignment, bounds). The L1 table is held in
 //! memory (at most 32 MiB, qemu's limit); L2 tables go through a bounded cache.
 
+pub mod bitmaps;
 pub mod check;
 pub mod header;
 pub mod model;

@@ -171,12 +171,72 @@ fn parse_size(s: &str) -> Option<u64> {
 /// Parse a size as qemu-img does (`10G`, `512k`, `1.5M`, `0x1000`, plain bytes); errors in
 /// qemu-img's words.
 pub fn parse_qemu_size(s: &str) -> Result<u64> {
+    parse_qemu_number("image size", s)
+}
+
+/// Parse a size-like number qemu-img takes (`--start-offset`, `--max-length`, ...) as
+/// [`parse_qemu_size`] does, naming it `what` in errors as qemu-img does.
+pub fn parse_qemu_number(what: &str, s: &str) -> Result<u64> {
     parse_size_exact(s).map_err(|e| match e {
-        SizeError::Syntax => Error::invalid(format!("Invalid image size specified: '{s}'.")),
-        SizeError::Range => Error::invalid(
-            "Invalid image size specified. Must be between 0 and 9223372036854775807.",
-        ),
+        SizeError::Syntax => Error::invalid(format!("Invalid {what} specified: '{s}'.")),
+        SizeError::Range => Error::invalid(format!(
+            "Invalid {what} specified. Must be between 0 and 9223372036854775807."
+        )),
     })
+}
+
+/// The `-o` options vdisk takes for `format` ("qcow2" or "raw"), listed as `qemu-img create
+/// -f FORMAT -o help` lists them; None for other formats.
+pub fn options_help(format: &str) -> Option<String> {
+    let qcow2: &[(&str, &str)] = &[
+        ("backing_file=<str>", "File name of a base image"),
+        ("backing_fmt=<str>", "Image format of the base image"),
+        ("cluster_size=<size>", "qcow2 cluster size"),
+        (
+            "compat=<str>",
+            "Compatibility level (v2 [0.10] or v3 [1.1])",
+        ),
+        (
+            "compression_type=<str>",
+            "Compression method used for image cluster compression",
+        ),
+        ("extended_l2=<bool (on/off)>", "Extended L2 tables"),
+        (
+            "lazy_refcounts=<bool (on/off)>",
+            "Postpone refcount updates",
+        ),
+        (
+            "preallocation=<str>",
+            "Preallocation mode (allowed values: off, metadata, falloc, full)",
+        ),
+        (
+            "refcount_bits=<num>",
+            "Width of a reference count entry in bits",
+        ),
+        ("size=<size>", "Virtual disk size"),
+    ];
+    let raw: &[(&str, &str)] = &[
+        (
+            "preallocation=<str>",
+            "Preallocation mode (allowed values: off, falloc, full)",
+        ),
+        ("size=<size>", "Virtual disk size"),
+    ];
+    let list = match format {
+        "qcow2" => qcow2,
+        "raw" => raw,
+        _ => return None,
+    };
+    let mut s = String::from("Supported options:\n");
+    for (k, d) in list {
+        s += &format!("  {k:<22} - {d}\n");
+    }
+    Some(s)
+}
+
+/// True when a `-o` argument asks for the option list (`help` or `?`).
+pub fn is_options_help(spec: &str) -> bool {
+    spec.split(',').any(|i| i == "help" || i == "?")
 }
 
 impl CreateOptions {

@@ -6,12 +6,12 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use vdisk::compare::{Comparison, compare};
+use vdisk::compare::{Comparison, compare_with_progress};
 use vdisk::convert::{ConvertOptions, Target, convert_path};
 use vdisk::edit::SnapshotOp;
-use vdisk::info::{ImageInfo, snapshot_table, write_map_human, write_map_json};
+use vdisk::info::{ImageInfo, snapshot_table, write_map_human_in, write_map_json_in};
 use vdisk::io::LockMode;
-use vdisk::qcow2::writer::{CreateOptions, Prealloc};
+use vdisk::qcow2::writer::{CreateOptions, Prealloc, is_options_help, options_help};
 use vdisk::{Error, Format, Image, OpenOptions, Policy};
 
 #[derive(Parser)]
@@ -34,6 +34,9 @@ enum Cmd {
         /// Output format: human or json.
         #[arg(long = "output", default_value = "human")]
         output: String,
+        /// Show every image of the backing chain, the image first.
+        #[arg(long = "backing-chain")]
+        backing_chain: bool,
         file: PathBuf,
     },
     /// Show how the image's guest ranges are stored.
@@ -42,6 +45,16 @@ enum Cmd {
         common: Common,
         #[arg(long = "output", default_value = "human")]
         output: String,
+        /// First guest byte to map.
+        #[arg(
+            long = "start-offset",
+            value_name = "OFFSET",
+            allow_hyphen_values = true
+        )]
+        start_offset: Option<String>,
+        /// Map at most this many bytes.
+        #[arg(long = "max-length", value_name = "LEN", allow_hyphen_values = true)]
+        max_length: Option<String>,
         file: PathBuf,
     },
     /// Convert an image (output: raw).
@@ -58,7 +71,7 @@ enum Cmd {
         /// Show progress.
         #[arg(short = 'p')]
         progress: bool,
-        /// Quiet (accepted for qemu-img compatibility).
+        /// Quiet: no progress (wins over -p).
         #[arg(short = 'q')]
         quiet: bool,
         /// Compress the output (qcow2): zlib or zstd, as -o compression_type says.
@@ -91,8 +104,11 @@ enum Cmd {
     /// Import a disk image or archive from a file or standard input onto a volume target,
     /// streaming (no scratch space), with CDI's sizing rules.
     Import(ImportArgs),
-    /// Print the volume size to request for an image (and the usable size of a volume).
+    /// Print the file size an image needs when converted to OUTPUT_FMT (as qemu-img measure).
     Measure(MeasureArgs),
+    /// Print the volume size CDI requests for an image (filesystem overhead included), and the
+    /// usable size of a volume.
+    PvcSize(PvcSizeArgs),
     /// Send an image to a CDI upload proxy or upload server, as virtctl image-upload does
     /// once the volume is ready.
     Upload(UploadArgs),
@@ -254,6 +270,32 @@ struct UploadArgs {
 
 #[derive(Args)]
 struct MeasureArgs {
+    /// Output format: raw (default) or qcow2.
+    #[arg(short = 'O', default_value = "raw")]
+    out_format: String,
+    /// Output options, as for convert -o.
+    #[arg(short = 'o', action = clap::ArgAction::Append)]
+    options: Vec<String>,
+    /// Measure an empty disk of this size instead of an image.
+    #[arg(long)]
+    size: Option<String>,
+    /// Image format (detected when omitted).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Measure internal snapshot (id, name, snapshot.id=ID or snapshot.name=NAME).
+    #[arg(short = 'l')]
+    snapshot: Option<String>,
+    /// Share the image with writers (a running VM): read without QEMU's reader locks.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// human or json.
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+    image: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct PvcSizeArgs {
     /// Filesystem overhead fraction.
     #[arg(long, default_value = "0.06")]
     filesystem_overhead: String,
@@ -332,11 +374,16 @@ fn name_chain(img: &Image) -> Vec<String> {
     let mut names = Vec::new();
     let mut cur = Some(img);
     while let Some(i) = cur {
-        names.push(
-            i.path()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-        );
+        let path = i.path().unwrap_or(std::path::Path::new(""));
+        // Data of an image with an external data file lives in that file.
+        let name = match i.qcow2().and_then(|q| q.header().data_file.as_deref()) {
+            Some(d) if !std::path::Path::new(d).is_absolute() => {
+                path.parent().unwrap_or(path).join(d).display().to_string()
+            }
+            Some(d) => d.to_string(),
+            None => path.display().to_string(),
+        };
+        names.push(name);
         cur = i.qcow2().and_then(|q| q.backing());
     }
     names
@@ -352,6 +399,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
         Cmd::Info {
             common,
             output,
+            backing_chain,
             file,
         } => {
             let mut o = opts(
@@ -359,27 +407,54 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 common.untrusted,
                 common.force_share,
             )?;
-            o.metadata_only = true;
+            o.metadata_only = !backing_chain;
             let img = Image::open(&file, &o)?;
-            let info = ImageInfo::new(&img, &file.display().to_string())?;
-            match output.as_str() {
-                "json" => {
-                    let s = serde_json::to_string_pretty(&info.to_json()).unwrap_or_default();
-                    w(&mut out, &format!("{s}\n"))?;
-                }
-                "human" => w(&mut out, &info.to_human())?,
+            // Each image named as qemu names it: the next one by its resolved backing name.
+            let mut infos = vec![ImageInfo::new(&img, &file.display().to_string())?];
+            let mut cur = img.qcow2().and_then(|q| q.backing());
+            while let (true, Some(b)) = (backing_chain, cur) {
+                let name = infos
+                    .last()
+                    .and_then(|i| i.full_backing_filename.clone())
+                    .unwrap_or_default();
+                infos.push(ImageInfo::new(b, &name)?);
+                cur = b.qcow2().and_then(|q| q.backing());
+            }
+            let text = match output.as_str() {
+                "json" if backing_chain => vdisk::qjson::pretty(&vdisk::qjson::QValue::List(
+                    infos.iter().map(ImageInfo::to_qobject).collect(),
+                )),
+                "json" => infos[0].to_json_text(),
+                "human" => infos
+                    .iter()
+                    .map(ImageInfo::to_human)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
                 o => {
                     return Err(Error::invalid(format!(
                         "--output must be human or json, not '{o}'"
                     )));
                 }
-            }
+            };
+            w(&mut out, &text)?;
         }
         Cmd::Map {
             common,
             output,
+            start_offset,
+            max_length,
             file,
         } => {
+            use vdisk::qcow2::writer::parse_qemu_number;
+            let start = start_offset
+                .as_deref()
+                .map(|s| parse_qemu_number("start offset", s))
+                .transpose()?
+                .unwrap_or(0);
+            let end = match max_length.as_deref() {
+                Some(s) => start.saturating_add(parse_qemu_number("max length", s)?),
+                None => u64::MAX,
+            };
             let img = Image::open(
                 &file,
                 &opts(
@@ -391,8 +466,8 @@ fn run(cli: Cli) -> Result<u8, Error> {
             // Streamed as found: a hostile image can describe hundreds of millions of extents.
             let mut bw = std::io::BufWriter::new(&mut out);
             match output.as_str() {
-                "json" => write_map_json(&img, &mut bw),
-                "human" => write_map_human(&img, &name_chain(&img), &mut bw),
+                "json" => write_map_json_in(&img, start..end, &mut bw),
+                "human" => write_map_human_in(&img, &name_chain(&img), start..end, &mut bw),
                 o => {
                     return Err(Error::invalid(format!(
                         "--output must be human or json, not '{o}'"
@@ -414,10 +489,15 @@ fn run(cli: Cli) -> Result<u8, Error> {
             workers,
             untrusted,
             force_share,
+            quiet,
             src,
             dst,
             ..
         } => {
+            let progress = progress && !quiet;
+            if options.iter().any(|o| is_options_help(o)) {
+                return print_options_help(&mut out, &out_format);
+            }
             let mut raw_prealloc = Prealloc::Off;
             let target = match Format::from_name(&out_format) {
                 Some(Format::Raw) => {
@@ -493,6 +573,9 @@ fn run(cli: Cli) -> Result<u8, Error> {
             size,
             ..
         } => {
+            if options.iter().any(|o| is_options_help(o)) {
+                return print_options_help(&mut out, &format);
+            }
             let fmt = parse_format(Some(&format))?.unwrap_or(Format::Raw);
             let mut co = CreateOptions::default();
             for o in &options {
@@ -534,6 +617,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             fmt_b,
             strict,
             quiet,
+            progress,
             a,
             b,
             untrusted,
@@ -544,23 +628,49 @@ fn run(cli: Cli) -> Result<u8, Error> {
             let ib = Image::open(&b, &opts(fmt_b.as_deref(), untrusted, force_share)?)?;
             let say =
                 |out: &mut std::io::StdoutLock, s: &str| if quiet { Ok(()) } else { w(out, s) };
-            if ia.virtual_size() != ib.virtual_size() && !strict {
-                say(&mut out, "Warning: Image size mismatch!\n")?;
-            }
-            return match compare(&ia, &ib, strict)? {
-                Comparison::Identical => {
-                    say(&mut out, "Images are identical.\n")?;
-                    Ok(0)
-                }
-                Comparison::Differ(off) => {
-                    say(&mut out, &format!("Content mismatch at offset {off}!\n"))?;
-                    Ok(1)
-                }
-                Comparison::SizeMismatch => {
-                    say(&mut out, "Strict mode: Image size mismatch!\n")?;
-                    Ok(1)
+            // qemu-img's progress for compare: redrawn in steps of at least 2%; -q wins.
+            let show = progress && !quiet;
+            let mut last = -1f64;
+            let mut draw = |done: u64, total: u64| {
+                let pct = if total == 0 {
+                    100.0
+                } else {
+                    done as f64 * 100.0 / total as f64
+                };
+                if show && (last < 0.0 || pct - last >= 2.0 || (pct >= 100.0 && last < 100.0)) {
+                    last = pct;
+                    let mut so = std::io::stdout().lock();
+                    let _ = write!(so, "    ({pct:.2}/100%)\r");
+                    let _ = so.flush();
                 }
             };
+            draw(0, 1);
+            let r = compare_with_progress(&ia, &ib, strict, &mut draw)?;
+            // qemu-img warns of different sizes once the common part matched, before it
+            // looks at the longer image's tail.
+            let common = ia.virtual_size().min(ib.virtual_size());
+            let tail_reached = match r {
+                Comparison::Identical => true,
+                Comparison::Differ(off) => off >= common,
+                _ => false,
+            };
+            if ia.virtual_size() != ib.virtual_size() && !strict && tail_reached {
+                say(&mut out, "Warning: Image size mismatch!\n")?;
+            }
+            let (text, code) = match r {
+                Comparison::Identical => ("Images are identical.\n".to_string(), 0),
+                Comparison::Differ(off) => (format!("Content mismatch at offset {off}!\n"), 1),
+                Comparison::SizeMismatch => ("Strict mode: Image size mismatch!\n".to_string(), 1),
+                Comparison::StatusMismatch(off) => (
+                    format!("Strict mode: Offset {off} block status mismatch!\n"),
+                    1,
+                ),
+            };
+            say(&mut out, &text)?;
+            if show {
+                w(&mut out, "\n")?;
+            }
+            return Ok(code);
         }
         Cmd::Import(a) => {
             use vdisk::ingest::{ContentType, ImportOptions, ImportTarget, import};
@@ -652,6 +762,55 @@ fn run(cli: Cli) -> Result<u8, Error> {
             );
         }
         Cmd::Measure(a) => {
+            use vdisk::measure::{Source, measure};
+            let mut co = CreateOptions::default();
+            let target = parse_format(Some(&a.out_format))?.unwrap_or(Format::Raw);
+            for o in &a.options {
+                if target == Format::Qcow2 {
+                    co.apply(o)?;
+                } else {
+                    // raw takes preallocation (and size) only.
+                    for item in o.split(',').filter(|i| !i.is_empty()) {
+                        let k = item.split_once('=').map_or(item, |kv| kv.0);
+                        if k != "preallocation" && k != "size" {
+                            return Err(Error::invalid(format!("Invalid parameter '{k}'")));
+                        }
+                    }
+                    co.apply(o)?;
+                }
+            }
+            let img;
+            let src = match (&a.size, &a.image) {
+                (Some(_), Some(_)) => {
+                    return Err(Error::invalid(
+                        "--size N cannot be used together with a filename.",
+                    ));
+                }
+                (None, None) => {
+                    return Err(Error::invalid(
+                        "Either --size N or one filename must be specified.",
+                    ));
+                }
+                (Some(n), None) => Source::Size(parse_size(n)?),
+                (None, Some(p)) => {
+                    let mut o = opts(a.format.as_deref(), false, a.force_share)?;
+                    o.snapshot = a.snapshot.clone();
+                    img = Image::open(p, &o)?;
+                    Source::Image(&img)
+                }
+            };
+            let m = measure(&src, target, &co)?;
+            match a.output.as_str() {
+                "json" => w(&mut out, &m.to_json_text())?,
+                "human" => w(&mut out, &m.to_human())?,
+                o => {
+                    return Err(Error::invalid(format!(
+                        "--output must be human or json, not '{o}'"
+                    )));
+                }
+            }
+        }
+        Cmd::PvcSize(a) => {
             let o = vdisk::sizing::parse_overhead(&a.filesystem_overhead)?;
             let virtual_size = match &a.image {
                 Some(p) => {
@@ -871,7 +1030,11 @@ fn run(cli: Cli) -> Result<u8, Error> {
             }
             if !quiet {
                 let s = match output.as_str() {
-                    "json" => r.to_json(&file.display().to_string(), checked_format),
+                    "json" => r.to_json(
+                        &file.display().to_string(),
+                        checked_format,
+                        outcome.repaired,
+                    ),
                     _ => r.to_human(),
                 };
                 w(&mut out, &s)?;
@@ -885,6 +1048,19 @@ fn run(cli: Cli) -> Result<u8, Error> {
     Ok(0)
 }
 
+/// `-o help`: the options vdisk takes for `format`.
+fn print_options_help(out: &mut std::io::StdoutLock, format: &str) -> Result<u8, Error> {
+    let text = options_help(format).ok_or_else(|| {
+        Error::new(
+            vdisk::ErrorKind::UnsupportedFormat,
+            format!("Format driver '{format}' does not support image creation"),
+        )
+    })?;
+    out.write_all(text.as_bytes())
+        .map_err(|e| Error::io("cannot write output", e))?;
+    Ok(0)
+}
+
 /// Output cut short by the reader (`vdisk map ... | head`) is not an error.
 fn is_broken_pipe(e: &Error) -> bool {
     use std::error::Error as _;
@@ -894,7 +1070,19 @@ fn is_broken_pipe(e: &Error) -> bool {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind as K;
+            let _ = e.print();
+            // qemu-img exits 1 on a usage error, a missing verb included (clap's own code is
+            // 2); asking for help or the version is not an error.
+            return match e.kind() {
+                K::DisplayHelp | K::DisplayVersion => ExitCode::SUCCESS,
+                _ => ExitCode::from(1),
+            };
+        }
+    };
     let is_compare = matches!(cli.cmd, Cmd::Compare { .. });
     match run(cli) {
         Ok(code) => ExitCode::from(code),
