@@ -294,6 +294,427 @@ pub fn check_and_repair_locked(
     })
 }
 
+/// Resolve `name` (stored in the image at `image`) as QEMU does: relative to the image's
+/// directory.
+fn beside(image: &Path, name: &str) -> std::path::PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        image.parent().unwrap_or(Path::new("")).join(p)
+    }
+}
+
+/// The image at `path` as the reader sees it, for an edit that holds its writer's locks
+/// already (on another descriptor of the same file).
+fn view(path: &Path, format: Format) -> Result<Image> {
+    Image::open(
+        path,
+        &OpenOptions {
+            format: Some(format),
+            lock: crate::io::LockMode::Off,
+            ..OpenOptions::default()
+        },
+    )
+}
+
+/// Progress callback of the edits: `(done, total)` guest bytes.
+pub type EditProgress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// `qemu-img rebase`: make the qcow2 image at `path` use `backing` (format `backing_format`;
+/// None: no backing file) instead of its current one. Unless `unsafe_names_only`, every cluster
+/// the image does not hold itself and whose content would change with the new backing file is
+/// first copied into the image from the old chain, so the guest sees the same disk. The new
+/// name is stored as given; it is opened relative to the image's directory.
+pub fn rebase(
+    path: &Path,
+    format: Option<Format>,
+    backing: Option<(&str, Option<Format>)>,
+    unsafe_names_only: bool,
+    progress: EditProgress<'_>,
+) -> Result<()> {
+    let (io, fmt) = open_rw(path, format)?;
+    if fmt != Format::Qcow2 {
+        return Err(Error::new(
+            ErrorKind::UnsupportedFeature,
+            format!(
+                "Could not change the backing file: {} images have no backing file",
+                fmt.name()
+            ),
+        )
+        .with_path(path));
+    }
+    let stored = backing.map(|(name, f)| (name.to_string(), f.map(|f| f.name().to_string())));
+    if let Some((name, None)) = &stored {
+        return Err(Error::invalid(format!(
+            "Could not change the backing file to '{name}': backing format must be specified"
+        ))
+        .with_path(path));
+    }
+    let r = (|| {
+        let mut m = Model::load(io.clone())?;
+        if !unsafe_names_only {
+            let old = view(path, Format::Qcow2)?;
+            let new = match backing {
+                Some((name, f)) => {
+                    let p = beside(path, name);
+                    let o = OpenOptions {
+                        format: f,
+                        ..OpenOptions::default()
+                    };
+                    Some(Image::open(&p, &o).map_err(|e| {
+                        Error::new(
+                            e.kind(),
+                            format!("Could not open new backing file '{name}': {e}"),
+                        )
+                    })?)
+                }
+                None => None,
+            };
+            copy_what_the_backing_changes(&mut m, &old, new.as_ref(), progress)?;
+        }
+        m.set_backing(stored)?;
+        m.commit().map(|_| ())
+    })();
+    r.map_err(|e| e.with_path(path))
+}
+
+/// For `rebase`: write into `m` (the image `old` shows, with its chain) every cluster whose
+/// guest content would change when the parts the image does not hold itself came from `new`
+/// (or zeros) instead of `old`'s chain. The data lands at [`Model::commit`].
+pub fn copy_what_the_backing_changes(
+    m: &mut Model,
+    old: &Image,
+    new: Option<&Image>,
+    progress: EditProgress<'_>,
+) -> Result<()> {
+    let cs = m.cluster_size();
+    let size = m.size();
+    let new_size = new.map_or(0, |n| n.virtual_size());
+    let mut have = vec![0u8; cs as usize];
+    let mut other = vec![0u8; cs as usize];
+    let mut g = 0u64;
+    while g * cs < size {
+        let start = g * cs;
+        let end = (start + cs).min(size);
+        // The parts of this cluster the image does not hold itself, and whether the old
+        // chain and the new backing file are known to read as zeros there.
+        let mut below = Vec::new();
+        let mut pos = start;
+        let mut all_own = true;
+        while pos < end {
+            // From a cluster's start, look as far as the status runs (whole clusters the
+            // image holds itself are skipped in one step).
+            let mut e = old.extent(pos, if pos == start { size - pos } else { end - pos })?;
+            if e.depth == 0 && e.present {
+                if pos == start && e.len >= cs {
+                    pos = start + e.len / cs * cs;
+                    break;
+                }
+            } else {
+                all_own = false;
+            }
+            e.len = e.len.min(end - pos);
+            if !(e.depth == 0 && e.present) {
+                below.push((pos, e.len, e.zero));
+            }
+            pos += e.len;
+        }
+        if all_own {
+            g = pos.div_ceil(cs).max(g + 1);
+            progress(g * cs, size);
+            continue;
+        }
+        let mut differs = false;
+        for &(off, len, old_zero) in &below {
+            let new_zero = match new {
+                None => true,
+                Some(_) if off >= new_size => true,
+                Some(n) => {
+                    let e = n.extent(off, (len).min(new_size - off))?;
+                    e.zero && e.len >= len
+                }
+            };
+            if old_zero && new_zero {
+                continue;
+            }
+            let a = &mut have[..len as usize];
+            old.read_at(a, off)?;
+            let b = &mut other[..len as usize];
+            b.fill(0);
+            if let Some(n) = new {
+                let upto = new_size.min(off + len);
+                if upto > off {
+                    n.read_at(&mut b[..(upto - off) as usize], off)?;
+                }
+            }
+            if a != b {
+                differs = true;
+                break;
+            }
+        }
+        if differs {
+            let buf = &mut have[..(end - start) as usize];
+            old.read_at(buf, start)?;
+            m.write_cluster(g, buf)?;
+        }
+        g += 1;
+        progress(g * cs, size);
+    }
+    progress(size, size);
+    Ok(())
+}
+
+/// `qemu-img commit`: write what the image at `path` holds above `base` (default: its
+/// backing file) into `base`, growing `base` when smaller, then (unless `keep`, and only when
+/// `base` is the immediate backing file) empty the image so it reads everything from below.
+/// A qcow2 base takes the data crash-safely (new clusters, then one header write); a raw base
+/// is written in place. Returns the base's path.
+pub fn commit(
+    path: &Path,
+    format: Option<Format>,
+    base: Option<&Path>,
+    keep: bool,
+    progress: EditProgress<'_>,
+) -> Result<std::path::PathBuf> {
+    let (io, fmt) = open_rw(path, format)?;
+    if fmt != Format::Qcow2 {
+        return Err(Error::new(
+            ErrorKind::UnsupportedFeature,
+            format!("Image '{}' has no backing file", path.display()),
+        ));
+    }
+    let top = view(path, Format::Qcow2)?;
+    // The chain below the image: (depth, path, image).
+    let mut chain: Vec<(u32, std::path::PathBuf, &Image)> = Vec::new();
+    let mut cur = top.qcow2().and_then(|q| q.backing());
+    let mut depth = 1;
+    while let Some(i) = cur {
+        let p = i.path().map(Path::to_path_buf).unwrap_or_default();
+        chain.push((depth, p, i));
+        cur = i.qcow2().and_then(|q| q.backing());
+        depth += 1;
+    }
+    let Some(first) = chain.first() else {
+        return Err(Error::invalid("Image does not have a backing file").with_path(path));
+    };
+    let (base_depth, base_path, base_img) = match base {
+        None => first.clone(),
+        Some(b) => chain
+            .iter()
+            .find(|(_, p, _)| same_file(p, b))
+            .cloned()
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "Did not find '{}' in the backing chain of '{}'",
+                    b.display(),
+                    path.display()
+                ))
+            })?,
+    };
+    let base_fmt = base_img.format();
+    let size = top.virtual_size();
+    let (bio, _) = open_rw(&base_path, Some(base_fmt))?;
+    let r = (|| -> Result<()> {
+        match base_fmt {
+            Format::Raw => {
+                let len = bio.size().map_err(|e| Error::io("cannot stat base", e))?;
+                if len < size {
+                    bio.set_size(size)
+                        .map_err(|e| Error::io("cannot grow base", e))?;
+                }
+                let mut buf = vec![0u8; 1 << 20];
+                let mut pos = 0;
+                while pos < size {
+                    let e = top.extent(pos, (size - pos).min(1 << 20))?;
+                    if e.present && e.depth < base_depth {
+                        if e.zero {
+                            bio.write_zeroes(pos, e.len)
+                                .map_err(|e| Error::io("cannot write base", e))?;
+                        } else {
+                            let b = &mut buf[..e.len as usize];
+                            top.read_at(b, pos)?;
+                            bio.write_all_at(b, pos)
+                                .map_err(|e| Error::io("cannot write base", e))?;
+                        }
+                    }
+                    pos += e.len;
+                    progress(pos, size);
+                }
+                bio.flush().map_err(|e| Error::io("cannot flush base", e))?;
+                Ok(())
+            }
+            Format::Qcow2 => {
+                let mut m = Model::load(bio.clone())?;
+                commit_into(&mut m, &top, base_depth, progress)?;
+                m.commit().map(|_| ())
+            }
+            other => Err(Error::new(
+                ErrorKind::UnsupportedFormat,
+                format!("cannot commit into {} images", other.name()),
+            )),
+        }
+    })();
+    r.map_err(|e| e.with_path(&base_path))?;
+    progress(size, size);
+    // Emptying the image is only safe when the base is right below it.
+    if !keep && base_depth == 1 {
+        drop(top);
+        let mut m = Model::load(io).map_err(|e| e.with_path(path))?;
+        m.make_empty();
+        m.commit().map_err(|e| e.with_path(path))?;
+    }
+    Ok(base_path)
+}
+
+/// For `commit` into a qcow2 base: write into `m` (the base, `base_depth` levels below `top`)
+/// every base cluster that anything above the base holds part of, as `top` reads it (zeros as
+/// zero clusters), growing the base to `top`'s size. The data lands at [`Model::commit`].
+pub fn commit_into(
+    m: &mut Model,
+    top: &Image,
+    base_depth: u32,
+    progress: EditProgress<'_>,
+) -> Result<()> {
+    let size = top.virtual_size();
+    if m.size() < size {
+        m.resize(size.next_multiple_of(512), false)?;
+    }
+    let cs = m.cluster_size();
+    let mut buf = vec![0u8; cs as usize];
+    let mut g = 0u64;
+    while g * cs < size {
+        let (start, end) = (g * cs, ((g + 1) * cs).min(size));
+        // Does anything above the base hold part of this base cluster?
+        let (mut pos, mut above, mut all_zero) = (start, false, true);
+        while pos < end {
+            // From a cluster's start, look as far as the status runs (whole clusters with
+            // nothing above the base are skipped in one step).
+            let mut e = top.extent(pos, if pos == start { size - pos } else { end - pos })?;
+            let mine = e.present && e.depth < base_depth;
+            if pos == start && e.len >= cs && !mine {
+                pos = start + e.len / cs * cs;
+                break;
+            }
+            e.len = e.len.min(end - pos);
+            above |= mine;
+            all_zero &= e.zero;
+            pos += e.len;
+        }
+        if !above {
+            g = pos.div_ceil(cs).max(g + 1);
+            progress((g * cs).min(size), size);
+            continue;
+        }
+        if all_zero && m.version() >= 3 {
+            m.zero_cluster(g)?;
+        } else {
+            let b = &mut buf[..(end - start) as usize];
+            top.read_at(b, start)?;
+            m.write_cluster(g, b)?;
+        }
+        g += 1;
+        progress((g * cs).min(size), size);
+    }
+    Ok(())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// What `amend` changes (qemu-img's `-o` names).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Amend {
+    /// `compat`: 2 (0.10) or 3 (1.1).
+    pub version: Option<u32>,
+    /// `refcount_bits`, as log2.
+    pub refcount_order: Option<u32>,
+    /// `lazy_refcounts`.
+    pub lazy_refcounts: Option<bool>,
+}
+
+impl Amend {
+    /// Apply one `-o` string (`compat=0.10,refcount_bits=64,...`). Options `amend` cannot
+    /// change are refused by name.
+    pub fn apply(&mut self, spec: &str) -> Result<()> {
+        for item in spec.split(',').filter(|s| !s.is_empty()) {
+            let (k, v) = item.split_once('=').unwrap_or((item, "on"));
+            let bad = || Error::invalid(format!("Invalid value '{v}' for option '{k}'"));
+            match k {
+                "compat" => {
+                    self.version = Some(match v {
+                        "0.10" | "v2" => 2,
+                        "1.1" | "v3" => 3,
+                        _ => return Err(bad()),
+                    })
+                }
+                "refcount_bits" => {
+                    let n: u64 = v.parse().map_err(|_| bad())?;
+                    if !n.is_power_of_two() || n > 64 {
+                        return Err(Error::invalid(
+                            "Refcount width must be a power of two and may not exceed 64 bits",
+                        ));
+                    }
+                    self.refcount_order = Some(n.trailing_zeros());
+                }
+                "lazy_refcounts" => {
+                    self.lazy_refcounts = Some(match v {
+                        "on" | "true" | "yes" => true,
+                        "off" | "false" | "no" => false,
+                        _ => return Err(bad()),
+                    })
+                }
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::UnsupportedFeature,
+                        format!("Changing the option '{k}' is not supported"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `qemu-img amend`: change the qcow2 image at `path` as `a` says, crash-safely (new tables and
+/// refcounts, then one header write).
+pub fn amend(path: &Path, format: Option<Format>, a: &Amend) -> Result<()> {
+    let (io, fmt) = open_rw(path, format)?;
+    if fmt != Format::Qcow2 {
+        return Err(Error::new(
+            ErrorKind::UnsupportedFeature,
+            format!(
+                "Format driver '{}' does not support option amendment",
+                fmt.name()
+            ),
+        )
+        .with_path(path));
+    }
+    let r = (|| {
+        let mut m = Model::load(io)?;
+        // Version first (its checks see the other changes), then what depends on it.
+        if a.version == Some(3) {
+            m.set_version(3)?;
+        }
+        if let Some(l) = a.lazy_refcounts {
+            m.set_lazy_refcounts(l)?;
+        }
+        if let Some(o) = a.refcount_order {
+            m.set_refcount_order(o)?;
+        }
+        if a.version == Some(2) {
+            m.set_version(2)?;
+        }
+        m.commit().map(|_| ())
+    })();
+    r.map_err(|e| e.with_path(path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,7 +45,7 @@ pub const AUTOCLEAR_BITMAPS: u64 = 1;
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 2;
 
 /// Header extension types.
-mod ext {
+pub(crate) mod ext {
     pub const END: u32 = 0;
     pub const BACKING_FORMAT: u32 = 0xe279_2aca;
     pub const FEATURE_TABLE: u32 = 0x6803_f857;

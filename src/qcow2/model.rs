@@ -48,6 +48,33 @@ pub struct Model {
     zero_from: Option<u64>,
     /// A guest cluster given a new data cluster with these contents in the active state.
     rewrite: Option<(u64, Vec<u8>)>,
+    /// Users of each table (L1 entries naming it), kept while data is written before commit.
+    refs: Option<Vec<u64>>,
+    /// Header changes the commit's final write makes (`rebase`, `amend`).
+    change: HeaderChange,
+}
+
+/// Changes to the header itself, written by [`Model::commit`]'s final write together with the
+/// new table offsets.
+#[derive(Debug, Clone, Default)]
+struct HeaderChange {
+    /// New backing file (None: no backing) and format.
+    backing: Option<Option<(String, Option<String>)>>,
+    /// New version (2 or 3).
+    version: Option<u32>,
+    /// New refcount order.
+    refcount_order: Option<u32>,
+    /// Lazy refcounts on or off.
+    lazy_refcounts: Option<bool>,
+}
+
+impl HeaderChange {
+    fn any(&self) -> bool {
+        self.backing.is_some()
+            || self.version.is_some()
+            || self.refcount_order.is_some()
+            || self.lazy_refcounts.is_some()
+    }
 }
 
 impl Model {
@@ -103,6 +130,8 @@ impl Model {
             new_data: Vec::new(),
             zero_from: None,
             rewrite: None,
+            refs: None,
+            change: HeaderChange::default(),
         };
         let mut by_offset = HashMap::new();
         m.active = m.load_l1(m.header.l1_table_offset, m.header.l1_size, &mut by_offset)?;
@@ -179,6 +208,11 @@ impl Model {
         self.geo.cluster_size()
     }
 
+    /// The image's version as it will be after the commit.
+    pub fn version(&self) -> u32 {
+        self.target_version()
+    }
+
     /// Whether the image names a backing file.
     pub fn has_backing(&self) -> bool {
         self.header.backing_file.is_some()
@@ -198,6 +232,8 @@ impl Model {
     /// mapped clusters whose data reads as zeros, for metadata preallocation); shrinking drops
     /// the mappings past the new end from the active state.
     pub fn resize(&mut self, new_size: u64, map_new: bool) -> Result<()> {
+        // Table users change: count them afresh when next needed.
+        self.refs = None;
         if new_size % 512 != 0 {
             return Err(Error::invalid("the new size must be a multiple of 512"));
         }
@@ -292,8 +328,251 @@ impl Model {
         }
     }
 
+    /// Users of each table, counted from the L1 tables.
+    fn count_refs(&self) -> Vec<u64> {
+        let mut refs = vec![0u64; self.tables.len()];
+        for l1 in std::iter::once(&self.active).chain(self.snapshots.iter().map(|s| &s.1)) {
+            for id in l1.iter().flatten() {
+                refs[*id] += 1;
+            }
+        }
+        refs
+    }
+
+    /// The active L2 slot of guest cluster `g`: (table id, entry index), the table made
+    /// private to the active state.
+    fn active_slot(&mut self, g: u64) -> Result<(usize, usize)> {
+        let cs = self.geo.cluster_size();
+        let step = if self.header.extended_l2() { 2 } else { 1 };
+        let per_table = cs / (8 * step as u64);
+        let l1i = (g / per_table) as usize;
+        if g >= self.size.div_ceil(cs) || l1i >= self.active.len() {
+            return Err(Error::invalid("write past the end of the image"));
+        }
+        let mut refs = self.refs.take().unwrap_or_else(|| self.count_refs());
+        let id = self.private_table(l1i, &mut refs);
+        self.refs = Some(refs);
+        Ok((id, ((g % per_table) as usize) * step))
+    }
+
+    fn refuse_data_file(&self, what: &str) -> Result<()> {
+        if self.header.data_file.is_some() {
+            return Err(Error::new(
+                ErrorKind::UnsupportedFeature,
+                format!("{what} is not supported for images with an external data file"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Give guest cluster `g` of the active state a new data cluster holding `data` (at most
+    /// one cluster; the rest reads as zeros). The data is written now, past the end of the
+    /// file where nothing refers to it; the mapping takes effect at [`Model::commit`].
+    pub fn write_cluster(&mut self, g: u64, data: &[u8]) -> Result<()> {
+        self.refuse_data_file("writing guest data")?;
+        let cs = self.geo.cluster_size();
+        if data.len() as u64 > cs {
+            return Err(Error::invalid("more than one cluster of data"));
+        }
+        let (id, k) = self.active_slot(g)?;
+        if self.file_clusters >= MAX_HOST_CLUSTERS {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                "image file too large to modify",
+            ));
+        }
+        let host = self.file_clusters * cs;
+        let mut buf;
+        let whole = if data.len() as u64 == cs {
+            data
+        } else {
+            buf = data.to_vec();
+            buf.resize(cs as usize, 0);
+            &buf[..]
+        };
+        self.io
+            .write_all_at(whole, host)
+            .map_err(|e| Error::io("cannot write data", e))?;
+        self.file_clusters += 1;
+        self.tables[id][k] = host;
+        if self.header.extended_l2() {
+            // Every subcluster allocated, none zero.
+            self.tables[id][k + 1] = 0xffff_ffff;
+        }
+        Ok(())
+    }
+
+    /// Make guest cluster `g` of the active state read as zeros whatever lies below it (a
+    /// zero cluster; version 3 only).
+    pub fn zero_cluster(&mut self, g: u64) -> Result<()> {
+        self.refuse_data_file("writing guest data")?;
+        if self.header.version < 3 {
+            return Err(Error::new(
+                ErrorKind::UnsupportedFeature,
+                "version 2 images have no zero clusters",
+            ));
+        }
+        let (id, k) = self.active_slot(g)?;
+        if self.header.extended_l2() {
+            self.tables[id][k] = 0;
+            self.tables[id][k + 1] = 0xffff_ffff_0000_0000;
+        } else {
+            self.tables[id][k] = 1;
+        }
+        Ok(())
+    }
+
+    /// Drop every mapping of the active state: it then reads entirely from the backing file
+    /// (or as zeros). Snapshots keep theirs. (`commit` empties the committed image so.)
+    pub fn make_empty(&mut self) {
+        for e in &mut self.active {
+            *e = None;
+        }
+        self.refs = None;
+    }
+
+    /// Name a new backing file (and its format), or none. The header names it once the
+    /// commit's final write lands.
+    pub fn set_backing(&mut self, backing: Option<(String, Option<String>)>) -> Result<()> {
+        if let Some((name, fmt)) = &backing {
+            if name.is_empty() || name.len() > super::header::MAX_BACKING_NAME as usize {
+                return Err(Error::invalid(format!(
+                    "backing file name must be 1 to {} bytes",
+                    super::header::MAX_BACKING_NAME
+                )));
+            }
+            if fmt.as_ref().is_some_and(|f| f.is_empty() || f.len() > 16) {
+                return Err(Error::invalid("invalid backing format name"));
+            }
+        }
+        self.change.backing = Some(backing);
+        Ok(())
+    }
+
+    /// Turn lazy refcounts on or off (version 3 only). The commit writes exact refcounts
+    /// either way, so the image is clean afterwards.
+    pub fn set_lazy_refcounts(&mut self, on: bool) -> Result<()> {
+        if on && self.target_version() < 3 {
+            return Err(Error::invalid(
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            ));
+        }
+        self.change.lazy_refcounts = Some(on);
+        Ok(())
+    }
+
+    /// Store refcounts `1 << order` bits wide (the commit rebuilds them all at that width).
+    pub fn set_refcount_order(&mut self, order: u32) -> Result<()> {
+        if order > 6 {
+            return Err(Error::invalid(
+                "Refcount width must be a power of two and may not exceed 64 bits",
+            ));
+        }
+        if order != 4 && self.target_version() < 3 {
+            return Err(Error::invalid(
+                "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+            ));
+        }
+        self.change.refcount_order = Some(order);
+        self.geo = Geometry {
+            cluster_bits: self.geo.cluster_bits,
+            refcount_order: order,
+        };
+        Ok(())
+    }
+
+    fn target_version(&self) -> u32 {
+        self.change.version.unwrap_or(self.header.version)
+    }
+
+    /// Change the image's version: 3 (`compat=1.1`) or 2 (`compat=0.10`). Going down needs
+    /// what version 2 can express: 16-bit refcounts, no lazy refcounts, extended L2 entries,
+    /// external data file or zstd compression; zero clusters become unallocated clusters, or
+    /// (when a backing file could show through) clusters of zeros.
+    pub fn set_version(&mut self, version: u32) -> Result<()> {
+        let cur = self.header.version;
+        match version {
+            3 => {}
+            2 => {
+                let refuse = |what: &str| {
+                    Err(Error::new(
+                        ErrorKind::UnsupportedFeature,
+                        format!("Cannot downgrade an image with {what}"),
+                    ))
+                };
+                let order = self
+                    .change
+                    .refcount_order
+                    .unwrap_or(self.header.refcount_order);
+                if order != 4 {
+                    return refuse("a refcount width other than 16 bits");
+                }
+                let lazy = self.change.lazy_refcounts.unwrap_or(
+                    self.header.compatible_features & super::header::COMPAT_LAZY_REFCOUNTS != 0,
+                );
+                if lazy {
+                    return refuse("lazy refcounts (turn them off in the same command)");
+                }
+                if self.header.extended_l2() {
+                    return refuse("extended L2 entries");
+                }
+                if self.header.data_file.is_some() {
+                    return refuse("an external data file");
+                }
+                if self.header.compression_type != super::header::CompressionType::Zlib {
+                    return refuse("zstd compression");
+                }
+                if cur >= 3 {
+                    self.expand_zero_clusters()?;
+                }
+            }
+            _ => return Err(Error::invalid(format!("unknown version {version}"))),
+        }
+        if version != cur {
+            self.change.version = Some(version);
+        }
+        Ok(())
+    }
+
+    /// Replace zero clusters (which version 2 lacks) in every table: unallocated when nothing
+    /// could show through, else a mapping to one shared cluster of zeros.
+    fn expand_zero_clusters(&mut self) -> Result<()> {
+        let backing =
+            self.header.backing_file.is_some() || matches!(self.change.backing, Some(Some(_)));
+        let mut zeros_at: Option<u64> = None;
+        for t in 0..self.tables.len() {
+            for k in 0..self.tables[t].len() {
+                let v = self.tables[t][k];
+                if v & COMPRESSED != 0 || v & 1 == 0 {
+                    continue;
+                }
+                if !backing {
+                    self.tables[t][k] = 0;
+                    continue;
+                }
+                let host = match zeros_at {
+                    Some(h) => h,
+                    None => {
+                        let cs = self.geo.cluster_size();
+                        let h = self.file_clusters * cs;
+                        self.io
+                            .write_all_at(&vec![0u8; cs as usize], h)
+                            .map_err(|e| Error::io("cannot write data", e))?;
+                        self.file_clusters += 1;
+                        zeros_at = Some(h);
+                        h
+                    }
+                };
+                self.tables[t][k] = host;
+            }
+        }
+        Ok(())
+    }
+
     /// Add a snapshot of the active state named `name` (ids are numbered like qemu's).
     pub fn snapshot_create(&mut self, name: &str) -> Result<()> {
+        // Table users change: count them afresh when next needed.
+        self.refs = None;
         if name.is_empty() || name.len() > 65535 {
             return Err(Error::invalid("snapshot name must be 1 to 65535 bytes"));
         }
@@ -345,6 +624,8 @@ impl Model {
 
     /// Make snapshot `spec` (id or name) the active state.
     pub fn snapshot_apply(&mut self, spec: &str) -> Result<()> {
+        // Table users change: count them afresh when next needed.
+        self.refs = None;
         let i = self.find(spec)?;
         let (sn, l1) = &self.snapshots[i];
         self.active = l1.clone();
@@ -358,6 +639,8 @@ impl Model {
 
     /// Remove snapshot `spec` (id or name).
     pub fn snapshot_delete(&mut self, spec: &str) -> Result<()> {
+        // Table users change: count them afresh when next needed.
+        self.refs = None;
         let i = self.find(spec)?;
         self.snapshots.remove(i);
         Ok(())
@@ -554,7 +837,7 @@ impl Model {
             .flush()
             .map_err(|e| Error::io("cannot flush image", e))?;
         // Commit: one write of the header fields that changed.
-        let v3 = self.header.version >= 3;
+        let v3 = self.target_version() >= 3;
         let mut h = vec![0u8; if v3 { 72 } else { 48 }];
         BigEndian::write_u64(&mut h[0..], self.size);
         BigEndian::write_u32(&mut h[8..], self.header.crypt_method);
@@ -572,24 +855,133 @@ impl Model {
             },
         );
         if v3 {
+            let mut compat = self.header.compatible_features;
+            match self.change.lazy_refcounts {
+                Some(true) => compat |= super::header::COMPAT_LAZY_REFCOUNTS,
+                Some(false) => compat &= !super::header::COMPAT_LAZY_REFCOUNTS,
+                None => {}
+            }
             // Refcounts are exact now: the image is clean. Unknown autoclear bits are dropped.
             BigEndian::write_u64(
                 &mut h[48..],
                 self.header.incompatible_features & !(incompat::DIRTY | incompat::CORRUPT),
             );
-            BigEndian::write_u64(&mut h[56..], self.header.compatible_features);
+            BigEndian::write_u64(&mut h[56..], compat);
             BigEndian::write_u64(
                 &mut h[64..],
                 self.header.autoclear_features & super::header::AUTOCLEAR_DATA_FILE_RAW,
             );
         }
-        self.io
-            .write_all_at(&h, 24)
-            .map_err(|e| Error::io("cannot write header", e))?;
+        if self.change.any() {
+            // The header, its extensions and the backing name in one write of cluster 0.
+            let area = self.header_area(&h)?;
+            self.io
+                .write_all_at(&area, 0)
+                .map_err(|e| Error::io("cannot write header", e))?;
+        } else {
+            self.io
+                .write_all_at(&h, 24)
+                .map_err(|e| Error::io("cannot write header", e))?;
+        }
         self.io
             .flush()
             .map_err(|e| Error::io("cannot flush image", e))?;
         Ok(new_ranges)
+    }
+}
+
+impl Model {
+    /// Cluster 0 rewritten for [`HeaderChange`]: version, refcount order and the fields in
+    /// `fields` (bytes 24.. of the header as the commit computed them), the original header
+    /// extensions except the backing format (which follows the new backing), and the backing
+    /// name after them. Fails when it does not fit in one cluster.
+    fn header_area(&self, fields: &[u8]) -> Result<Vec<u8>> {
+        use super::header::ext;
+        let cs = self.geo.cluster_size() as usize;
+        let old = &self.header;
+        let mut orig = vec![0u8; cs];
+        self.io
+            .read_at_zero_padded(&mut orig, 0)
+            .map_err(|e| Error::io("cannot read header", e))?;
+        // The original extensions, in order.
+        let ext_end = if old.backing_file_offset != 0 {
+            (old.backing_file_offset as usize).min(cs)
+        } else {
+            cs
+        };
+        let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
+        let mut off = old.header_length as usize;
+        while off + 8 <= ext_end {
+            let typ = BigEndian::read_u32(&orig[off..]);
+            let len = BigEndian::read_u32(&orig[off + 4..]) as usize;
+            if typ == ext::END || off + 8 + len > ext_end {
+                break;
+            }
+            if typ != ext::BACKING_FORMAT {
+                exts.push((typ, orig[off + 8..off + 8 + len].to_vec()));
+            }
+            off += 8 + len.div_ceil(8) * 8;
+        }
+        let backing = match &self.change.backing {
+            Some(b) => b.clone(),
+            None => old
+                .backing_file
+                .clone()
+                .map(|n| (n, old.backing_format.clone())),
+        };
+        if let Some((_, Some(f))) = &backing {
+            exts.insert(0, (ext::BACKING_FORMAT, f.as_bytes().to_vec()));
+        }
+        let version = self.target_version();
+        let header_len: usize = if version >= 3 {
+            (old.header_length as usize).max(104)
+        } else {
+            72
+        };
+        let mut a = vec![0u8; header_len];
+        a[..4].copy_from_slice(&super::header::MAGIC.to_be_bytes());
+        BigEndian::write_u32(&mut a[4..], version);
+        BigEndian::write_u32(&mut a[20..], old.cluster_bits);
+        a[24..24 + fields.len().min(header_len - 24)]
+            .copy_from_slice(&fields[..fields.len().min(header_len - 24)]);
+        if version >= 3 {
+            if old.version < 3 {
+                // Fresh version 3 fields: no features beyond what the fields carry.
+                BigEndian::write_u64(&mut a[72..], 0);
+                BigEndian::write_u64(&mut a[88..], 0);
+            }
+            BigEndian::write_u32(&mut a[96..], self.geo.refcount_order);
+            BigEndian::write_u32(&mut a[100..], header_len as u32);
+            if header_len > 104 {
+                // The compression type byte and padding, as they were.
+                let n = (old.header_length as usize).min(header_len);
+                if old.version >= 3 && n > 104 {
+                    a[104..n].copy_from_slice(&orig[104..n]);
+                }
+            }
+        }
+        for (typ, data) in &exts {
+            let mut e = vec![0u8; 8];
+            BigEndian::write_u32(&mut e[0..], *typ);
+            BigEndian::write_u32(&mut e[4..], data.len() as u32);
+            e.extend_from_slice(data);
+            e.resize(8 + data.len().div_ceil(8) * 8, 0);
+            a.extend_from_slice(&e);
+        }
+        a.extend_from_slice(&[0u8; 8]);
+        if let Some((name, _)) = &backing {
+            let at = a.len();
+            a.extend_from_slice(name.as_bytes());
+            BigEndian::write_u64(&mut a[8..], at as u64);
+            BigEndian::write_u32(&mut a[16..], name.len() as u32);
+        }
+        if a.len() > cs {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                "the header, its extensions and the backing file name do not fit in one cluster",
+            ));
+        }
+        Ok(a)
     }
 }
 

@@ -177,6 +177,71 @@ enum Cmd {
         force_share: bool,
         file: PathBuf,
     },
+    /// Change the backing file of a qcow2 image; without -u, first copy into it whatever the
+    /// change would alter, so the guest sees the same disk.
+    Rebase {
+        /// Image format (detected when omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// New backing file ("" for none), stored as given, opened beside the image.
+        #[arg(short = 'b', allow_hyphen_values = true)]
+        backing: String,
+        /// New backing file's format.
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
+        /// Unsafe: only change the name (the new file is not opened).
+        #[arg(short = 'u')]
+        unsafe_mode: bool,
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Cache mode (accepted; vdisk uses the page cache).
+        #[arg(short = 't')]
+        cache: Option<String>,
+        /// Source cache mode (accepted; vdisk uses the page cache).
+        #[arg(short = 'T')]
+        src_cache: Option<String>,
+        file: PathBuf,
+    },
+    /// Write an overlay's data into its backing file (or -b BASE further down), then empty it.
+    Commit {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Commit into this image of the chain (implies -d unless it is the backing file).
+        #[arg(short = 'b')]
+        base: Option<PathBuf>,
+        /// Keep the committed data in the image (do not empty it).
+        #[arg(short = 'd')]
+        keep: bool,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Cache mode (accepted; vdisk uses the page cache).
+        #[arg(short = 't')]
+        cache: Option<String>,
+        file: PathBuf,
+    },
+    /// Change a qcow2 image's options: compat, refcount_bits, lazy_refcounts.
+    Amend {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(short = 'o', action = clap::ArgAction::Append, required = true)]
+        options: Vec<String>,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Cache mode (accepted; vdisk uses the page cache).
+        #[arg(short = 't')]
+        cache: Option<String>,
+        /// Accepted for qemu-img compatibility.
+        #[arg(long)]
+        force: bool,
+        file: PathBuf,
+    },
     /// Check a qcow2 image's consistency (exit 0 clean, 1 check failed, 2 corrupt, 3 leaks).
     Check {
         #[arg(short = 'f')]
@@ -978,6 +1043,75 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 )?;
             }
         }
+        Cmd::Rebase {
+            format,
+            backing,
+            backing_format,
+            unsafe_mode,
+            progress,
+            quiet,
+            cache,
+            src_cache,
+            file,
+        } => {
+            check_cache(cache.as_deref())?;
+            check_cache(src_cache.as_deref())?;
+            let bf = parse_format(backing_format.as_deref())?;
+            let b = (!backing.is_empty()).then_some((backing.as_str(), bf));
+            let mut bar = Bar::new(progress && !quiet, 1.0);
+            vdisk::edit::rebase(
+                &file,
+                parse_format(format.as_deref())?,
+                b,
+                unsafe_mode,
+                &mut |d, t| bar.show(d, t),
+            )?;
+            bar.end(&mut out)?;
+        }
+        Cmd::Commit {
+            format,
+            base,
+            keep,
+            progress,
+            quiet,
+            cache,
+            file,
+        } => {
+            check_cache(cache.as_deref())?;
+            let mut bar = Bar::new(progress && !quiet, 1.0);
+            vdisk::edit::commit(
+                &file,
+                parse_format(format.as_deref())?,
+                base.as_deref(),
+                keep,
+                &mut |d, t| bar.show(d, t),
+            )?;
+            bar.end(&mut out)?;
+            if !quiet {
+                w(&mut out, "Image committed.\n")?;
+            }
+        }
+        Cmd::Amend {
+            format,
+            options,
+            cache,
+            file,
+            ..
+        } => {
+            check_cache(cache.as_deref())?;
+            if options.iter().any(|o| is_options_help(o)) {
+                w(
+                    &mut out,
+                    "Amendable options:\n  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])\n  lazy_refcounts=<bool (on/off)> - Postpone refcount updates\n  refcount_bits=<num>    - Width of a reference count entry in bits\n",
+                )?;
+                return Ok(0);
+            }
+            let mut a = vdisk::edit::Amend::default();
+            for o in &options {
+                a.apply(o)?;
+            }
+            vdisk::edit::amend(&file, parse_format(format.as_deref())?, &a)?;
+        }
         Cmd::Check {
             format,
             output,
@@ -1046,6 +1180,62 @@ fn run(cli: Cli) -> Result<u8, Error> {
         }
     }
     Ok(0)
+}
+
+/// qemu-img's cache modes (`-t`, `-T`): accepted and checked; vdisk reads and writes through
+/// the page cache (and flushes before it reports success) whatever the mode.
+fn check_cache(mode: Option<&str>) -> Result<(), Error> {
+    match mode {
+        None | Some("none" | "writeback" | "unsafe" | "directsync" | "writethrough") => Ok(()),
+        Some(m) => Err(Error::invalid(format!("Invalid cache option: {m}"))),
+    }
+}
+
+/// qemu-img's progress line, redrawn when it moved by at least `step` percent.
+struct Bar {
+    on: bool,
+    step: f64,
+    last: f64,
+}
+
+impl Bar {
+    fn new(on: bool, step: f64) -> Bar {
+        let b = Bar {
+            on,
+            step,
+            last: -1.0,
+        };
+        b.draw(0.0);
+        b
+    }
+
+    fn draw(&self, pct: f64) {
+        if self.on {
+            let mut so = std::io::stdout().lock();
+            let _ = write!(so, "    ({pct:.2}/100%)\r");
+            let _ = so.flush();
+        }
+    }
+
+    fn show(&mut self, done: u64, total: u64) {
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        if pct - self.last >= self.step || (pct >= 100.0 && self.last < 100.0) {
+            self.last = pct;
+            self.draw(pct);
+        }
+    }
+
+    fn end(&self, out: &mut std::io::StdoutLock) -> Result<(), Error> {
+        if self.on {
+            out.write_all(b"\n")
+                .map_err(|e| Error::io("cannot write output", e))?;
+        }
+        Ok(())
+    }
 }
 
 /// `-o help`: the options vdisk takes for `format`.

@@ -1,0 +1,353 @@
+//! `rebase`, `commit` and `amend` against qemu-img: the same operation on two copies of the
+//! same qemu-made images, one by each tool. vdisk's result must pass `qemu-img check` with no
+//! errors or leaks, read the same as qemu-img's (`qemu-img compare`), name the same backing
+//! file, and report the same options; refusals must agree on the exit code.
+
+mod common;
+
+use common::*;
+
+/// A chain base.qcow2 <- mid.qcow2 <- top.qcow2 (with `opts` on mid and top), plus other.qcow2
+/// (a possible new backing file sharing part of base) and base.raw (base's content as raw).
+fn chain(env: &Env, opts: &str) {
+    env.create("base.qcow2", "qcow2", "cluster_size=4k", "12M");
+    env.qemu_io(
+        "base.qcow2",
+        "qcow2",
+        &["write -P 0x41 0 3M", "write -P 0x42 8M 1M"],
+    );
+    env.create("other.qcow2", "qcow2", "", "10M");
+    env.qemu_io(
+        "other.qcow2",
+        "qcow2",
+        &["write -P 0x41 0 1M", "write -P 0x43 5M 512k"],
+    );
+    env.qemu_img(&["convert", "-O", "raw", "base.qcow2", "base.raw"]);
+    env.overlay("mid.qcow2", "base.qcow2", "qcow2", opts, "");
+    env.qemu_io(
+        "mid.qcow2",
+        "qcow2",
+        &[
+            "write -P 0x51 512k 1M",
+            "write -z 2M 128k",
+            "write -P 0x52 9M 4k",
+        ],
+    );
+    env.overlay("top.qcow2", "mid.qcow2", "qcow2", opts, "");
+    env.qemu_io(
+        "top.qcow2",
+        "qcow2",
+        &[
+            "write -P 0x61 1M 64k",
+            "write -z 8M 64k",
+            "write -P 0x62 11M 100k",
+        ],
+    );
+}
+
+/// Copy every file of the chain to `prefix`-named copies, with backing names rewritten
+/// (qemu-img rebase -u) so each copy is a chain of its own.
+fn copy_chain(env: &Env, prefix: &str) {
+    for f in ["base.qcow2", "other.qcow2", "base.raw"] {
+        std::fs::copy(env.path(f), env.path(&format!("{prefix}{f}"))).unwrap();
+    }
+    for (f, b) in [("mid.qcow2", "base.qcow2"), ("top.qcow2", "mid.qcow2")] {
+        let to = format!("{prefix}{f}");
+        std::fs::copy(env.path(f), env.path(&to)).unwrap();
+        env.qemu_img(&[
+            "rebase",
+            "-u",
+            "-b",
+            &format!("{prefix}{b}"),
+            "-F",
+            "qcow2",
+            &to,
+        ]);
+    }
+}
+
+/// Backing lines and format-specific options of `info`, with the copy's prefix removed.
+fn facts(env: &Env, file: &str, prefix: &str) -> Vec<String> {
+    let o = env.qemu_img(&["info", "-U", file]);
+    stdout(&o)
+        .lines()
+        .filter(|l| {
+            l.starts_with("backing file")
+                || l.starts_with("    compat")
+                || l.starts_with("    lazy")
+                || l.starts_with("    refcount bits")
+                || l.starts_with("virtual size")
+        })
+        .map(|l| l.replace(prefix, ""))
+        .collect()
+}
+
+/// What `file` holds itself (depth 0 of `map --output=json`), as merged runs of (start,
+/// length, data): data clusters or zero clusters. Host offsets, and whether parts of a data
+/// cluster are holes in the file, are each writer's own.
+fn layout(env: &Env, file: &str) -> Vec<(u64, u64, bool)> {
+    let o = env.qemu_img(&["map", "-U", "--output=json", file]);
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    for e in json(&o).as_array().unwrap() {
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        if e["depth"].as_u64() != Some(0) || e["present"].as_bool() != Some(true) {
+            continue;
+        }
+        let data = e["data"].as_bool().unwrap();
+        match out.last_mut() {
+            Some(l) if l.0 + l.1 == start && l.2 == data => l.1 += len,
+            _ => out.push((start, len, data)),
+        }
+    }
+    out
+}
+
+fn clean(env: &Env, file: &str) {
+    let v = env.check_clean(file);
+    assert!(v.get("leaks").is_none(), "{file}: {v}");
+}
+
+/// Run `args` (with `{}` standing for the prefix) with qemu-img on the q- chain and vdisk on
+/// the v- chain; then compare `files` of both.
+fn same_edit(env: &Env, args: &[&str], files: &[&str]) {
+    let with = |p: &str| -> Vec<String> { args.iter().map(|a| a.replace("{}", p)).collect() };
+    let qa = with("q-");
+    let va = with("v-");
+    let q = env.qemu_img_any(&qa.iter().map(String::as_str).collect::<Vec<_>>());
+    let v = env.vdisk(&va.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        q.status.code(),
+        v.status.code(),
+        "{args:?}: qemu-img said {}; vdisk said {}",
+        stderr(&q),
+        stderr(&v)
+    );
+    assert_eq!(stdout(&q), stdout(&v), "{args:?}");
+    for f in files {
+        let (qf, vf) = (format!("q-{f}"), format!("v-{f}"));
+        if f.ends_with(".qcow2") {
+            clean(env, &vf);
+            assert_eq!(
+                facts(env, &qf, "q-"),
+                facts(env, &vf, "v-"),
+                "{args:?}: {f}"
+            );
+            // The same allocation too: what each layer holds, data or zeros (host offsets
+            // are each writer's own).
+            let (ql, vl) = (layout(env, &qf), layout(env, &vf));
+            if env
+                .qemu_img(&["info", "-U", &qf])
+                .stdout
+                .windows(16)
+                .any(|w| w == b"extended l2: tru")
+            {
+                // qemu allocates single subclusters; vdisk's writes are whole clusters, so
+                // it holds at least what qemu-img holds (the content is compared below).
+                for &(s, l, _) in &ql {
+                    assert!(
+                        vl.iter()
+                            .any(|&(vs, vlen, _)| vs <= s && s + l <= vs + vlen),
+                        "{args:?}: {f}: qemu-img holds {s}+{l}, vdisk does not: {vl:?}"
+                    );
+                }
+            } else {
+                assert_eq!(ql, vl, "{args:?}: {f}");
+            }
+        }
+        let o = env.qemu_img_any(&["compare", "-U", &qf, &vf]);
+        assert!(
+            o.status.success(),
+            "{args:?}: {f} differs from qemu-img's: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+    }
+}
+
+const LAYOUTS: [&str; 4] = [
+    "cluster_size=64k",
+    "cluster_size=4k",
+    "cluster_size=16k,extended_l2=on",
+    "compat=0.10",
+];
+
+#[test]
+fn rebase_as_qemu_img_rebases() {
+    for opts in LAYOUTS {
+        let env = Env::new();
+        chain(&env, opts);
+        let cases: [&[&str]; 5] = [
+            &[
+                "rebase",
+                "-b",
+                "{}other.qcow2",
+                "-F",
+                "qcow2",
+                "{}top.qcow2",
+            ],
+            &["rebase", "-b", "", "{}top.qcow2"],
+            &["rebase", "-b", "{}base.qcow2", "-F", "qcow2", "{}top.qcow2"],
+            &[
+                "rebase",
+                "-u",
+                "-b",
+                "{}base.raw",
+                "-F",
+                "raw",
+                "{}top.qcow2",
+            ],
+            &["rebase", "-b", "{}base.raw", "-F", "raw", "{}mid.qcow2"],
+        ];
+        for args in cases {
+            for p in ["q-", "v-"] {
+                copy_chain(&env, p);
+            }
+            // The guest's disk before the safe rebases: they must not change it.
+            let before = env.path("before.raw");
+            env.qemu_img(&[
+                "convert",
+                "-O",
+                "raw",
+                "q-top.qcow2",
+                before.to_str().unwrap(),
+            ]);
+            same_edit(&env, args, &["top.qcow2", "mid.qcow2"]);
+            if !args.contains(&"-u") {
+                let o = env.qemu_img_any(&["compare", "-U", "v-top.qcow2", "before.raw"]);
+                assert!(o.status.success(), "{opts} {args:?} changed the disk");
+            }
+        }
+        // Refusals agree on the exit code: no format for the new file, a new file that is
+        // missing. vdisk refuses before it writes anything (qemu-img copies the data first
+        // when only the format is missing, then fails to change the name).
+        copy_chain(&env, "v-");
+        for args in [
+            &["rebase", "-b", "v-other.qcow2", "v-top.qcow2"][..],
+            &["rebase", "-b", "v-gone.qcow2", "-F", "qcow2", "v-top.qcow2"],
+        ] {
+            let before = std::fs::read(env.path("v-top.qcow2")).unwrap();
+            assert_eq!(env.qemu_img_any(args).status.code(), Some(1), "{args:?}");
+            std::fs::write(env.path("v-top.qcow2"), &before).unwrap();
+            let o = env.vdisk(args);
+            assert_eq!(o.status.code(), Some(1), "{args:?}");
+            assert!(
+                std::fs::read(env.path("v-top.qcow2")).unwrap() == before,
+                "{args:?} changed the image"
+            );
+        }
+    }
+}
+
+#[test]
+fn commit_as_qemu_img_commits() {
+    for opts in LAYOUTS {
+        let env = Env::new();
+        chain(&env, opts);
+        let cases: [(&[&str], &[&str]); 4] = [
+            (
+                &["commit", "{}top.qcow2"],
+                &["top.qcow2", "mid.qcow2", "base.qcow2"],
+            ),
+            (
+                &["commit", "-d", "{}top.qcow2"],
+                &["top.qcow2", "mid.qcow2"],
+            ),
+            (
+                &["commit", "-b", "{}base.qcow2", "{}top.qcow2"],
+                &["top.qcow2", "mid.qcow2", "base.qcow2"],
+            ),
+            (&["commit", "-q", "{}base.qcow2"], &["base.qcow2"]),
+        ];
+        for (args, files) in cases {
+            for p in ["q-", "v-"] {
+                copy_chain(&env, p);
+            }
+            let before = env.path("before.raw");
+            env.qemu_img(&[
+                "convert",
+                "-O",
+                "raw",
+                "q-top.qcow2",
+                before.to_str().unwrap(),
+            ]);
+            same_edit(&env, args, files);
+            let o = env.qemu_img_any(&["compare", "-U", "v-top.qcow2", "before.raw"]);
+            assert!(o.status.success(), "{opts} {args:?} changed the disk");
+        }
+        // Into a raw base (written in place).
+        for p in ["q-", "v-"] {
+            copy_chain(&env, p);
+            env.qemu_img(&[
+                "rebase",
+                "-u",
+                "-b",
+                &format!("{p}base.raw"),
+                "-F",
+                "raw",
+                &format!("{p}mid.qcow2"),
+            ]);
+        }
+        same_edit(
+            &env,
+            &["commit", "{}mid.qcow2"],
+            &["base.raw", "mid.qcow2", "top.qcow2"],
+        );
+    }
+}
+
+#[test]
+fn amend_as_qemu_img_amends() {
+    for opts in LAYOUTS {
+        let env = Env::new();
+        chain(&env, opts);
+        env.qemu_img(&["snapshot", "-c", "s1", "top.qcow2"]);
+        env.qemu_io("top.qcow2", "qcow2", &["write -z 0 64k"]);
+        for o in [
+            "compat=0.10",
+            "compat=1.1",
+            "refcount_bits=64",
+            "refcount_bits=1",
+            "refcount_bits=2,lazy_refcounts=on",
+            "lazy_refcounts=off,compat=0.10",
+            "cluster_size=4k",
+        ] {
+            for p in ["q-", "v-"] {
+                copy_chain(&env, p);
+            }
+            same_edit(&env, &["amend", "-o", o, "{}top.qcow2"], &["top.qcow2"]);
+        }
+    }
+}
+
+#[test]
+fn edits_keep_off_an_image_qemu_holds() {
+    let env = Env::new();
+    chain(&env, "");
+    // qemu-io holding the base (as a running VM's backing file would be held read-only does
+    // not stop a commit into it; a writer does).
+    let mut c = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(env.path("base.qcow2"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("OFDLCK") && l.trim_end().ends_with(" 201 201"))
+    {
+        assert!(t.elapsed().as_secs() < 20, "qemu-io never took its locks");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let before = std::fs::read(env.path("mid.qcow2")).unwrap();
+    let o = env.vdisk(&["commit", "mid.qcow2"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("lock"), "{}", stderr(&o));
+    assert!(std::fs::read(env.path("mid.qcow2")).unwrap() == before);
+    use std::io::Write;
+    let _ = c.stdin.take().unwrap().write_all(b"quit\n");
+    let _ = c.wait();
+    env.vdisk_ok(&["commit", "mid.qcow2"]);
+}
