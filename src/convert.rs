@@ -395,14 +395,10 @@ pub fn convert_to_qcow2(
             "compression and preallocation cannot be combined",
         ));
     }
-    // Zero ranges are left unallocated, so they would read from a backing file.
-    if target.backing.is_some() {
-        return Err(Error::new(
-            ErrorKind::UnsupportedFeature,
-            "convert cannot give its output a backing file",
-        ));
-    }
     let b = Builder::new(dst, src.virtual_size(), target)?;
+    if target.backing.is_some() {
+        return overlay_chunks(src, b, compress, opts, t0);
+    }
     let size = src.virtual_size();
     let cov = b.l2_coverage();
     let stretch = (64u64 << 20).div_ceil(cov).max(1) * cov;
@@ -438,6 +434,188 @@ pub fn convert_to_qcow2(
     b.finish()?;
     let r = pool.report(t0, &mut opts.progress);
     Ok(r)
+}
+
+/// `convert -B`: the output names a backing file, assumed to hold what the source's own
+/// backing chain holds. What the source image holds itself is written (zeros as zero
+/// clusters, so the backing file cannot show through); what it takes from its backing chain is
+/// left unallocated. A source without a backing file holds every byte itself.
+fn overlay_chunks(
+    src: &Image,
+    b: Builder<'_>,
+    compress: bool,
+    opts: &mut ConvertOptions<'_>,
+    t0: Instant,
+) -> Result<Report> {
+    let size = src.virtual_size();
+    let cs = b.cluster_size();
+    let cov = b.l2_coverage();
+    let src_backed = src.qcow2().is_some_and(|q| q.backing().is_some());
+    let pool = Pool::new(size, opts)?;
+    // Whether the source holds part of `start..end` itself, and whether all of that reads as
+    // zeros; also how far a run the source does not hold extends (to skip it at once).
+    let own = |start: u64, end: u64| -> Result<(bool, bool, u64)> {
+        let (mut pos, mut any, mut zero) = (start, false, true);
+        while pos < end {
+            let x = src.extent(pos, size - pos)?;
+            let mine = !src_backed || (x.depth == 0 && x.present);
+            if !mine && pos == start && x.len >= cs {
+                return Ok((false, true, start + x.len / cs * cs));
+            }
+            any |= mine;
+            zero &= x.zero;
+            pos += x.len.min(end - pos);
+        }
+        Ok((any, zero, end))
+    };
+    let stretch = (64u64 << 20).div_ceil(cov).max(1) * cov;
+    let mut s = 0;
+    while s < size {
+        let e = (s + stretch).min(size);
+        let mut tables: Vec<u64> = Vec::new();
+        let mut pos = s;
+        while pos < e {
+            let end = (pos + cs).min(size);
+            let (any, _, next) = own(pos, end)?;
+            if any && tables.last() != Some(&(pos / cov)) {
+                tables.push(pos / cov);
+            }
+            pos = next.min(e).max(end.min(next));
+        }
+        b.begin_tables(&tables)?;
+        if tables.is_empty() {
+            pool.done.fetch_add(e - s, Ordering::Relaxed);
+            s = e;
+            continue;
+        }
+        pool.run(s, e, &mut opts.progress, &|buf, start, end| {
+            buf.resize(cs as usize, 0);
+            let mut g = start;
+            while g < end {
+                let stop = (g + cs).min(size);
+                let (any, zero, next) = own(g, stop)?;
+                if !any {
+                    g = next.min(end).max(g + cs);
+                    continue;
+                }
+                let v3 = b.options().version >= 3;
+                if zero && v3 {
+                    b.zero_clusters(g, 1)?;
+                } else {
+                    let data = &mut buf[..(stop - g) as usize];
+                    src.read_at(data, g)?;
+                    pool.read.fetch_add(stop - g, Ordering::Relaxed);
+                    let mut whole = data.to_vec();
+                    whole.resize(cs as usize, 0);
+                    if v3 && is_zero_block(&whole) {
+                        b.zero_clusters(g, 1)?;
+                    } else {
+                        // Zeros here must be stored: they hide the backing file.
+                        store_clusters(&b, &pool, compress, 0, false, &whole, g)?;
+                    }
+                }
+                g += cs;
+            }
+            Ok(())
+        })?;
+        s = e;
+    }
+    b.finish()?;
+    Ok(pool.report(t0, &mut opts.progress))
+}
+
+/// `convert -n`: write `src` into the existing image at `dst` (raw file or block device, or
+/// qcow2), which must be at least as large; what lies past the source's end is kept. Zero
+/// ranges are written as zeros (raw) or zero clusters (qcow2) unless `target_is_zero` says the
+/// target already reads as zeros there. A qcow2 target takes the data crash-safely (new
+/// clusters, then one header write).
+pub fn convert_into_existing(
+    src: &Image,
+    dst: &Path,
+    format: crate::Format,
+    target_is_zero: bool,
+    opts: &mut ConvertOptions<'_>,
+) -> Result<Report> {
+    let t0 = Instant::now();
+    let io = FileIo::open_rw(dst, false)
+        .map_err(|e| Error::io(format!("Could not open '{}'", dst.display()), e).with_path(dst))?;
+    io.lock(crate::io::LockMode::Write)
+        .map_err(|e| e.with_path(dst))?;
+    let size = src.virtual_size();
+    let smaller = || Error::new(ErrorKind::NoSpace, "output file is smaller than input file");
+    match format {
+        crate::Format::Raw => {
+            let len = io
+                .size()
+                .map_err(|e| Error::io("cannot size target", e).with_path(dst))?;
+            if len < size {
+                return Err(smaller().with_path(dst));
+            }
+            let r = convert_to_raw(src, &io, target_is_zero, opts).map_err(|e| e.with_path(dst))?;
+            io.flush()
+                .map_err(|e| Error::io("flush failed", e).with_path(dst))?;
+            Ok(r)
+        }
+        crate::Format::Qcow2 => {
+            let r = (|| {
+                let mut m = crate::qcow2::model::Model::load(Arc::new(io))?;
+                if m.size() < size {
+                    return Err(smaller());
+                }
+                let cs = m.cluster_size();
+                let v3 = m.version() >= 3;
+                let mut buf = vec![0u8; cs as usize];
+                let zeros = vec![0u8; cs as usize];
+                let (mut read, mut written) = (0u64, 0u64);
+                let mut g = 0u64;
+                while g * cs < size {
+                    let (start, end) = (g * cs, ((g + 1) * cs).min(size));
+                    let x = src.extent(start, size - start)?;
+                    if x.zero && x.len >= end - start {
+                        // Whole zero clusters at once.
+                        let n = ((start + x.len).min(size) - start) / cs;
+                        let n = n.max(u64::from(end == size));
+                        if !target_is_zero {
+                            for k in 0..n {
+                                if v3 {
+                                    m.zero_cluster(g + k)?;
+                                } else {
+                                    // Version 2 has no zero clusters: store zeros.
+                                    m.write_cluster(g + k, &zeros)?;
+                                }
+                            }
+                        }
+                        g += n.max(1);
+                    } else {
+                        let data = &mut buf[..(end - start) as usize];
+                        src.read_at(data, start)?;
+                        read += end - start;
+                        m.write_cluster(g, data)?;
+                        written += end - start;
+                        g += 1;
+                    }
+                    if let Some(p) = opts.progress.as_mut() {
+                        if !p((g * cs).min(size), size) {
+                            return Err(Error::new(ErrorKind::Cancelled, "conversion cancelled"));
+                        }
+                    }
+                }
+                m.commit()?;
+                Ok(Report {
+                    virtual_size: size,
+                    bytes_read: read,
+                    bytes_written: written,
+                    elapsed: t0.elapsed(),
+                })
+            })();
+            r.map_err(|e| e.with_path(dst))
+        }
+        other => Err(Error::new(
+            ErrorKind::UnsupportedFormat,
+            format!("cannot convert into an existing {} image", other.name()),
+        )
+        .with_path(dst)),
+    }
 }
 
 /// Convert one chunk (cluster aligned start) into the qcow2 builder.

@@ -102,6 +102,30 @@ fn layout(env: &Env, file: &str) -> Vec<(u64, u64, bool)> {
     out
 }
 
+/// `v` holds what `q` holds (see [`layout`]). With extended L2 entries qemu allocates single
+/// subclusters while vdisk's writes are whole clusters, so there vdisk must hold at least what
+/// qemu-img holds (contents are compared separately).
+fn same_layout(env: &Env, q: &str, v: &str, what: &str) {
+    let (ql, vl) = (layout(env, q), layout(env, v));
+    let info = env.qemu_img(&["info", "-U", q]);
+    if stdout(&info).contains("extended l2: true") {
+        for &(s, l, _) in &ql {
+            // Every byte of the run lies in one of vdisk's runs (data or zero).
+            let mut at = s;
+            while at < s + l {
+                match vl.iter().find(|&&(vs, vlen, _)| vs <= at && at < vs + vlen) {
+                    Some(&(vs, vlen, _)) => at = vs + vlen,
+                    None => {
+                        panic!("{what}: qemu-img holds {at} (of {s}+{l}), vdisk does not: {vl:?}")
+                    }
+                }
+            }
+        }
+    } else {
+        assert_eq!(ql, vl, "{what}");
+    }
+}
+
 fn clean(env: &Env, file: &str) {
     let v = env.check_clean(file);
     assert!(v.get("leaks").is_none(), "{file}: {v}");
@@ -134,25 +158,7 @@ fn same_edit(env: &Env, args: &[&str], files: &[&str]) {
             );
             // The same allocation too: what each layer holds, data or zeros (host offsets
             // are each writer's own).
-            let (ql, vl) = (layout(env, &qf), layout(env, &vf));
-            if env
-                .qemu_img(&["info", "-U", &qf])
-                .stdout
-                .windows(16)
-                .any(|w| w == b"extended l2: tru")
-            {
-                // qemu allocates single subclusters; vdisk's writes are whole clusters, so
-                // it holds at least what qemu-img holds (the content is compared below).
-                for &(s, l, _) in &ql {
-                    assert!(
-                        vl.iter()
-                            .any(|&(vs, vlen, _)| vs <= s && s + l <= vs + vlen),
-                        "{args:?}: {f}: qemu-img holds {s}+{l}, vdisk does not: {vl:?}"
-                    );
-                }
-            } else {
-                assert_eq!(ql, vl, "{args:?}: {f}");
-            }
+            same_layout(env, &qf, &vf, &format!("{args:?}: {f}"));
         }
         let o = env.qemu_img_any(&["compare", "-U", &qf, &vf]);
         assert!(
@@ -350,4 +356,133 @@ fn edits_keep_off_an_image_qemu_holds() {
     let _ = c.stdin.take().unwrap().write_all(b"quit\n");
     let _ = c.wait();
     env.vdisk_ok(&["commit", "mid.qcow2"]);
+}
+
+#[test]
+fn convert_with_a_backing_file_as_qemu_img() {
+    for opts in LAYOUTS {
+        let env = Env::new();
+        chain(&env, "");
+        // A source overlay of base.qcow2, and a source with no backing file at all.
+        env.qemu_img(&["convert", "-O", "qcow2", "mid.qcow2", "flat.qcow2"]);
+        for src in ["top.qcow2", "flat.qcow2"] {
+            for extra in [&[][..], &["-c"]] {
+                let mut args = vec!["convert", "-O", "qcow2", "-o", opts];
+                args.extend(extra);
+                args.extend(["-B", "mid.qcow2", "-F", "qcow2", src]);
+                let (q, v) = (format!("q-{src}"), format!("v-{src}"));
+                let mut qa = args.clone();
+                qa.push(&q);
+                let mut va = args.clone();
+                va.push(&v);
+                env.qemu_img(&qa);
+                env.vdisk_ok(&va);
+                clean(&env, &v);
+                let what = format!("{opts} {extra:?} {src}");
+                for other in [q.as_str(), src] {
+                    let o = env.qemu_img_any(&["compare", &v, other]);
+                    assert!(o.status.success(), "{what}: differs from {other}");
+                }
+                assert_eq!(facts(&env, &q, "q-"), facts(&env, &v, "v-"), "{what}");
+                same_layout(&env, &q, &v, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn convert_into_an_existing_image_as_qemu_img() {
+    let env = Env::new();
+    chain(&env, "");
+    for (fmt, opts) in [("raw", ""), ("qcow2", ""), ("qcow2", "compat=0.10")] {
+        for target_is_zero in [false, true] {
+            for p in ["q-", "v-"] {
+                let t = format!("{p}t.img");
+                env.create(&t, fmt, opts, "16M");
+                if !target_is_zero {
+                    env.qemu_io(&t, fmt, &["write -P 0x99 0 16M"]);
+                }
+            }
+            let mut args = vec!["convert", "-n", "-O", fmt];
+            if target_is_zero {
+                args.push("--target-is-zero");
+            }
+            args.push("top.qcow2");
+            let mut qa = args.clone();
+            qa.push("q-t.img");
+            let mut va = args.clone();
+            va.push("v-t.img");
+            env.qemu_img(&qa);
+            env.vdisk_ok(&va);
+            if fmt == "qcow2" {
+                clean(&env, "v-t.img");
+            }
+            // Same bytes, the tail past the source included.
+            let o = env.qemu_img_any(&["compare", "-f", fmt, "-F", fmt, "q-t.img", "v-t.img"]);
+            assert!(
+                o.status.success(),
+                "{fmt} {opts} {target_is_zero}: {}",
+                stdout(&o)
+            );
+        }
+    }
+    // Refusals: too small a target, a missing one, --target-is-zero without -n; nothing is
+    // created or changed.
+    env.create("small.img", "raw", "", "1M");
+    let small = std::fs::read(env.path("small.img")).unwrap();
+    for args in [
+        &["convert", "-n", "-O", "raw", "top.qcow2", "small.img"][..],
+        &["convert", "-n", "-O", "raw", "top.qcow2", "missing.img"],
+        &[
+            "convert",
+            "--target-is-zero",
+            "-O",
+            "raw",
+            "top.qcow2",
+            "new.img",
+        ],
+    ] {
+        assert_eq!(env.qemu_img_any(args).status.code(), Some(1), "{args:?}");
+        let o = env.vdisk(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+    }
+    assert!(std::fs::read(env.path("small.img")).unwrap() == small);
+    assert!(!env.path("missing.img").exists() && !env.path("new.img").exists());
+}
+
+/// `convert -n` onto a real block device (a loop device, where the kernel lets the test make
+/// one): written in place, stale bytes past the data overwritten with zeros.
+#[test]
+fn convert_into_a_block_device() {
+    let env = Env::new();
+    chain(&env, "");
+    std::fs::write(env.path("dev.img"), vec![0x5au8; 16 << 20]).unwrap();
+    let o = std::process::Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(env.path("dev.img"))
+        .output();
+    let dev = match o {
+        Ok(o) if o.status.success() => stdout(&o).trim().to_string(),
+        other => {
+            eprintln!("SKIP convert_into_a_block_device: no loop device here ({other:?})");
+            return;
+        }
+    };
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _d = Detach(dev.clone());
+    env.vdisk_ok(&["convert", "-n", "-O", "raw", "top.qcow2", &dev]);
+    env.qemu_img(&["convert", "-O", "raw", "top.qcow2", "want.raw"]);
+    let want = std::fs::read(env.path("want.raw")).unwrap();
+    let got = std::fs::read(&dev).unwrap();
+    assert!(got[..want.len()] == want[..], "device content differs");
+    // Past the source's end the device keeps what it held, as with qemu-img.
+    assert!(got[want.len()..].iter().all(|&b| b == 0x5a));
 }

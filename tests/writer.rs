@@ -538,22 +538,27 @@ fn create_with_backing_file() {
     ] {
         lab.both_refuse(args, target);
     }
-    // convert cannot give its output a backing file (its zero clusters would read from it).
-    let err = lab.vdisk_refuses(
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            "backing_file=base.qcow2,backing_fmt=qcow2",
-            "base.raw",
-            "x3.qcow2",
-        ],
-        "x3.qcow2",
-    );
-    assert!(err.contains("backing"), "{err}");
+    // convert gives its output a backing file as qemu-img does (-o backing_file, or -B):
+    // a raw source holds every byte itself, so the output hides the backing file entirely.
+    let args = [
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "backing_file=base.qcow2,backing_fmt=qcow2",
+        "base.raw",
+    ];
+    let mut v = args.to_vec();
+    v.push("x3.qcow2");
+    lab.vdisk_ok(&v);
+    let mut q = args.to_vec();
+    q.push("q3.qcow2");
+    lab.qemu_img(&q);
+    lab.check_clean("x3.qcow2");
+    lab.assert_same("x3.qcow2", "qcow2", "q3.qcow2", "qcow2");
+    lab.assert_same("x3.qcow2", "qcow2", "base.raw", "raw");
 }
 
 /// Option strings for `convert -O qcow2` without compression.

@@ -700,6 +700,27 @@ impl<'a> Builder<'a> {
         Ok(off)
     }
 
+    /// Make `n` guest clusters from cluster-aligned `guest` read as zeros whatever a backing
+    /// file holds (zero clusters; version 3 images only).
+    pub fn zero_clusters(&self, guest: u64, n: u64) -> Result<()> {
+        if self.opts.version < 3 {
+            return Err(Error::new(
+                ErrorKind::UnsupportedFeature,
+                "version 2 images have no zero clusters",
+            ));
+        }
+        let cs = self.cluster_size();
+        let mut st = self.lock();
+        for k in 0..n {
+            if self.opts.extended_l2 {
+                self.set_entry(&mut st, guest + k * cs, 0, 0xffff_ffff_0000_0000)?;
+            } else {
+                self.set_entry(&mut st, guest + k * cs, 1, 0)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Write plain data for the guest clusters starting at cluster-aligned `guest`; `data` is
     /// whole clusters (a short last cluster is padded with zeros on disk).
     pub fn write_clusters(&self, guest: u64, data: &[u8]) -> Result<()> {

@@ -87,9 +87,29 @@ enum Cmd {
         /// Parallel workers (qemu-img's -m; default: one per core).
         #[arg(short = 'm')]
         workers: Option<usize>,
-        /// Accepted for qemu-img compatibility (writes are always out of order for raw).
+        /// Allow out-of-order writes (vdisk always writes in parallel, out of order).
         #[arg(short = 'W')]
         oob: bool,
+        /// Skip creating the target: write into the existing image (raw, block device or
+        /// qcow2), which must be at least as large.
+        #[arg(short = 'n')]
+        no_create: bool,
+        /// The existing target reads as zeros already (with -n): zero ranges are not written.
+        #[arg(long = "target-is-zero")]
+        target_is_zero: bool,
+        /// Give the qcow2 output this backing file: what the source takes from its own
+        /// backing chain is left to it.
+        #[arg(short = 'B')]
+        backing: Option<String>,
+        /// Format of the -B backing file.
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
+        /// Target cache mode (accepted; vdisk writes through the page cache and flushes).
+        #[arg(short = 't')]
+        cache: Option<String>,
+        /// Source cache mode (accepted; vdisk reads through the page cache).
+        #[arg(short = 'T')]
+        src_cache: Option<String>,
         /// Share the image with writers (a running VM): read without QEMU's reader locks.
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
@@ -555,11 +575,27 @@ fn run(cli: Cli) -> Result<u8, Error> {
             untrusted,
             force_share,
             quiet,
+            no_create,
+            target_is_zero,
+            backing,
+            backing_format,
+            cache,
+            src_cache,
             src,
             dst,
             ..
         } => {
             let progress = progress && !quiet;
+            check_cache(cache.as_deref())?;
+            check_cache(src_cache.as_deref())?;
+            if no_create && compress {
+                return Err(Error::invalid(
+                    "-c cannot be combined with -n (an existing target is written uncompressed)",
+                ));
+            }
+            if target_is_zero && !no_create {
+                return Err(Error::invalid("--target-is-zero requires use of -n flag"));
+            }
             if options.iter().any(|o| is_options_help(o)) {
                 return print_options_help(&mut out, &out_format);
             }
@@ -569,6 +605,11 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     if compress {
                         return Err(Error::invalid(
                             "compression is only supported for qcow2 output",
+                        ));
+                    }
+                    if backing.is_some() {
+                        return Err(Error::invalid(
+                            "Backing file not supported for file format 'raw'",
                         ));
                     }
                     let mut co = CreateOptions::default();
@@ -582,6 +623,12 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     let mut co = CreateOptions::default();
                     for o in &options {
                         co.apply(o)?;
+                    }
+                    if let Some(b) = &backing {
+                        let f = backing_format
+                            .clone()
+                            .or_else(|| co.backing.take().map(|x| x.1));
+                        co.backing = Some((b.clone(), f.unwrap_or_default()));
                     }
                     Target::Qcow2 {
                         options: co,
@@ -622,8 +669,17 @@ fn run(cli: Cli) -> Result<u8, Error> {
             if progress {
                 co.progress = Some(&mut show);
             }
-            convert_path(&img, &dst, &target, &mut co).map_err(|e| e.with_path(&src))?;
-            vdisk::create::preallocate_file(&dst, raw_prealloc)?;
+            if no_create {
+                let fmt = match &target {
+                    Target::Raw => Format::Raw,
+                    Target::Qcow2 { .. } => Format::Qcow2,
+                };
+                vdisk::convert::convert_into_existing(&img, &dst, fmt, target_is_zero, &mut co)
+                    .map_err(|e| e.with_path(&src))?;
+            } else {
+                convert_path(&img, &dst, &target, &mut co).map_err(|e| e.with_path(&src))?;
+                vdisk::create::preallocate_file(&dst, raw_prealloc)?;
+            }
             if progress {
                 w(&mut out, "\n")?;
             }
