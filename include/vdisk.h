@@ -90,6 +90,75 @@ typedef enum vdisk_status {
 } vdisk_status;
 
 /*
+ Preallocation mode, as qemu-img's `preallocation=` option.
+ */
+typedef enum vdisk_preallocation {
+  /*
+   Nothing preallocated (sparse).
+   */
+  VDISK_PREALLOCATION_OFF = 0,
+  /*
+   qcow2 metadata only.
+   */
+  VDISK_PREALLOCATION_METADATA = 1,
+  /*
+   Space reserved with fallocate (full where the filesystem cannot).
+   */
+  VDISK_PREALLOCATION_FALLOC = 2,
+  /*
+   Every byte written.
+   */
+  VDISK_PREALLOCATION_FULL = 3,
+} vdisk_preallocation;
+
+/*
+ An internal-snapshot operation of `vdisk_snapshot`.
+ */
+typedef enum vdisk_snapshot_op {
+  /*
+   Create a snapshot of the current state named `name` (`qemu-img snapshot -c`).
+   */
+  VDISK_SNAPSHOT_OP_CREATE = 0,
+  /*
+   Revert the disk to the snapshot with this id or name (`-a`).
+   */
+  VDISK_SNAPSHOT_OP_APPLY = 1,
+  /*
+   Delete the snapshot with this id or name (`-d`).
+   */
+  VDISK_SNAPSHOT_OP_DELETE = 2,
+} vdisk_snapshot_op;
+
+/*
+ Lock modes for `vdisk_image_open_locked`, passed as `uint32_t`.
+ */
+enum vdisk_lock_mode
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /*
+   Read, refusing writers (what `vdisk_image_open` takes, as qemu-img does by default).
+   */
+  VDISK_LOCK_MODE_READ = 0,
+  /*
+   Read beside writers such as a running VM (qemu-img's `-U`).
+   */
+  VDISK_LOCK_MODE_FORCE_SHARE = 1,
+  /*
+   Take no image locks (the caller guarantees nobody writes the image).
+   */
+  VDISK_LOCK_MODE_OFF = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum vdisk_lock_mode vdisk_lock_mode;
+#else
+typedef uint32_t vdisk_lock_mode;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/*
  What the input of `vdisk_import_fd` holds.
  */
 typedef enum vdisk_content {
@@ -140,28 +209,6 @@ typedef enum vdisk_format {
 } vdisk_format;
 
 /*
- Preallocation mode, as qemu-img's `preallocation=` option.
- */
-typedef enum vdisk_preallocation {
-  /*
-   Nothing preallocated (sparse).
-   */
-  VDISK_PREALLOCATION_OFF = 0,
-  /*
-   qcow2 metadata only.
-   */
-  VDISK_PREALLOCATION_METADATA = 1,
-  /*
-   Space reserved with fallocate (full where the filesystem cannot).
-   */
-  VDISK_PREALLOCATION_FALLOC = 2,
-  /*
-   Every byte written.
-   */
-  VDISK_PREALLOCATION_FULL = 3,
-} vdisk_preallocation;
-
-/*
  What `vdisk_check` may repair.
  */
 typedef enum vdisk_repair {
@@ -178,53 +225,6 @@ typedef enum vdisk_repair {
    */
   VDISK_REPAIR_ALL = 2,
 } vdisk_repair;
-
-/*
- An internal-snapshot operation of `vdisk_snapshot`.
- */
-typedef enum vdisk_snapshot_op {
-  /*
-   Create a snapshot of the current state named `name` (`qemu-img snapshot -c`).
-   */
-  VDISK_SNAPSHOT_OP_CREATE = 0,
-  /*
-   Revert the disk to the snapshot with this id or name (`-a`).
-   */
-  VDISK_SNAPSHOT_OP_APPLY = 1,
-  /*
-   Delete the snapshot with this id or name (`-d`).
-   */
-  VDISK_SNAPSHOT_OP_DELETE = 2,
-} vdisk_snapshot_op;
-
-/*
- Lock modes for `vdisk_image_open_locked`, passed as `uint32_t`.
- */
-enum vdisk_lock_mode
-#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
-  : uint32_t
-#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
- {
-  /*
-   Read, refusing writers (what `vdisk_image_open` takes, as qemu-img does by default).
-   */
-  VDISK_LOCK_MODE_READ = 0,
-  /*
-   Read beside writers such as a running VM (qemu-img's `-U`).
-   */
-  VDISK_LOCK_MODE_FORCE_SHARE = 1,
-  /*
-   Take no image locks (the caller guarantees nobody writes the image).
-   */
-  VDISK_LOCK_MODE_OFF = 2,
-};
-#ifndef __cplusplus
-#if __STDC_VERSION__ >= 202311L
-typedef enum vdisk_lock_mode vdisk_lock_mode;
-#else
-typedef uint32_t vdisk_lock_mode;
-#endif // __STDC_VERSION__ >= 202311L
-#endif // __cplusplus
 
 /*
  A cancellation flag that may be set from any thread while an operation runs.
@@ -407,9 +407,10 @@ extern "C" {
 const char *vdisk_version(void);
 
 /*
- A static, human-readable name for `status`. Never free it.
+ A static, human-readable name for `status` (a `vdisk_status` value; others read as
+ "unknown status"). Never free it.
  */
-const char *vdisk_status_str(enum vdisk_status status);
+const char *vdisk_status_str(uint32_t status);
 
 /*
  The status of a failed call. `err` NULL gives `VDISK_STATUS_NULL_PARAMETER`.
@@ -637,7 +638,7 @@ void vdisk_import_options_free(struct vdisk_import_options *o);
  `o` is NULL or live options.
  */
 enum vdisk_status vdisk_import_options_set_content(struct vdisk_import_options *o,
-                                                   enum vdisk_content content);
+                                                   uint32_t content);
 
 /*
  Set the filesystem overhead fraction, 0.0 to 1.0 (CDI's `FILESYSTEM_OVERHEAD`); other
@@ -742,7 +743,7 @@ enum vdisk_status vdisk_import_options_set_cancel(struct vdisk_import_options *o
  writable; `err` is NULL or writable.
  */
 enum vdisk_status vdisk_import_fd(int32_t fd,
-                                  enum vdisk_target kind,
+                                  uint32_t kind,
                                   const char *target,
                                   const struct vdisk_import_options *opts,
                                   struct vdisk_import_report *report,
@@ -768,7 +769,7 @@ void vdisk_convert_options_free(struct vdisk_convert_options *o);
  `o` is NULL or live options.
  */
 enum vdisk_status vdisk_convert_options_set_format(struct vdisk_convert_options *o,
-                                                   enum vdisk_format format);
+                                                   uint32_t format);
 
 /*
  Parse qemu-img `-o` text for the output (`cluster_size=64k,compat=1.1,compression_type=zstd,
@@ -789,7 +790,7 @@ enum vdisk_status vdisk_convert_options_set_create_options(struct vdisk_convert_
  `o` is NULL or live options.
  */
 enum vdisk_status vdisk_convert_options_set_preallocation(struct vdisk_convert_options *o,
-                                                          enum vdisk_preallocation mode);
+                                                          uint32_t mode);
 
 /*
  Non-zero: write compressed qcow2 clusters (qemu-img `-c`); ignored for raw output.
@@ -866,7 +867,7 @@ enum vdisk_status vdisk_convert(const char *src,
  writable; `err` is NULL or writable.
  */
 enum vdisk_status vdisk_create(const char *path,
-                               enum vdisk_format format,
+                               uint32_t format,
                                uint64_t size,
                                const char *options,
                                enum vdisk_preallocation *applied,
@@ -883,7 +884,7 @@ enum vdisk_status vdisk_create(const char *path,
 enum vdisk_status vdisk_resize(const char *path,
                                uint64_t new_size,
                                int32_t allow_shrink,
-                               enum vdisk_preallocation prealloc,
+                               uint32_t prealloc,
                                struct vdisk_error **err);
 
 /*
@@ -894,7 +895,7 @@ enum vdisk_status vdisk_resize(const char *path,
  `path` is NUL-terminated; `report` is writable; `err` is NULL or writable.
  */
 enum vdisk_status vdisk_check(const char *path,
-                              enum vdisk_repair repair,
+                              uint32_t repair,
                               struct vdisk_check_report *report,
                               struct vdisk_error **err);
 

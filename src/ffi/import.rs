@@ -2,8 +2,8 @@
 //! struct, and the call that reads a file descriptor (a pipe, socket or file) to its end.
 
 use super::{
-    Fail, boundary, path_arg, vdisk_cancel, vdisk_error, vdisk_progress_fn, vdisk_status,
-    with_builder,
+    CEnum, Fail, boundary, c_enum, path_arg, vdisk_cancel, vdisk_error, vdisk_progress_fn,
+    vdisk_status, with_builder, with_builder_enum,
 };
 use crate::ingest::{ContentType, ImportOptions, ImportTarget};
 use std::ffi::{c_char, c_void};
@@ -21,6 +21,8 @@ pub enum vdisk_content {
     Raw = 2,
 }
 
+c_enum!(vdisk_content: Kubevirt, Archive, Raw);
+
 /// Where `vdisk_import_fd` writes.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +34,8 @@ pub enum vdisk_target {
     /// A directory an archive is unpacked into.
     Directory = 2,
 }
+
+c_enum!(vdisk_target: File, Device, Directory);
 
 /// How `vdisk_import_fd` works. Made by `vdisk_import_options_new` with the defaults of
 /// CDI's importer: content `KUBEVIRT`, filesystem overhead 0.06, no requested size (the disk
@@ -98,9 +102,9 @@ pub unsafe extern "C" fn vdisk_import_options_free(o: *mut vdisk_import_options)
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vdisk_import_options_set_content(
     o: *mut vdisk_import_options,
-    content: vdisk_content,
+    content: u32,
 ) -> vdisk_status {
-    with_builder(o, |o| {
+    with_builder_enum(o, content, |o, content| {
         o.content = match content {
             vdisk_content::Kubevirt => ContentType::Kubevirt,
             vdisk_content::Archive => ContentType::Archive,
@@ -287,13 +291,14 @@ pub struct vdisk_import_report {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vdisk_import_fd(
     fd: i32,
-    kind: vdisk_target,
+    kind: u32,
     target: *const c_char,
     opts: *const vdisk_import_options,
     report: *mut vdisk_import_report,
     err: *mut *mut vdisk_error,
 ) -> vdisk_status {
     boundary(err, || {
+        let kind = vdisk_target::from_c(kind)?;
         let path = path_arg(target, "target")?;
         if fd < 0 {
             return Err(Fail(

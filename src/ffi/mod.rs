@@ -141,6 +141,56 @@ fn policy(untrusted: bool) -> Policy {
 }
 
 /// Apply the setter `f` to the options object behind `o`, or report NULL.
+/// An enum the C API takes as `uint32_t`. C, ctypes and cgo can pass any number, and a Rust
+/// enum holding a value it does not declare is undefined behaviour, so every such argument is
+/// checked against the declared values here before it becomes the enum.
+trait CEnum: Sized + Copy + 'static {
+    /// The C type's name, for the error message.
+    const NAME: &'static str;
+    /// Every declared value.
+    const ALL: &'static [Self];
+    /// The value's number.
+    fn number(self) -> u32;
+    /// `v` as the enum, or `VDISK_STATUS_INVALID_ARGUMENT` naming the type.
+    fn from_c(v: u32) -> Result<Self, Fail> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|e| e.number() == v)
+            .ok_or_else(|| {
+                let known: Vec<String> = Self::ALL.iter().map(|e| e.number().to_string()).collect();
+                Fail(
+                    vdisk_status::InvalidArgument,
+                    format!("{v} is not a {} (known: {})", Self::NAME, known.join(", ")),
+                )
+            })
+    }
+}
+
+macro_rules! c_enum {
+    ($t:ident: $($v:ident),+) => {
+        impl CEnum for $t {
+            const NAME: &'static str = stringify!($t);
+            const ALL: &'static [Self] = &[$($t::$v),+];
+            fn number(self) -> u32 {
+                self as u32
+            }
+        }
+    };
+}
+pub(crate) use c_enum;
+
+c_enum!(vdisk_status: Ok, InvalidArgument, Io, UnsupportedFormat, UnsupportedFeature, Corrupt,
+    TooLarge, NoSpace, Denied, Cancelled, NotFound, NullParameter, Network, Locked, Panic);
+
+/// A setter's enum argument: checked (see [`CEnum`]) before `o`'s setter runs.
+fn with_builder_enum<T, E: CEnum>(o: *mut T, v: u32, f: impl FnOnce(&mut T, E)) -> vdisk_status {
+    match E::from_c(v) {
+        Ok(e) => with_builder(o, |o| f(o, e)),
+        Err(Fail(s, _)) => s,
+    }
+}
+
 fn with_builder<T>(o: *mut T, f: impl FnOnce(&mut T)) -> vdisk_status {
     // SAFETY: every setter documents `o` as NULL or a live options object used by one thread.
     match unsafe { o.as_mut() } {
@@ -167,9 +217,13 @@ pub extern "C" fn vdisk_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
-/// A static, human-readable name for `status`. Never free it.
+/// A static, human-readable name for `status` (a `vdisk_status` value; others read as
+/// "unknown status"). Never free it.
 #[unsafe(no_mangle)]
-pub extern "C" fn vdisk_status_str(status: vdisk_status) -> *const c_char {
+pub extern "C" fn vdisk_status_str(status: u32) -> *const c_char {
+    let Ok(status) = vdisk_status::from_c(status) else {
+        return c"unknown status".as_ptr();
+    };
     let s: &'static str = match status {
         vdisk_status::Ok => "ok\0",
         vdisk_status::InvalidArgument => "invalid argument\0",

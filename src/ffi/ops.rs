@@ -2,8 +2,8 @@
 //! check (and repair), compare and internal snapshots.
 
 use super::{
-    Fail, boundary, image_ref, null, path_arg, policy, vdisk_cancel, vdisk_error, vdisk_image,
-    vdisk_progress_fn, vdisk_status, with_builder,
+    CEnum, Fail, boundary, c_enum, image_ref, null, path_arg, policy, vdisk_cancel, vdisk_error,
+    vdisk_image, vdisk_progress_fn, vdisk_status, with_builder, with_builder_enum,
 };
 use crate::image::{Image, OpenOptions};
 use crate::qcow2::writer::{CreateOptions, Prealloc};
@@ -19,6 +19,8 @@ pub enum vdisk_format {
     Qcow2 = 1,
 }
 
+c_enum!(vdisk_format: Raw, Qcow2);
+
 /// Preallocation mode, as qemu-img's `preallocation=` option.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +34,8 @@ pub enum vdisk_preallocation {
     /// Every byte written.
     Full = 3,
 }
+
+c_enum!(vdisk_preallocation: Off, Metadata, Falloc, Full);
 
 impl From<vdisk_preallocation> for Prealloc {
     fn from(p: vdisk_preallocation) -> Self {
@@ -118,9 +122,9 @@ pub unsafe extern "C" fn vdisk_convert_options_free(o: *mut vdisk_convert_option
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vdisk_convert_options_set_format(
     o: *mut vdisk_convert_options,
-    format: vdisk_format,
+    format: u32,
 ) -> vdisk_status {
-    with_builder(o, |o| o.format = format)
+    with_builder_enum(o, format, |o, format| o.format = format)
 }
 
 /// Parse qemu-img `-o` text for the output (`cluster_size=64k,compat=1.1,compression_type=zstd,
@@ -153,9 +157,11 @@ pub unsafe extern "C" fn vdisk_convert_options_set_create_options(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vdisk_convert_options_set_preallocation(
     o: *mut vdisk_convert_options,
-    mode: vdisk_preallocation,
+    mode: u32,
 ) -> vdisk_status {
-    with_builder(o, |o| o.create.prealloc = mode.into())
+    with_builder_enum(o, mode, |o, mode: vdisk_preallocation| {
+        o.create.prealloc = mode.into()
+    })
 }
 
 /// Non-zero: write compressed qcow2 clusters (qemu-img `-c`); ignored for raw output.
@@ -295,13 +301,14 @@ pub unsafe extern "C" fn vdisk_convert(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vdisk_create(
     path: *const c_char,
-    format: vdisk_format,
+    format: u32,
     size: u64,
     options: *const c_char,
     applied: *mut vdisk_preallocation,
     err: *mut *mut vdisk_error,
 ) -> vdisk_status {
     boundary(err, || {
+        let format = vdisk_format::from_c(format)?;
         let p = path_arg(path, "path")?;
         let co = text_options(options)?;
         let f = match format {
@@ -328,10 +335,11 @@ pub unsafe extern "C" fn vdisk_resize(
     path: *const c_char,
     new_size: u64,
     allow_shrink: i32,
-    prealloc: vdisk_preallocation,
+    prealloc: u32,
     err: *mut *mut vdisk_error,
 ) -> vdisk_status {
     boundary(err, || {
+        let prealloc = vdisk_preallocation::from_c(prealloc)?;
         let p = path_arg(path, "path")?;
         crate::edit::resize(
             &p,
@@ -355,6 +363,8 @@ pub enum vdisk_repair {
     /// Repair leaks and refcount corruptions (`qemu-img check -r all`).
     All = 2,
 }
+
+c_enum!(vdisk_repair: None, Leaks, All);
 
 /// The counters of `qemu-img check`, after any repair.
 #[repr(C)]
@@ -392,11 +402,12 @@ pub struct vdisk_check_report {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vdisk_check(
     path: *const c_char,
-    repair: vdisk_repair,
+    repair: u32,
     report: *mut vdisk_check_report,
     err: *mut *mut vdisk_error,
 ) -> vdisk_status {
     boundary(err, || {
+        let repair = vdisk_repair::from_c(repair)?;
         let p = path_arg(path, "path")?;
         if report.is_null() {
             return Err(null("report"));
@@ -437,10 +448,11 @@ pub unsafe extern "C" fn vdisk_check(
 }
 
 /// Compare the content of two open images as `qemu-img compare`: `*identical` receives 1 when
-/// they read the same (a shorter image reads as zeros past its end unless `strict` is
-/// non-zero, when different sizes differ) and 0 otherwise, with `*first_difference` the guest
-/// offset of the first differing sector (the smaller size for a strict size mismatch).
-/// `first_difference` may be NULL.
+/// they read the same (a shorter image reads as zeros past its end) and 0 otherwise, with
+/// `*first_difference` the guest offset of the first differing sector. With `strict` non-zero
+/// (`qemu-img compare -s`) different sizes differ (at the smaller size), and so does a
+/// different allocation status (allocated, zero, data, compressed), at the first offset
+/// where it differs. `first_difference` may be NULL.
 ///
 /// # Safety
 /// `a`, `b` are live images; `identical` is writable; `first_difference` is NULL or

@@ -44,7 +44,7 @@ static int exists(const char *p) { return access(p, F_OK) == 0; }
 int main(int argc, char **argv) {
     CHECK(argc >= 3);
     const char *dir = argv[2];
-    char out[4096], out2[4096];
+    char out[4096], out2[4096], bad[4096], emsg[512];
     CHECK(strlen(vdisk_version()) > 0);
     char version[64];
     snprintf(version, sizeof version, "%d.%d.%d", VDISK_VERSION_MAJOR, VDISK_VERSION_MINOR,
@@ -120,6 +120,25 @@ int main(int argc, char **argv) {
     CHECK(vdisk_convert_options_set_format(NULL, VDISK_FORMAT_RAW) == VDISK_STATUS_NULL_PARAMETER);
     CHECK(vdisk_convert(NULL, out, co, NULL) == VDISK_STATUS_NULL_PARAMETER);
     CHECK(vdisk_check(out2, VDISK_REPAIR_NONE, NULL, NULL) == VDISK_STATUS_NULL_PARAMETER);
+    /* Enum arguments are uint32_t and checked: a value no enum declares (as ctypes or cgo can
+       pass) is refused, never taken as some mode. */
+    CHECK(vdisk_convert_options_set_format(co, 2) == VDISK_STATUS_INVALID_ARGUMENT);
+    CHECK(vdisk_convert_options_set_format(co, 0xffffffffu) == VDISK_STATUS_INVALID_ARGUMENT);
+    CHECK(vdisk_convert_options_set_preallocation(co, 4) == VDISK_STATUS_INVALID_ARGUMENT);
+    CHECK(vdisk_check(out2, 3, &rep, &err) == VDISK_STATUS_INVALID_ARGUMENT);
+    CHECK(err != NULL && vdisk_error_message(err, emsg, sizeof emsg) > 0 && strstr(emsg, "vdisk_repair") != NULL);
+    vdisk_error_free(err);
+    err = NULL;
+    snprintf(bad, sizeof bad, "%s/never.qcow2", dir);
+    CHECK(vdisk_create(bad, 7, 1u << 20, NULL, NULL, NULL) == VDISK_STATUS_INVALID_ARGUMENT);
+    CHECK(!exists(bad));
+    CHECK(vdisk_resize(out2, 1u << 30, 0, 99, NULL) == VDISK_STATUS_INVALID_ARGUMENT);
+    CHECK(strcmp(vdisk_status_str(12345), "unknown status") == 0);
+    vdisk_import_options *io = vdisk_import_options_new();
+    CHECK(vdisk_import_options_set_content(io, 3) == VDISK_STATUS_INVALID_ARGUMENT);
+    CHECK(vdisk_import_fd(0, 3, bad, io, NULL, NULL) == VDISK_STATUS_INVALID_ARGUMENT);
+    CHECK(!exists(bad));
+    vdisk_import_options_free(io);
     vdisk_convert_options_free(co);
     vdisk_convert_options_free(NULL);
 
