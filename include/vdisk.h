@@ -901,10 +901,11 @@ enum vdisk_status vdisk_check(const char *path,
 
 /*
  Compare the content of two open images as `qemu-img compare`: `*identical` receives 1 when
- they read the same (a shorter image reads as zeros past its end unless `strict` is
- non-zero, when different sizes differ) and 0 otherwise, with `*first_difference` the guest
- offset of the first differing sector (the smaller size for a strict size mismatch).
- `first_difference` may be NULL.
+ they read the same (a shorter image reads as zeros past its end) and 0 otherwise, with
+ `*first_difference` the guest offset of the first differing sector. With `strict` non-zero
+ (`qemu-img compare -s`) different sizes differ (at the smaller size), and so does a
+ different allocation status (allocated, zero, data, compressed), at the first offset
+ where it differs. `first_difference` may be NULL.
 
  # Safety
  `a`, `b` are live images; `identical` is writable; `first_difference` is NULL or
