@@ -94,6 +94,56 @@ pub trait Driver: std::fmt::Debug + Send + Sync {
     }
 }
 
+/// A range of another image (see [`Image::window`]).
+#[derive(Debug)]
+struct Window {
+    img: Image,
+    start: u64,
+    /// Where the source's bytes stop (zeros follow).
+    end: u64,
+    len: u64,
+}
+
+impl Driver for Window {
+    fn format(&self) -> Format {
+        self.img.format()
+    }
+    fn file(&self) -> &Arc<dyn BlockIo> {
+        self.img.file()
+    }
+    fn virtual_size(&self) -> u64 {
+        self.len
+    }
+    fn extent(&self, offset: u64, max: u64) -> Result<Extent> {
+        let max = max.min(self.len.saturating_sub(offset)).max(1);
+        let at = self.start.saturating_add(offset);
+        let size = self.end;
+        if at >= size {
+            return Ok(Extent {
+                len: max,
+                depth: 0,
+                present: false,
+                zero: true,
+                data: false,
+                compressed: false,
+                offset: None,
+            });
+        }
+        let mut e = self.img.extent(at, max.min(size - at))?;
+        e.len = e.len.min(max);
+        Ok(e)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let at = self.start.saturating_add(offset);
+        let n = (self.end.saturating_sub(at) as usize).min(buf.len());
+        if n > 0 {
+            self.img.read_at(&mut buf[..n], at)?;
+        }
+        buf[n..].fill(0);
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 enum Kind {
     Raw {
@@ -192,6 +242,22 @@ impl Image {
             Kind::Driver(d) => d.extent(offset, max),
         }
         .map_err(|e| self.name_in(e))
+    }
+
+    /// The guest bytes `start..start + len` of `img` as an image of their own (`dd`'s
+    /// `skip`/`count`), `size` bytes long (at least `len`): reads and block status are the
+    /// source's, shifted; past `len` (or the source's end) it reads as zeros.
+    pub fn window(img: Image, start: u64, len: u64, size: u64) -> Image {
+        let end = start.saturating_add(len).min(img.virtual_size()).max(start);
+        Image {
+            path: None,
+            kind: Kind::Driver(Box::new(Window {
+                img,
+                start,
+                end,
+                len: size.max(len),
+            })),
+        }
     }
 
     /// The status qemu-img reports for the range at `offset` (what `map`, `measure` and

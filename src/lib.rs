@@ -24,6 +24,7 @@
 //! ```
 
 pub mod archive;
+pub mod bench;
 pub mod budget;
 #[cfg(feature = "net")]
 pub mod cdi;

@@ -486,3 +486,104 @@ fn convert_into_a_block_device() {
     // Past the source's end the device keeps what it held, as with qemu-img.
     assert!(got[want.len()..].iter().all(|&b| b == 0x5a));
 }
+
+#[test]
+fn dd_as_qemu_img() {
+    let env = Env::new();
+    chain(&env, "");
+    env.set_len("odd.raw", 10000);
+    env.write_random("odd.raw", 0, 10000, 5);
+    for src in ["top.qcow2", "odd.raw"] {
+        for ops in [
+            &[][..],
+            &["bs=4k", "count=2", "skip=1"],
+            &["bs=1M"],
+            &["bs=3000", "count=2"],
+            &["bs=1000", "skip=4"],
+            &["bs=4k", "count=1000000"],
+        ] {
+            for fmt in ["raw", "qcow2"] {
+                let run = |tool: &str, out: &str| {
+                    let mut a = vec!["dd".to_string(), "-O".into(), fmt.into()];
+                    a.push(format!("if={src}"));
+                    a.push(format!("of={out}"));
+                    a.extend(ops.iter().map(|s| s.to_string()));
+                    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+                    if tool == "q" {
+                        env.qemu_img(&a)
+                    } else {
+                        env.vdisk_ok(&a)
+                    }
+                };
+                run("q", "q.out");
+                run("v", "v.out");
+                let what = format!("{src} {ops:?} -O {fmt}");
+                let o =
+                    env.qemu_img_any(&["compare", "-s", "-f", fmt, "-F", fmt, "q.out", "v.out"]);
+                let o2 = env.qemu_img_any(&["compare", "-f", fmt, "-F", fmt, "q.out", "v.out"]);
+                assert!(o2.status.success(), "{what}: {}", stdout(&o2));
+                // Same virtual size too (strict compare also looks at allocation, which
+                // qemu-img's dd does not keep sparse).
+                assert!(!stdout(&o).contains("size mismatch"), "{what}");
+                if fmt == "qcow2" {
+                    clean(&env, "v.out");
+                }
+            }
+        }
+    }
+    // Skipping past the input's end: qemu-img says "cannot skip to specified offset" yet
+    // exits 0 with an empty output; vdisk exits 1 and leaves no output.
+    let o = env.vdisk(&["dd", "if=odd.raw", "of=past.out", "bs=64k", "skip=2"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("cannot skip to specified offset"));
+    assert!(!env.path("past.out").exists());
+    // Operand errors exit 1 as qemu-img's do.
+    for ops in [&["bs=0"][..], &["foo=1"], &["bs=x"]] {
+        let mut a = vec!["dd", "if=odd.raw", "of=e.out"];
+        a.extend(ops);
+        assert_eq!(env.qemu_img_any(&a).status.code(), Some(1), "{a:?}");
+        assert_eq!(env.vdisk(&a).status.code(), Some(1), "{a:?}");
+    }
+}
+
+#[test]
+fn bench_reads_and_writes() {
+    let env = Env::new();
+    chain(&env, "");
+    let o = env.vdisk_ok(&["bench", "-c", "2000", "-d", "8", "-s", "64k", "top.qcow2"]);
+    let text = stdout(&o);
+    let q = env.qemu_img(&["bench", "-c", "2000", "-d", "8", "-s", "64k", "top.qcow2"]);
+    // The same first line as qemu-img; a time on the second.
+    assert_eq!(text.lines().next(), stdout(&q).lines().next());
+    assert!(
+        text.lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("Run completed in ") && l.ends_with(" seconds.")),
+        "{text}"
+    );
+    // Writes land where the requests say, with the pattern; qcow2 writes are refused.
+    env.set_len("w.raw", 4 << 20);
+    env.vdisk_ok(&[
+        "bench",
+        "-w",
+        "-c",
+        "3",
+        "-s",
+        "4k",
+        "-o",
+        "1M",
+        "-S",
+        "8k",
+        "--pattern",
+        "7",
+        "w.raw",
+    ]);
+    let d = std::fs::read(env.path("w.raw")).unwrap();
+    for (i, b) in d.iter().enumerate() {
+        let rel = i as i64 - (1 << 20);
+        let inside = rel >= 0 && rel < 3 * 8192 && rel % 8192 < 4096;
+        assert_eq!(*b, if inside { 7 } else { 0 }, "byte {i}");
+    }
+    let o = env.vdisk(&["bench", "-w", "-c", "3", "top.qcow2"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+}

@@ -262,6 +262,66 @@ enum Cmd {
         force: bool,
         file: PathBuf,
     },
+    /// Copy an image, or a range of it, to a new image: if=IN of=OUT [bs=SIZE] [count=N]
+    /// [skip=N] (count and skip in blocks of bs, default 512; count counts from the start).
+    Dd {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Output format: raw (default) or qcow2.
+        #[arg(short = 'O', default_value = "raw")]
+        out_format: String,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Operands: if=, of=, bs=, count=, skip=.
+        #[arg(required = true)]
+        operands: Vec<String>,
+    },
+    /// Time COUNT equal requests against an image (reads; -w writes, raw images).
+    Bench {
+        /// Requests in all.
+        #[arg(short = 'c', default_value = "75000")]
+        count: u64,
+        /// Requests in flight.
+        #[arg(short = 'd', default_value = "64")]
+        depth: u32,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// First request's offset.
+        #[arg(short = 'o', default_value = "0")]
+        offset: String,
+        /// Bytes per request.
+        #[arg(short = 's', default_value = "4096")]
+        buffer_size: String,
+        /// Distance between requests (default: the buffer size).
+        #[arg(short = 'S')]
+        step: Option<String>,
+        /// Cache mode (accepted; vdisk uses the page cache).
+        #[arg(short = 't')]
+        cache: Option<String>,
+        /// AIO engine (threads, native, io_uring: accepted; vdisk uses threads).
+        #[arg(short = 'i')]
+        aio: Option<String>,
+        /// Native AIO (accepted; vdisk uses threads).
+        #[arg(short = 'n')]
+        native: bool,
+        /// Write instead of read (raw images).
+        #[arg(short = 'w')]
+        write: bool,
+        /// Byte to write.
+        #[arg(long, default_value = "0")]
+        pattern: u8,
+        /// Flush after this many writes.
+        #[arg(long = "flush-interval", default_value = "0")]
+        flush_interval: u64,
+        /// Accepted for qemu-img compatibility.
+        #[arg(long = "no-drain")]
+        no_drain: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        file: PathBuf,
+    },
     /// Check a qcow2 image's consistency (exit 0 clean, 1 check failed, 2 corrupt, 3 leaks).
     Check {
         #[arg(short = 'f')]
@@ -1098,6 +1158,143 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     &format!("Snapshot list:\n{}", snapshot_table(&snaps)),
                 )?;
             }
+        }
+        Cmd::Bench {
+            count,
+            depth,
+            format,
+            offset,
+            buffer_size,
+            step,
+            cache,
+            aio,
+            write,
+            pattern,
+            flush_interval,
+            force_share,
+            file,
+            ..
+        } => {
+            use vdisk::qcow2::writer::parse_qemu_number;
+            check_cache(cache.as_deref())?;
+            if let Some(a) = aio
+                .as_deref()
+                .filter(|a| !matches!(*a, "threads" | "native" | "io_uring"))
+            {
+                return Err(Error::invalid(format!("Invalid aio option: {a}")));
+            }
+            let buffer_size = parse_qemu_number("buffer size", &buffer_size)?;
+            let o = vdisk::bench::BenchOptions {
+                count,
+                depth,
+                buffer_size,
+                offset: parse_qemu_number("offset", &offset)?,
+                step: match step.as_deref() {
+                    Some(s) => parse_qemu_number("step_size", s)?,
+                    None => buffer_size,
+                },
+                write,
+                pattern,
+                flush_interval,
+            };
+            let img = Image::open(
+                &file,
+                &opts(format.as_deref(), false, force_share || write)?,
+            )?;
+            let rw;
+            let target: Option<&dyn vdisk::io::BlockIo> = if write {
+                if img.format() != Format::Raw {
+                    return Err(Error::new(
+                        vdisk::ErrorKind::UnsupportedFeature,
+                        "write benchmarks are supported for raw images only",
+                    ));
+                }
+                rw = vdisk::io::FileIo::open_rw(&file, false)
+                    .map_err(|e| Error::io("cannot open image for writing", e).with_path(&file))?;
+                rw.lock(LockMode::Write).map_err(|e| e.with_path(&file))?;
+                Some(&rw)
+            } else {
+                None
+            };
+            w(
+                &mut out,
+                &format!(
+                    "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})\n",
+                    o.count,
+                    if write { "write" } else { "read" },
+                    o.buffer_size,
+                    o.depth,
+                    o.offset,
+                    o.step
+                ),
+            )?;
+            let t = vdisk::bench::run(&img, target, &o).map_err(|e| e.with_path(&file))?;
+            w(
+                &mut out,
+                &format!("Run completed in {:.3} seconds.\n", t.as_secs_f64()),
+            )?;
+        }
+        Cmd::Dd {
+            format,
+            out_format,
+            force_share,
+            operands,
+        } => {
+            use vdisk::qcow2::writer::parse_qemu_number;
+            let (mut input, mut output) = (None, None);
+            let (mut bs, mut count, mut skip) = (512u64, None, 0u64);
+            for op in &operands {
+                let (k, v) = op
+                    .split_once('=')
+                    .ok_or_else(|| Error::invalid(format!("unrecognized operand {op}")))?;
+                match k {
+                    "if" => input = Some(PathBuf::from(v)),
+                    "of" => output = Some(PathBuf::from(v)),
+                    "bs" => {
+                        bs = parse_qemu_number("bs", v)?;
+                        if bs == 0 || bs > i32::MAX as u64 {
+                            return Err(Error::invalid(
+                                "Invalid bs specified. Must be between 1 and 2147483647.",
+                            ));
+                        }
+                    }
+                    "count" => count = Some(parse_qemu_number("count", v)?),
+                    "skip" => skip = parse_qemu_number("skip", v)?,
+                    _ => return Err(Error::invalid(format!("unrecognized operand {op}"))),
+                }
+            }
+            let (Some(input), Some(output)) = (input, output) else {
+                return Err(Error::invalid("Must specify both input and output files"));
+            };
+            let target = match parse_format(Some(&out_format))? {
+                Some(Format::Raw) => Target::Raw,
+                Some(Format::Qcow2) => Target::Qcow2 {
+                    options: CreateOptions::default(),
+                    compress: false,
+                },
+                _ => {
+                    return Err(Error::new(
+                        vdisk::ErrorKind::UnsupportedFormat,
+                        format!("output format '{out_format}' is not supported (raw and qcow2)"),
+                    ));
+                }
+            };
+            let img = Image::open(&input, &opts(format.as_deref(), false, force_share)?)?;
+            // As qemu-img: count counts blocks from the start of the input, skipped ones
+            // included; the output holds what lies between skip and that end.
+            let end = count
+                .map_or(u64::MAX, |c| c.saturating_mul(bs))
+                .min(img.virtual_size());
+            let start = skip.saturating_mul(bs);
+            if start > img.virtual_size() {
+                return Err(Error::invalid("cannot skip to specified offset").with_path(&input));
+            }
+            let start = start.min(end);
+            // The output is whole sectors, as qemu-img creates it.
+            let len = end - start;
+            let window = Image::window(img, start, len, len.next_multiple_of(512));
+            let mut co = ConvertOptions::default();
+            convert_path(&window, &output, &target, &mut co).map_err(|e| e.with_path(&input))?;
         }
         Cmd::Rebase {
             format,
