@@ -48,11 +48,7 @@ impl Default for BenchOptions {
 /// would run past the end of a disk of `size` bytes.
 fn request_offset(o: &BenchOptions, size: u64, i: u64) -> u64 {
     let room = size.saturating_sub(o.offset).saturating_sub(o.buffer_size);
-    let per_lap = if o.step == 0 {
-        u64::MAX
-    } else {
-        room / o.step + 1
-    };
+    let per_lap = room.checked_div(o.step).map_or(u64::MAX, |n| n + 1);
     o.offset + (i % per_lap) * o.step
 }
 
