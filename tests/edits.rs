@@ -581,7 +581,7 @@ fn bench_reads_and_writes() {
     let d = std::fs::read(env.path("w.raw")).unwrap();
     for (i, b) in d.iter().enumerate() {
         let rel = i as i64 - (1 << 20);
-        let inside = rel >= 0 && rel < 3 * 8192 && rel % 8192 < 4096;
+        let inside = (0..3 * 8192).contains(&rel) && rel % 8192 < 4096;
         assert_eq!(*b, if inside { 7 } else { 0 }, "byte {i}");
     }
     let o = env.vdisk(&["bench", "-w", "-c", "3", "top.qcow2"]);
