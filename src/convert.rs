@@ -59,6 +59,13 @@ pub struct ConvertOptions<'a> {
     pub progress: Option<Progress<'a>>,
     /// Cancellation from another thread.
     pub cancel: Option<CancelToken>,
+    /// Read at most this many source bytes per second (qemu-img's `-r`); 0: no limit.
+    pub rate_limit: u64,
+    /// On a read error, retry the range sector by sector and write zeros for the sectors
+    /// that cannot be read, reporting each to `warn` (qemu-img's `--salvage`).
+    pub salvage: bool,
+    /// Where `salvage` reports what it could not read.
+    pub warn: Option<&'a (dyn Fn(&str) + Sync)>,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -68,6 +75,9 @@ impl Default for ConvertOptions<'_> {
             threads: 0,
             progress: None,
             cancel: None,
+            rate_limit: 0,
+            salvage: false,
+            warn: None,
         }
     }
 }
@@ -96,7 +106,7 @@ pub struct Report {
 }
 
 /// Work sharing between the caller's thread (progress, cancellation) and the workers.
-struct Pool {
+struct Pool<'w> {
     threads: usize,
     total: u64,
     next: AtomicU64,
@@ -108,13 +118,18 @@ struct Pool {
     cancelled: AtomicBool,
     cancel: Option<CancelToken>,
     error: Mutex<Option<Error>>,
+    /// Bytes per second to read at most (0: no limit), and when reading started.
+    rate: u64,
+    started: Instant,
+    salvage: bool,
+    warn: Option<&'w (dyn Fn(&str) + Sync)>,
 }
 
 /// A task run on chunks: `(worker buffer, chunk start, chunk end)`.
 type Task<'t> = dyn Fn(&mut Vec<u8>, u64, u64) -> Result<()> + Sync + 't;
 
-impl Pool {
-    fn new(total: u64, opts: &ConvertOptions<'_>) -> Result<Pool> {
+impl<'w> Pool<'w> {
+    fn new(total: u64, opts: &ConvertOptions<'w>) -> Result<Pool<'w>> {
         if opts.min_sparse % SECTOR as u64 != 0 || opts.min_sparse > MAX_MIN_SPARSE {
             return Err(Error::invalid(format!(
                 "invalid sparse size {}: must be a multiple of 512 up to 16 MiB",
@@ -141,7 +156,44 @@ impl Pool {
             cancelled: AtomicBool::new(false),
             cancel: opts.cancel.clone(),
             error: Mutex::new(None),
+            rate: opts.rate_limit,
+            started: Instant::now(),
+            salvage: opts.salvage,
+            warn: opts.warn,
         })
+    }
+
+    /// Count `n` bytes read from the source and, under a rate limit, wait until the total
+    /// read is no more than the limit allows for the time spent.
+    fn count_read(&self, n: u64) {
+        let total = self.read.fetch_add(n, Ordering::Relaxed) + n;
+        if self.rate > 0 {
+            let due = Duration::from_secs_f64(total as f64 / self.rate as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+
+    /// Read `buf` at guest `pos` of `src`; with salvage, a failed read is retried sector by
+    /// sector and sectors that still fail read as zeros (each reported).
+    fn read(&self, src: &Image, buf: &mut [u8], pos: u64) -> Result<()> {
+        match src.read_at(buf, pos) {
+            Err(e) if self.salvage => {
+                for (k, sector) in buf.chunks_mut(SECTOR).enumerate() {
+                    let at = pos + (k * SECTOR) as u64;
+                    if let Err(e2) = src.read_at(sector, at) {
+                        sector.fill(0);
+                        if let Some(w) = self.warn {
+                            w(&format!("error while reading offset {at}: {e2}"));
+                        }
+                    }
+                }
+                let _ = e;
+                Ok(())
+            }
+            r => r,
+        }
     }
 
     /// Run `task` over `start..end` in [`CHUNK`]s on the worker threads, reporting progress
@@ -234,7 +286,7 @@ struct Shared<'s> {
     dst: &'s dyn BlockIo,
     min_sparse: u64,
     target_is_zero: bool,
-    pool: &'s Pool,
+    pool: &'s Pool<'s>,
 }
 
 /// Copy the whole virtual disk of `src` into `dst` as raw bytes. `target_is_zero` says `dst`
@@ -288,8 +340,8 @@ fn copy_range(sh: &Shared<'_>, buf: &mut [u8], start: u64, end: u64) -> Result<(
         while pos < stop {
             let n = (stop - pos).min(PIECE);
             let data = &mut buf[..n as usize];
-            sh.src.read_at(data, pos)?;
-            sh.pool.read.fetch_add(n, Ordering::Relaxed);
+            sh.pool.read(sh.src, data, pos)?;
+            sh.pool.count_read(n);
             write_sparse(sh, data, pos)?;
             pos += n;
         }
@@ -503,8 +555,8 @@ fn overlay_chunks(
                     b.zero_clusters(g, 1)?;
                 } else {
                     let data = &mut buf[..(stop - g) as usize];
-                    src.read_at(data, g)?;
-                    pool.read.fetch_add(stop - g, Ordering::Relaxed);
+                    pool.read(src, data, g)?;
+                    pool.count_read(stop - g);
                     let mut whole = data.to_vec();
                     whole.resize(cs as usize, 0);
                     if v3 && is_zero_block(&whole) {
@@ -658,9 +710,9 @@ fn qcow2_chunk(
             let n = (last - p).min(piece);
             buf.resize(n as usize, 0);
             let readable = (size.min(p + n) - p) as usize;
-            src.read_at(&mut buf[..readable], p)?;
+            pool.read(src, &mut buf[..readable], p)?;
             buf[readable..].fill(0);
-            pool.read.fetch_add(readable as u64, Ordering::Relaxed);
+            pool.count_read(readable as u64);
             store_clusters(b, pool, compress, min_sparse, map_all, buf, p)?;
             p += n;
         }

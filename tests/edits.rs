@@ -587,3 +587,61 @@ fn bench_reads_and_writes() {
     let o = env.vdisk(&["bench", "-w", "-c", "3", "top.qcow2"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
 }
+
+/// `convert --salvage` on a qcow2 whose one compressed cluster is damaged: without it both
+/// tools fail; with it both write zeros for the unreadable sectors (one warning each) and the
+/// outputs are the same bytes. `-r` limits the rate and changes nothing else.
+#[test]
+fn convert_salvage_and_rate_limit_as_qemu_img() {
+    let env = Env::new();
+    env.set_len("s.raw", 3 << 20);
+    env.write_random("s.raw", 0, 2 << 20, 9);
+    env.write_fill("s.raw", (2 << 20) + 4096, 150_000, b'a');
+    env.qemu_img(&[
+        "convert", "-c", "-f", "raw", "-O", "qcow2", "s.raw", "s.qcow2",
+    ]);
+    // Damage the first compressed cluster the map lists.
+    let map = json(&env.qemu_img(&["map", "--output=json", "s.qcow2"]));
+    let start = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["compressed"].as_bool() == Some(true))
+        .expect("a compressed cluster")["start"]
+        .as_u64()
+        .unwrap();
+    let bytes = std::fs::read(env.path("s.qcow2")).unwrap();
+    let be = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+    let l2 = (be(be(40) as usize) & 0x00ff_ffff_ffff_fe00) as usize;
+    let entry = be(l2 + 8 * (start >> 16) as usize);
+    assert!(entry & (1 << 62) != 0, "not a compressed entry");
+    let host = entry & ((1 << 54) - 1);
+    env.write_fill("s.qcow2", host, 64, 0xff);
+    for tool in ["qemu-img", "vdisk"] {
+        let o = if tool == "vdisk" {
+            env.vdisk(&["convert", "-O", "raw", "s.qcow2", "bad.raw"])
+        } else {
+            env.qemu_img_any(&["convert", "-O", "raw", "s.qcow2", "bad.raw"])
+        };
+        assert_eq!(o.status.code(), Some(1), "{tool} read a damaged cluster");
+    }
+    let q = env.qemu_img(&["convert", "--salvage", "-O", "raw", "s.qcow2", "q.raw"]);
+    let v = env.vdisk_ok(&["convert", "--salvage", "-O", "raw", "s.qcow2", "v.raw"]);
+    same_disk(env.path("q.raw"), env.path("v.raw"));
+    let warnings = |o: &std::process::Output| {
+        stderr(o)
+            .matches("warning: error while reading offset")
+            .count()
+    };
+    assert_eq!(warnings(&q), warnings(&v), "{}", stderr(&v));
+    assert!(warnings(&v) >= 128, "{}", stderr(&v));
+    // A rate limit: the same output.
+    env.vdisk_ok(&["convert", "-r", "64M", "-O", "raw", "s.raw", "r.raw"]);
+    same_disk(env.path("s.raw"), env.path("r.raw"));
+    assert_eq!(
+        env.vdisk(&["convert", "-r", "x", "-O", "raw", "s.raw", "r2.raw"])
+            .status
+            .code(),
+        Some(1)
+    );
+}

@@ -110,6 +110,12 @@ enum Cmd {
         /// Source cache mode (accepted; vdisk reads through the page cache).
         #[arg(short = 'T')]
         src_cache: Option<String>,
+        /// Read at most RATE bytes per second (size suffixes as qemu-img's).
+        #[arg(short = 'r')]
+        rate: Option<String>,
+        /// Write zeros for source sectors that cannot be read, with a warning each, and go on.
+        #[arg(long)]
+        salvage: bool,
         /// Share the image with writers (a running VM): read without QEMU's reader locks.
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
@@ -641,6 +647,8 @@ fn run(cli: Cli) -> Result<u8, Error> {
             backing_format,
             cache,
             src_cache,
+            rate,
+            salvage,
             src,
             dst,
             ..
@@ -721,9 +729,17 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 }
                 true
             };
+            let warn = |m: &str| eprintln!("vdisk: warning: {m}");
             let mut co = ConvertOptions {
                 min_sparse,
                 threads: workers.unwrap_or(0),
+                rate_limit: rate
+                    .as_deref()
+                    .map(|r| vdisk::qcow2::writer::parse_qemu_number("rate limit", r))
+                    .transpose()?
+                    .unwrap_or(0),
+                salvage,
+                warn: Some(&warn),
                 ..Default::default()
             };
             if progress {
