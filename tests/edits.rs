@@ -645,3 +645,35 @@ fn convert_salvage_and_rate_limit_as_qemu_img() {
         Some(1)
     );
 }
+
+/// `convert -C` (in-kernel copies of data stored as is) gives the same disk as a plain
+/// convert, whatever the layout: clusters stored out of order, subclusters, zeros, data from a
+/// backing file (copied the ordinary way), compressed clusters.
+#[test]
+fn convert_with_copy_offloading() {
+    let env = Env::new();
+    chain(&env, "cluster_size=16k,extended_l2=on");
+    env.create("frag.qcow2", "qcow2", "cluster_size=4k", "8M");
+    let writes: Vec<String> = [7u64, 5, 3, 1, 6, 0, 2, 4]
+        .iter()
+        .map(|i| format!("write -P {} {}M 1M", i + 1, i))
+        .chain(["write -z 2M 64k".to_string()])
+        .collect();
+    let w: Vec<&str> = writes.iter().map(String::as_str).collect();
+    env.qemu_io("frag.qcow2", "qcow2", &w);
+    env.qemu_img(&["convert", "-c", "-O", "qcow2", "frag.qcow2", "comp.qcow2"]);
+    env.qemu_img(&["convert", "-O", "raw", "top.qcow2", "top.raw"]);
+    for src in [
+        "frag.qcow2",
+        "top.qcow2",
+        "mid.qcow2",
+        "comp.qcow2",
+        "top.raw",
+    ] {
+        env.vdisk_ok(&["convert", "-C", "-O", "raw", src, "c.raw"]);
+        let o = env.qemu_img_any(&["compare", src, "c.raw"]);
+        assert!(o.status.success(), "{src}: {}", stdout(&o));
+    }
+    let o = env.vdisk(&["convert", "-C", "-c", "-O", "qcow2", "top.raw", "x.qcow2"]);
+    assert_eq!(o.status.code(), Some(1));
+}

@@ -139,6 +139,10 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 }
 
 impl BlockIo for FileIo {
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.file.as_raw_fd())
+    }
+
     fn release_cache(&self) {
         let fd = self.file.as_raw_fd();
         // SAFETY: `fd` is the open descriptor owned by `self.file` for the whole call; these

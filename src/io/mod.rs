@@ -49,6 +49,49 @@ pub trait BlockIo: Send + Sync + Debug {
         Ok(None)
     }
 
+    /// The file descriptor behind this storage, when it is a file or device (for in-kernel
+    /// copies between two of them).
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// Copy `len` bytes at `src_off` of `self` to `dst_off` of `dst` inside the kernel
+    /// (`copy_file_range`), when both are files. `Ok(false)`: not possible here, nothing was
+    /// copied; the caller reads and writes instead.
+    fn copy_to(&self, dst: &dyn BlockIo, src_off: u64, dst_off: u64, len: u64) -> io::Result<bool> {
+        let (Some(i), Some(o)) = (self.raw_fd(), dst.raw_fd()) else {
+            return Ok(false);
+        };
+        let (mut a, mut b, mut left) = (src_off as i64, dst_off as i64, len);
+        while left > 0 {
+            let n = left.min(1 << 30) as usize;
+            // SAFETY: both descriptors are open for the call (owned by `self` and `dst`); the
+            // offsets are plain integers the kernel updates; no memory of ours is touched.
+            let r = unsafe { libc::copy_file_range(i, &mut a, o, &mut b, n, 0) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                // Nothing copied yet and the kernel cannot do it for these files: fall back.
+                if left == len
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                    )
+                {
+                    return Ok(false);
+                }
+                return Err(e);
+            }
+            if r == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "source ended during an in-kernel copy",
+                ));
+            }
+            left -= r as u64;
+        }
+        Ok(true)
+    }
+
     /// True for block devices (fixed size, no holes to discover).
     fn is_block_device(&self) -> bool {
         false

@@ -116,6 +116,10 @@ enum Cmd {
         /// Write zeros for source sectors that cannot be read, with a warning each, and go on.
         #[arg(long)]
         salvage: bool,
+        /// Copy offloading: data stored as is in the source file is copied inside the kernel
+        /// (copy_file_range), without zero detection.
+        #[arg(short = 'C')]
+        copy_offload: bool,
         /// Share the image with writers (a running VM): read without QEMU's reader locks.
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
@@ -649,10 +653,16 @@ fn run(cli: Cli) -> Result<u8, Error> {
             src_cache,
             rate,
             salvage,
+            copy_offload,
             src,
             dst,
             ..
         } => {
+            if copy_offload && (compress || out_format != "raw") {
+                return Err(Error::invalid(
+                    "copy offloading (-C) writes raw output only and cannot compress",
+                ));
+            }
             let progress = progress && !quiet;
             check_cache(cache.as_deref())?;
             check_cache(src_cache.as_deref())?;
@@ -740,6 +750,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     .unwrap_or(0),
                 salvage,
                 warn: Some(&warn),
+                copy_offload,
                 ..Default::default()
             };
             if progress {
