@@ -561,7 +561,7 @@ pub fn commit(
     if !keep && base_depth == 1 {
         drop(top);
         let mut m = Model::load(io).map_err(|e| e.with_path(path))?;
-        m.make_empty();
+        m.make_empty().map_err(|e| e.with_path(path))?;
         m.commit().map_err(|e| e.with_path(path))?;
     }
     Ok(base_path)
@@ -617,6 +617,97 @@ pub fn commit_into(
         progress((g * cs).min(size), size);
     }
     Ok(())
+}
+
+/// One change `bitmap` makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BitmapOp {
+    /// Add an empty bitmap (granularity in bytes; default the cluster size), enabled or not.
+    Add {
+        /// Granularity.
+        granularity: Option<u64>,
+        /// Tracks writes.
+        enabled: bool,
+    },
+    /// Remove it.
+    Remove,
+    /// Clear its bits.
+    Clear,
+    /// Enable it.
+    Enable,
+    /// Disable it.
+    Disable,
+    /// Set every bit that bitmap `source` has set (of this image, or of `file` with its
+    /// format).
+    Merge {
+        /// The other bitmap's name.
+        source: String,
+        /// The image holding it, when not this one.
+        file: Option<(std::path::PathBuf, Option<Format>)>,
+    },
+}
+
+/// `qemu-img bitmap`: apply `ops`, in order, to bitmap `name` of the qcow2 image at `path`,
+/// crash-safely (new tables and directory, then one header write).
+pub fn bitmap(path: &Path, format: Option<Format>, name: &str, ops: &[BitmapOp]) -> Result<()> {
+    let (io, fmt) = open_rw(path, format)?;
+    if fmt != Format::Qcow2 {
+        return Err(Error::new(
+            ErrorKind::UnsupportedFeature,
+            format!("{} images have no persistent bitmaps", fmt.name()),
+        )
+        .with_path(path));
+    }
+    let r = (|| {
+        let mut m = Model::load(io)?;
+        for op in ops {
+            match op {
+                BitmapOp::Add {
+                    granularity,
+                    enabled,
+                } => m.bitmap_add(name, *granularity, *enabled)?,
+                BitmapOp::Remove => m.bitmap_remove(name)?,
+                BitmapOp::Clear => m.bitmap_clear(name)?,
+                BitmapOp::Enable => m.bitmap_set_enabled(name, true)?,
+                BitmapOp::Disable => m.bitmap_set_enabled(name, false)?,
+                BitmapOp::Merge { source, file: None } => {
+                    let (bits, g) = m.bitmap_bits(source)?;
+                    m.bitmap_merge(name, &bits, g)?;
+                }
+                BitmapOp::Merge {
+                    source,
+                    file: Some((other, f)),
+                } => {
+                    let p = beside(path, &other.to_string_lossy());
+                    let o = OpenOptions {
+                        format: *f,
+                        ..OpenOptions::default()
+                    };
+                    let img = Image::open(&p, &o)?;
+                    let q = img.qcow2().ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::UnsupportedFeature,
+                            format!("'{}' has no persistent bitmaps", other.display()),
+                        )
+                    })?;
+                    let list = crate::qcow2::bitmaps::list(q)?;
+                    let b = list.iter().find(|b| b.name == *source).ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::NotFound,
+                            format!("Dirty bitmap '{source}' not found"),
+                        )
+                    })?;
+                    let cs = q.header().cluster_size();
+                    let table =
+                        crate::qcow2::bitmaps::read_table(q.file().as_ref(), cs, q.file_size(), b)?;
+                    let bits = crate::qcow2::bitmaps::read_bits(q.file().as_ref(), cs, b, &table)?;
+                    m.bitmap_merge(name, &bits, b.granularity_bits)?;
+                }
+            }
+        }
+        m.commit().map(|_| ())
+    })();
+    r.map_err(|e| e.with_path(path))
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

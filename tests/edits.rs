@@ -677,3 +677,119 @@ fn convert_with_copy_offloading() {
     let o = env.vdisk(&["convert", "-C", "-c", "-O", "qcow2", "top.raw", "x.qcow2"]);
     assert_eq!(o.status.code(), Some(1));
 }
+
+/// The bits of every bitmap of `file`, read by vdisk's own reader (for comparing two files).
+fn bitmap_bits(env: &Env, file: &str) -> Vec<(String, u64, bool, Vec<u8>)> {
+    let io = vdisk::io::FileIo::open(&env.path(file)).unwrap();
+    let m = vdisk::qcow2::model::Model::load(std::sync::Arc::new(io)).unwrap();
+    let list: Vec<(String, u64, bool)> = m
+        .bitmaps()
+        .map(|(n, g, on, _)| (n.to_string(), g, on))
+        .collect();
+    list.into_iter()
+        .map(|(n, g, on)| {
+            let bits = m.bitmap_bits(&n).unwrap().0;
+            (n, g, on, bits)
+        })
+        .collect()
+}
+
+#[test]
+fn bitmap_as_qemu_img() {
+    let env = Env::new();
+    env.create("b.qcow2", "qcow2", "", "64M");
+    env.qemu_img(&["bitmap", "--add", "b.qcow2", "b0"]);
+    // qemu-io marks enabled bitmaps as it writes.
+    env.qemu_io("b.qcow2", "qcow2", &["write 0 1M", "write 10M 64k"]);
+    env.qemu_img(&["bitmap", "--add", "-g", "1M", "--disable", "b.qcow2", "b1"]);
+    env.qemu_io("b.qcow2", "qcow2", &["write 30M 8k"]);
+    env.qemu_img(&["bitmap", "--enable", "b.qcow2", "b1"]);
+    env.qemu_io("b.qcow2", "qcow2", &["write 40M 4k"]);
+    env.create("other.qcow2", "qcow2", "", "64M");
+    env.qemu_img(&["bitmap", "--add", "-g", "128k", "other.qcow2", "o"]);
+    env.qemu_io("other.qcow2", "qcow2", &["write 50M 1M"]);
+    let cases: [(&[&str], &str); 8] = [
+        (&["--add"], "c"),
+        (&["--add", "-g", "512", "--merge", "b0"], "d"),
+        (&["--add", "-g", "4M", "--disable", "--merge", "b1"], "e"),
+        (&["--merge", "o", "-b", "other.qcow2", "-F", "qcow2"], "b1"),
+        (&["--clear"], "b0"),
+        (&["--disable"], "b1"),
+        (&["--remove"], "b0"),
+        (&["--clear", "--merge", "b1"], "b0"),
+    ];
+    for (ops, name) in cases {
+        std::fs::copy(env.path("b.qcow2"), env.path("q.qcow2")).unwrap();
+        std::fs::copy(env.path("b.qcow2"), env.path("v.qcow2")).unwrap();
+        let run = |file: &str| -> Vec<String> {
+            let mut a = vec!["bitmap".to_string()];
+            a.extend(ops.iter().map(|s| s.to_string()));
+            a.push(file.into());
+            a.push(name.into());
+            a
+        };
+        let qa = run("q.qcow2");
+        let va = run("v.qcow2");
+        let q = env.qemu_img_any(&qa.iter().map(String::as_str).collect::<Vec<_>>());
+        let v = env.vdisk(&va.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            q.status.code(),
+            v.status.code(),
+            "{ops:?} {name}: {}",
+            stderr(&v)
+        );
+        if !q.status.success() {
+            continue;
+        }
+        clean(&env, "v.qcow2");
+        let info = |f: &str| {
+            let o = env.qemu_img(&["info", f]);
+            let t = stdout(&o);
+            t[t.find("Format specific").unwrap()..t.find("Child node").unwrap()].to_string()
+        };
+        assert_eq!(info("q.qcow2"), info("v.qcow2"), "{ops:?} {name}");
+        assert!(
+            bitmap_bits(&env, "q.qcow2") == bitmap_bits(&env, "v.qcow2"),
+            "{ops:?} {name}: the bits differ from qemu-img's"
+        );
+        env.qemu_img(&["compare", "q.qcow2", "v.qcow2"]);
+    }
+    // Refusals agree: a missing bitmap, one that exists, a bad granularity.
+    for (ops, name) in [
+        (&["--remove"][..], "nope"),
+        (&["--add"], "b0"),
+        (&["--add", "-g", "100"], "x"),
+    ] {
+        let mut a = vec!["bitmap"];
+        a.extend(ops);
+        a.extend(["b.qcow2", name]);
+        assert_eq!(env.qemu_img_any(&a).status.code(), Some(1), "{a:?}");
+        let before = std::fs::read(env.path("b.qcow2")).unwrap();
+        assert_eq!(env.vdisk(&a).status.code(), Some(1), "{a:?}");
+        assert!(
+            std::fs::read(env.path("b.qcow2")).unwrap() == before,
+            "{a:?} changed the image"
+        );
+    }
+    // Edits that write guest data refuse an image with an enabled bitmap (it would miss the
+    // change); with the bitmaps disabled they run and keep them.
+    env.create("base.qcow2", "qcow2", "", "64M");
+    env.qemu_io("base.qcow2", "qcow2", &["write -P 7 0 2M"]);
+    env.overlay("top.qcow2", "base.qcow2", "qcow2", "", "");
+    env.qemu_io("top.qcow2", "qcow2", &["write -P 8 1M 64k"]);
+    env.qemu_img(&["bitmap", "--add", "top.qcow2", "t"]);
+    let o = env.vdisk(&["rebase", "-b", "", "top.qcow2"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("enabled persistent bitmap"),
+        "{}",
+        stderr(&o)
+    );
+    env.vdisk_ok(&["bitmap", "--disable", "top.qcow2", "t"]);
+    env.qemu_img(&["convert", "-O", "raw", "top.qcow2", "want.raw"]);
+    env.vdisk_ok(&["rebase", "-b", "", "top.qcow2"]);
+    clean(&env, "top.qcow2");
+    let o = env.qemu_img(&["compare", "top.qcow2", "want.raw"]);
+    assert!(o.status.success());
+    assert_eq!(bitmap_bits(&env, "top.qcow2").len(), 1);
+}

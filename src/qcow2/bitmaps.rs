@@ -1,11 +1,19 @@
 //! The persistent dirty bitmaps of a qcow2 v3 image, as its bitmap directory lists them
-//! (name, granularity, flags, table), read with qemu's limits. `info` shows them, `measure`
-//! sizes them; `check` validates the same directory with its own accounting.
+//! (name, granularity, flags, table), read with qemu's limits, and their tables and bits.
+//! `info` shows them, `measure` sizes them, the `bitmap` verb changes them (through
+//! [`crate::qcow2::model::Model`]); `check` validates the same directory with its own
+//! accounting.
 
 use super::Qcow2;
-use super::header::AUTOCLEAR_BITMAPS;
+use super::header::{AUTOCLEAR_BITMAPS, Header};
 use crate::error::{Error, ErrorKind, Result};
+use crate::io::BlockIo;
 use byteorder::{BigEndian, ByteOrder};
+
+/// Largest in-memory copy of one bitmap's bits (a merge holds two).
+pub const MAX_BITS_BYTES: u64 = 64 << 20;
+/// Table entry: the offset of a data cluster (bits 9..55).
+const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
 /// Longest bitmap name qemu accepts.
 const MAX_NAME: usize = 1023;
@@ -43,14 +51,18 @@ fn bad(what: String) -> Error {
 /// when its "bitmaps consistent" autoclear bit is clear (a program that does not know bitmaps
 /// wrote the image since, so qemu ignores them).
 pub fn list(q: &Qcow2) -> Result<Vec<Bitmap>> {
-    let h = q.header();
+    read_directory(q.file().as_ref(), q.header(), q.file_size())
+}
+
+/// The bitmap directory of the image in `io` (header `h`, file `file_len` bytes long); empty
+/// when the image has none or they are not marked consistent.
+pub fn read_directory(io: &dyn BlockIo, h: &Header, file_len: u64) -> Result<Vec<Bitmap>> {
     let Some((count, dir_size, dir_offset)) = h.bitmaps_ext else {
         return Ok(Vec::new());
     };
     if h.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
         return Ok(Vec::new());
     }
-    let file_len = q.file_size();
     if dir_offset
         .checked_add(dir_size)
         .is_none_or(|end| end > file_len)
@@ -59,8 +71,7 @@ pub fn list(q: &Qcow2) -> Result<Vec<Bitmap>> {
     }
     // The header check bounds dir_size to 64 MiB.
     let mut dir = vec![0u8; dir_size as usize];
-    q.file()
-        .read_exact_at(&mut dir, dir_offset)
+    io.read_exact_at(&mut dir, dir_offset)
         .map_err(|e| Error::io("cannot read the bitmap directory", e))?;
     let cs = h.cluster_size();
     let mut out = Vec::new();
@@ -108,4 +119,120 @@ pub fn list(q: &Qcow2) -> Result<Vec<Bitmap>> {
         )));
     }
     Ok(out)
+}
+
+impl Bitmap {
+    /// Table entries a bitmap of this granularity needs for a disk of `size` bytes with
+    /// `cluster_size`-byte clusters.
+    pub fn entries_for(size: u64, granularity_bits: u32, cluster_size: u64) -> u64 {
+        size.div_ceil(1u64 << granularity_bits)
+            .div_ceil(8)
+            .div_ceil(cluster_size)
+    }
+
+    /// Its directory entry.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        let mut e = [0u8; 24];
+        BigEndian::write_u64(&mut e[0..], self.table_offset);
+        BigEndian::write_u32(&mut e[8..], self.table_entries as u32);
+        BigEndian::write_u32(&mut e[12..], self.flags);
+        e[16] = 1;
+        e[17] = self.granularity_bits as u8;
+        BigEndian::write_u16(&mut e[18..], self.name.len() as u16);
+        out.extend_from_slice(&e);
+        out.extend_from_slice(self.name.as_bytes());
+        out.resize(start + (24 + self.name.len()).div_ceil(8) * 8, 0);
+    }
+}
+
+/// The table of bitmap `b` (its data cluster offsets, 0 for a cluster of clear bits, 1 for one
+/// of set bits), checked: offsets cluster aligned and inside the file of `file_len` bytes.
+pub fn read_table(
+    io: &dyn BlockIo,
+    cluster_size: u64,
+    file_len: u64,
+    b: &Bitmap,
+) -> Result<Vec<u64>> {
+    let bytes = b.table_entries * 8;
+    if b.table_offset
+        .checked_add(bytes)
+        .is_none_or(|e| e > file_len)
+    {
+        return Err(bad(format!(
+            "the table of bitmap '{}' lies past the end of the file",
+            b.name
+        )));
+    }
+    let mut raw = vec![0u8; bytes as usize];
+    io.read_exact_at(&mut raw, b.table_offset)
+        .map_err(|e| Error::io("cannot read a bitmap table", e))?;
+    let table: Vec<u64> = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
+    for &e in &table {
+        let off = e & TABLE_OFFSET_MASK;
+        if e & !(TABLE_OFFSET_MASK | 1) != 0
+            || (off != 0 && (off % cluster_size != 0 || off >= file_len || e & 1 != 0))
+        {
+            return Err(bad(format!(
+                "bitmap '{}' has an invalid table entry {e:#x}",
+                b.name
+            )));
+        }
+    }
+    Ok(table)
+}
+
+/// Host clusters a table entry names (none for all-clear or all-set clusters).
+pub fn data_cluster(entry: u64) -> Option<u64> {
+    let off = entry & TABLE_OFFSET_MASK;
+    (off != 0).then_some(off)
+}
+
+/// All bits of bitmap `b` (table `table`) in memory, one per granule, bit 0 of byte 0 the
+/// first granule. Refused beyond [`MAX_BITS_BYTES`].
+pub fn read_bits(
+    io: &dyn BlockIo,
+    cluster_size: u64,
+    b: &Bitmap,
+    table: &[u64],
+) -> Result<Vec<u8>> {
+    let len = table.len() as u64 * cluster_size;
+    if len > MAX_BITS_BYTES {
+        return Err(Error::new(
+            ErrorKind::TooLarge,
+            format!("bitmap '{}' is too large to load ({len} bytes)", b.name),
+        ));
+    }
+    let mut bits = vec![0u8; len as usize];
+    for (i, &e) in table.iter().enumerate() {
+        let chunk = &mut bits[i * cluster_size as usize..(i + 1) * cluster_size as usize];
+        match data_cluster(e) {
+            Some(off) => io
+                .read_exact_at(chunk, off)
+                .map_err(|e| Error::io("cannot read bitmap data", e))?,
+            None if e & 1 == 1 => chunk.fill(0xff),
+            None => {}
+        }
+    }
+    Ok(bits)
+}
+
+/// Set in `dst` (granularity `dst_bits`) every granule that overlaps a set granule of `src`
+/// (granularity `src_bits`), for a disk of `size` bytes: a merge across granularities.
+pub fn merge_bits(dst: &mut [u8], dst_bits: u32, src: &[u8], src_bits: u32, size: u64) {
+    let n = size.div_ceil(1u64 << src_bits);
+    for i in 0..n {
+        if src
+            .get((i / 8) as usize)
+            .is_some_and(|b| b & (1 << (i % 8)) != 0)
+        {
+            let start = i << src_bits;
+            let end = ((i + 1) << src_bits).min(size);
+            for j in (start >> dst_bits)..=((end - 1) >> dst_bits) {
+                if let Some(b) = dst.get_mut((j / 8) as usize) {
+                    *b |= 1 << (j % 8);
+                }
+            }
+        }
+    }
 }

@@ -11,6 +11,7 @@
 //!
 //! Memory is proportional to the metadata (1/8192 of the virtual size with 64 KiB clusters).
 
+use super::bitmaps::{self, Bitmap, FLAG_AUTO, FLAG_IN_USE};
 use super::header::{Header, incompat};
 use super::refcount::{self, Geometry};
 use super::snapshot::{self, Snapshot};
@@ -52,6 +53,21 @@ pub struct Model {
     refs: Option<Vec<u64>>,
     /// Header changes the commit's final write makes (`rebase`, `amend`).
     change: HeaderChange,
+    /// Persistent bitmaps, kept in place unless changed.
+    bitmaps: Vec<BitmapState>,
+    /// The bitmap directory must be written anew (a bitmap added, removed or changed).
+    bitmaps_changed: bool,
+    /// The directory as loaded: (offset, size).
+    bitmap_dir: Option<(u64, u64)>,
+}
+
+/// One persistent bitmap of a [`Model`].
+#[derive(Debug, Clone)]
+struct BitmapState {
+    meta: Bitmap,
+    table: Vec<u64>,
+    /// New contents to write at commit (added, cleared or merged bitmaps).
+    bits: Option<Vec<u8>>,
 }
 
 /// Changes to the header itself, written by [`Model::commit`]'s final write together with the
@@ -96,12 +112,6 @@ impl Model {
         io.read_exact_at(&mut head, 0)
             .map_err(|e| Error::io("cannot read header", e))?;
         let header = Header::parse(&head, file_size)?;
-        if header.has_bitmaps {
-            return Err(Error::new(
-                ErrorKind::UnsupportedFeature,
-                "images with persistent bitmaps cannot be modified yet",
-            ));
-        }
         if header.incompatible_features & incompat::CORRUPT != 0 && !repair {
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -132,7 +142,22 @@ impl Model {
             rewrite: None,
             refs: None,
             change: HeaderChange::default(),
+            bitmaps: Vec::new(),
+            bitmaps_changed: false,
+            bitmap_dir: None,
         };
+        let dir = bitmaps::read_directory(m.io.as_ref(), &m.header, file_size)?;
+        if !dir.is_empty() {
+            m.bitmap_dir = m.header.bitmaps_ext.map(|(_, size, off)| (off, size));
+        }
+        for meta in dir {
+            let table = bitmaps::read_table(m.io.as_ref(), cs, file_size, &meta)?;
+            m.bitmaps.push(BitmapState {
+                meta,
+                table,
+                bits: None,
+            });
+        }
         let mut by_offset = HashMap::new();
         m.active = m.load_l1(m.header.l1_table_offset, m.header.l1_size, &mut by_offset)?;
         for s in snaps {
@@ -234,6 +259,12 @@ impl Model {
     pub fn resize(&mut self, new_size: u64, map_new: bool) -> Result<()> {
         // Table users change: count them afresh when next needed.
         self.refs = None;
+        if !self.bitmaps.is_empty() && new_size != self.size {
+            return Err(Error::new(
+                ErrorKind::UnsupportedFeature,
+                "cannot resize an image with persistent bitmaps (remove them first)",
+            ));
+        }
         if new_size % 512 != 0 {
             return Err(Error::invalid("the new size must be a multiple of 512"));
         }
@@ -355,6 +386,160 @@ impl Model {
         Ok((id, ((g % per_table) as usize) * step))
     }
 
+    /// Changing guest data would have to mark enabled bitmaps dirty, which these edits do not
+    /// do; they refuse instead of leaving a bitmap that misses changes (an incremental backup
+    /// taken from it would lose them).
+    fn refuse_enabled_bitmaps(&self) -> Result<()> {
+        match self.bitmaps.iter().find(|b| b.meta.flags & FLAG_AUTO != 0) {
+            Some(b) => Err(Error::new(
+                ErrorKind::UnsupportedFeature,
+                format!(
+                    "the image has an enabled persistent bitmap ('{}') that this change would \
+                     have to mark; disable it first (bitmap --disable)",
+                    b.meta.name
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The persistent bitmaps: (name, granularity in bytes, enabled, in use).
+    pub fn bitmaps(&self) -> impl Iterator<Item = (&str, u64, bool, bool)> {
+        self.bitmaps.iter().map(|b| {
+            (
+                b.meta.name.as_str(),
+                1u64 << b.meta.granularity_bits,
+                b.meta.flags & FLAG_AUTO != 0,
+                b.meta.flags & FLAG_IN_USE != 0,
+            )
+        })
+    }
+
+    fn bitmap_index(&self, name: &str) -> Result<usize> {
+        self.bitmaps
+            .iter()
+            .position(|b| b.meta.name == name)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("Dirty bitmap '{name}' not found"),
+                )
+            })
+    }
+
+    fn usable_bitmap(&self, name: &str) -> Result<usize> {
+        let i = self.bitmap_index(name)?;
+        if self.bitmaps[i].meta.flags & FLAG_IN_USE != 0 {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("Bitmap '{name}' is inconsistent and cannot be used"),
+            ));
+        }
+        Ok(i)
+    }
+
+    /// Add an empty bitmap `name` of `granularity` bytes (a power of two, 512 B to 2 GiB;
+    /// default the cluster size), enabled or not.
+    pub fn bitmap_add(
+        &mut self,
+        name: &str,
+        granularity: Option<u64>,
+        enabled: bool,
+    ) -> Result<()> {
+        if self.target_version() < 3 {
+            return Err(Error::new(
+                ErrorKind::UnsupportedFeature,
+                "persistent bitmaps need compatibility level 1.1 (compat=1.1)",
+            ));
+        }
+        if name.is_empty() || name.len() > 1023 {
+            return Err(Error::invalid("bitmap name must be 1 to 1023 bytes"));
+        }
+        if self.bitmaps.iter().any(|b| b.meta.name == name) {
+            return Err(Error::invalid(format!("Bitmap already exists: {name}")));
+        }
+        if self.bitmaps.len() >= 65535 {
+            return Err(Error::new(ErrorKind::TooLarge, "too many bitmaps"));
+        }
+        let g = granularity.unwrap_or(self.geo.cluster_size());
+        if !g.is_power_of_two() || !(512..=(1u64 << 31)).contains(&g) {
+            return Err(Error::invalid(
+                "Granularity must be power of 2 between 512 and 2147483648",
+            ));
+        }
+        let bits = g.trailing_zeros();
+        let entries = Bitmap::entries_for(self.size, bits, self.geo.cluster_size());
+        if entries * self.geo.cluster_size() > bitmaps::MAX_BITS_BYTES {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                "bitmap too large for this disk",
+            ));
+        }
+        self.bitmaps.push(BitmapState {
+            meta: Bitmap {
+                name: name.to_string(),
+                granularity_bits: bits,
+                flags: if enabled { FLAG_AUTO } else { 0 },
+                table_offset: 0,
+                table_entries: entries,
+            },
+            table: Vec::new(),
+            bits: Some(vec![0u8; (entries * self.geo.cluster_size()) as usize]),
+        });
+        self.bitmaps_changed = true;
+        Ok(())
+    }
+
+    /// Remove bitmap `name`.
+    pub fn bitmap_remove(&mut self, name: &str) -> Result<()> {
+        let i = self.bitmap_index(name)?;
+        self.bitmaps.remove(i);
+        self.bitmaps_changed = true;
+        Ok(())
+    }
+
+    /// Clear every bit of bitmap `name`.
+    pub fn bitmap_clear(&mut self, name: &str) -> Result<()> {
+        let i = self.usable_bitmap(name)?;
+        let n = self.bitmaps[i].meta.table_entries * self.geo.cluster_size();
+        self.bitmaps[i].bits = Some(vec![0u8; n as usize]);
+        self.bitmaps_changed = true;
+        Ok(())
+    }
+
+    /// Enable (track writes) or disable bitmap `name`.
+    pub fn bitmap_set_enabled(&mut self, name: &str, on: bool) -> Result<()> {
+        let i = self.usable_bitmap(name)?;
+        let f = &mut self.bitmaps[i].meta.flags;
+        *f = if on { *f | FLAG_AUTO } else { *f & !FLAG_AUTO };
+        self.bitmaps_changed = true;
+        Ok(())
+    }
+
+    /// The bits of bitmap `name` (one per granule) and its granularity (log2).
+    pub fn bitmap_bits(&self, name: &str) -> Result<(Vec<u8>, u32)> {
+        let i = self.usable_bitmap(name)?;
+        let b = &self.bitmaps[i];
+        let bits = match &b.bits {
+            Some(v) => v.clone(),
+            None => {
+                bitmaps::read_bits(self.io.as_ref(), self.geo.cluster_size(), &b.meta, &b.table)?
+            }
+        };
+        Ok((bits, b.meta.granularity_bits))
+    }
+
+    /// Set in bitmap `name` every granule a set bit of `src` (granularity `src_bits`, over this
+    /// disk's size) touches.
+    pub fn bitmap_merge(&mut self, name: &str, src: &[u8], src_bits: u32) -> Result<()> {
+        let (mut bits, g) = self.bitmap_bits(name)?;
+        bitmaps::merge_bits(&mut bits, g, src, src_bits, self.size);
+        let i = self.bitmap_index(name)?;
+        self.bitmaps[i].bits = Some(bits);
+        self.bitmaps_changed = true;
+        Ok(())
+    }
+
     fn refuse_data_file(&self, what: &str) -> Result<()> {
         if self.header.data_file.is_some() {
             return Err(Error::new(
@@ -370,6 +555,7 @@ impl Model {
     /// file where nothing refers to it; the mapping takes effect at [`Model::commit`].
     pub fn write_cluster(&mut self, g: u64, data: &[u8]) -> Result<()> {
         self.refuse_data_file("writing guest data")?;
+        self.refuse_enabled_bitmaps()?;
         let cs = self.geo.cluster_size();
         if data.len() as u64 > cs {
             return Err(Error::invalid("more than one cluster of data"));
@@ -406,6 +592,7 @@ impl Model {
     /// zero cluster; version 3 only).
     pub fn zero_cluster(&mut self, g: u64) -> Result<()> {
         self.refuse_data_file("writing guest data")?;
+        self.refuse_enabled_bitmaps()?;
         if self.header.version < 3 {
             return Err(Error::new(
                 ErrorKind::UnsupportedFeature,
@@ -424,11 +611,13 @@ impl Model {
 
     /// Drop every mapping of the active state: it then reads entirely from the backing file
     /// (or as zeros). Snapshots keep theirs. (`commit` empties the committed image so.)
-    pub fn make_empty(&mut self) {
+    pub fn make_empty(&mut self) -> Result<()> {
+        self.refuse_enabled_bitmaps()?;
         for e in &mut self.active {
             *e = None;
         }
         self.refs = None;
+        Ok(())
     }
 
     /// Name a new backing file (and its format), or none. The header names it once the
@@ -518,6 +707,9 @@ impl Model {
                 }
                 if self.header.data_file.is_some() {
                     return refuse("an external data file");
+                }
+                if !self.bitmaps.is_empty() {
+                    return refuse("persistent bitmaps");
                 }
                 if self.header.compression_type != super::header::CompressionType::Zlib {
                     return refuse("zstd compression");
@@ -626,6 +818,7 @@ impl Model {
     pub fn snapshot_apply(&mut self, spec: &str) -> Result<()> {
         // Table users change: count them afresh when next needed.
         self.refs = None;
+        self.refuse_enabled_bitmaps()?;
         let i = self.find(spec)?;
         let (sn, l1) = &self.snapshots[i];
         self.active = l1.clone();
@@ -738,6 +931,47 @@ impl Model {
         } else {
             alloc(snap_table_bytes.div_ceil(cs))
         };
+        // Bitmaps whose bits changed get new data clusters (only those with a bit set) and a
+        // new table; a changed list gets a new directory. Unchanged ones stay where they are.
+        if self.bitmaps_changed {
+            for b in &mut self.bitmaps {
+                let Some(bits) = b.bits.take() else { continue };
+                let mut table = Vec::with_capacity(b.meta.table_entries as usize);
+                for chunk in bits.chunks(cs as usize) {
+                    if chunk.iter().all(|&x| x == 0) {
+                        table.push(0);
+                    } else {
+                        let at = alloc(1) * cs;
+                        self.io
+                            .write_all_at(chunk, at)
+                            .map_err(|e| Error::io("cannot write bitmap data", e))?;
+                        table.push(at);
+                    }
+                }
+                let at = alloc((table.len() as u64 * 8).div_ceil(cs).max(1)) * cs;
+                let mut raw = vec![0u8; table.len() * 8];
+                for (k, e) in table.iter().enumerate() {
+                    BigEndian::write_u64(&mut raw[k * 8..], *e);
+                }
+                self.io
+                    .write_all_at(&raw, at)
+                    .map_err(|e| Error::io("cannot write a bitmap table", e))?;
+                b.meta.table_offset = at;
+                b.table = table;
+            }
+            self.bitmap_dir = None;
+            if !self.bitmaps.is_empty() {
+                let mut dir = Vec::new();
+                for b in &self.bitmaps {
+                    b.meta.encode(&mut dir);
+                }
+                let at = alloc((dir.len() as u64).div_ceil(cs)) * cs;
+                self.io
+                    .write_all_at(&dir, at)
+                    .map_err(|e| Error::io("cannot write the bitmap directory", e))?;
+                self.bitmap_dir = Some((at, dir.len() as u64));
+            }
+        }
         let used = next;
         // Data refcounts: one per (L1, L2 entry) path.
         let mut data_refs = vec![0u32; used as usize];
@@ -830,6 +1064,27 @@ impl Model {
                 data_refs[c as usize] += 1;
             }
         }
+        // The bitmap directory, each bitmap's table and its data clusters.
+        let mut bitmap_clusters: Vec<std::ops::Range<u64>> = Vec::new();
+        if let Some((off, size)) = self.bitmap_dir {
+            bitmap_clusters.push(off / cs..(off + size).div_ceil(cs));
+        }
+        for b in &self.bitmaps {
+            let t = b.meta.table_offset;
+            bitmap_clusters
+                .push(t / cs..(t + b.meta.table_entries * 8).div_ceil(cs).max(t / cs + 1));
+            for off in b.table.iter().filter_map(|&e| bitmaps::data_cluster(e)) {
+                bitmap_clusters.push(off / cs..off / cs + 1);
+            }
+        }
+        for r in bitmap_clusters {
+            for c in r {
+                let slot = data_refs.get_mut(c as usize).ok_or_else(|| {
+                    corrupt!("bitmap metadata at cluster {c} lies past the end of the file")
+                })?;
+                *slot += 1;
+            }
+        }
         let placement = refcount::write_structures(self.io.as_ref(), self.geo, used, used, |c| {
             u64::from(data_refs[c as usize])
         })?;
@@ -867,12 +1122,19 @@ impl Model {
                 self.header.incompatible_features & !(incompat::DIRTY | incompat::CORRUPT),
             );
             BigEndian::write_u64(&mut h[56..], compat);
+            // Bitmaps stay valid: this writer knows them.
+            let bitmaps_bit = if self.bitmap_dir.is_some() {
+                super::header::AUTOCLEAR_BITMAPS
+            } else {
+                0
+            };
             BigEndian::write_u64(
                 &mut h[64..],
-                self.header.autoclear_features & super::header::AUTOCLEAR_DATA_FILE_RAW,
+                (self.header.autoclear_features & super::header::AUTOCLEAR_DATA_FILE_RAW)
+                    | bitmaps_bit,
             );
         }
-        if self.change.any() {
+        if self.change.any() || self.bitmaps_changed {
             // The header, its extensions and the backing name in one write of cluster 0.
             let area = self.header_area(&h)?;
             self.io
@@ -917,7 +1179,7 @@ impl Model {
             if typ == ext::END || off + 8 + len > ext_end {
                 break;
             }
-            if typ != ext::BACKING_FORMAT {
+            if typ != ext::BACKING_FORMAT && !(typ == ext::BITMAPS && self.bitmaps_changed) {
                 exts.push((typ, orig[off + 8..off + 8 + len].to_vec()));
             }
             off += 8 + len.div_ceil(8) * 8;
@@ -931,6 +1193,13 @@ impl Model {
         };
         if let Some((_, Some(f))) = &backing {
             exts.insert(0, (ext::BACKING_FORMAT, f.as_bytes().to_vec()));
+        }
+        if let (true, Some((off, size))) = (self.bitmaps_changed, self.bitmap_dir) {
+            let mut d = vec![0u8; 24];
+            BigEndian::write_u32(&mut d[0..], self.bitmaps.len() as u32);
+            BigEndian::write_u64(&mut d[8..], size);
+            BigEndian::write_u64(&mut d[16..], off);
+            exts.push((ext::BITMAPS, d));
         }
         let version = self.target_version();
         let header_len: usize = if version >= 3 {

@@ -332,6 +332,41 @@ enum Cmd {
         force_share: bool,
         file: PathBuf,
     },
+    /// Change a persistent dirty bitmap of a qcow2 image (--add, --remove, --clear, --enable,
+    /// --disable, --merge SOURCE), in that order when several are given.
+    Bitmap {
+        /// Add an empty bitmap.
+        #[arg(long)]
+        add: bool,
+        /// Remove it.
+        #[arg(long)]
+        remove: bool,
+        /// Clear its bits.
+        #[arg(long)]
+        clear: bool,
+        /// Enable it (track writes).
+        #[arg(long)]
+        enable: bool,
+        /// Disable it.
+        #[arg(long)]
+        disable: bool,
+        /// Set every bit bitmap SOURCE has set.
+        #[arg(long, value_name = "SOURCE")]
+        merge: Option<String>,
+        /// The image holding the --merge source (default: this one).
+        #[arg(short = 'b')]
+        source_file: Option<PathBuf>,
+        /// Its format.
+        #[arg(short = 'F')]
+        source_format: Option<String>,
+        /// Granularity of an added bitmap (default: the cluster size).
+        #[arg(short = 'g')]
+        granularity: Option<String>,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+        bitmap: String,
+    },
     /// Check a qcow2 image's consistency (exit 0 clean, 1 check failed, 2 corrupt, 3 leaks).
     Check {
         #[arg(short = 'f')]
@@ -1185,6 +1220,63 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     &format!("Snapshot list:\n{}", snapshot_table(&snaps)),
                 )?;
             }
+        }
+        Cmd::Bitmap {
+            add,
+            remove,
+            clear,
+            enable,
+            disable,
+            merge,
+            source_file,
+            source_format,
+            granularity,
+            format,
+            file,
+            bitmap,
+        } => {
+            use vdisk::edit::BitmapOp;
+            let mut ops = Vec::new();
+            if add {
+                ops.push(BitmapOp::Add {
+                    granularity: granularity
+                        .as_deref()
+                        .map(|g| vdisk::qcow2::writer::parse_qemu_number("granularity", g))
+                        .transpose()?,
+                    // --add --disable makes a disabled bitmap.
+                    enabled: !disable,
+                });
+            } else if granularity.is_some() {
+                return Err(Error::invalid("granularity only supported with --add"));
+            }
+            if clear {
+                ops.push(BitmapOp::Clear);
+            }
+            if let Some(source) = merge {
+                ops.push(BitmapOp::Merge {
+                    source,
+                    file: source_file
+                        .map(|f| Ok::<_, Error>((f, parse_format(source_format.as_deref())?)))
+                        .transpose()?,
+                });
+            } else if source_file.is_some() {
+                return Err(Error::invalid("-b only supported with --merge"));
+            }
+            if enable {
+                ops.push(BitmapOp::Enable);
+            }
+            if disable && !add {
+                ops.push(BitmapOp::Disable);
+            }
+            if remove {
+                ops.push(BitmapOp::Remove);
+            }
+            if ops.is_empty() {
+                return Err(Error::invalid(
+                    "Need at least one of --add, --delete, --clear, --enable, --disable, or --merge",
+                ));
+            }
+            vdisk::edit::bitmap(&file, parse_format(format.as_deref())?, &bitmap, &ops)?;
         }
         Cmd::Bench {
             count,
