@@ -69,6 +69,10 @@ pub struct ConvertOptions<'a> {
     /// Copy data that lies as is in the image file (raw images, plain qcow2 clusters) inside
     /// the kernel (`copy_file_range`, qemu-img's `-C`); no zero detection for such data.
     pub copy_offload: bool,
+    /// Raw targets: write in increasing offset order (qemu-img's default; its `-W` allows any
+    /// order). Reads and zero detection still run on every worker, each chunk held until the
+    /// chunks before it are written. Off (any order) by default for the library.
+    pub in_order: bool,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -82,6 +86,7 @@ impl Default for ConvertOptions<'_> {
             salvage: false,
             warn: None,
             copy_offload: false,
+            in_order: false,
         }
     }
 }
@@ -127,6 +132,11 @@ struct Pool<'w> {
     started: Instant,
     salvage: bool,
     warn: Option<&'w (dyn Fn(&str) + Sync)>,
+    /// Guest bytes a worker takes at a time.
+    chunk: u64,
+    /// In-order writes: where the next chunk to write starts.
+    turn: Mutex<u64>,
+    turned: std::sync::Condvar,
 }
 
 /// A task run on chunks: `(worker buffer, chunk start, chunk end)`.
@@ -164,7 +174,33 @@ impl<'w> Pool<'w> {
             started: Instant::now(),
             salvage: opts.salvage,
             warn: opts.warn,
+            // In order, each worker holds its chunk until its turn: keep them small.
+            chunk: if opts.in_order { PIECE } else { CHUNK },
+            turn: Mutex::new(0),
+            turned: std::sync::Condvar::new(),
         })
+    }
+
+    /// Wait until every chunk before `start` is written (or the run stops).
+    fn wait_turn(&self, start: u64) -> Result<()> {
+        let mut t = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+        while *t != start {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(Error::new(ErrorKind::Cancelled, "conversion stopped"));
+            }
+            t = self
+                .turned
+                .wait_timeout(t, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// The chunk ending at `end` is written: the next may go.
+    fn pass_turn(&self, end: u64) {
+        *self.turn.lock().unwrap_or_else(|p| p.into_inner()) = end;
+        self.turned.notify_all();
     }
 
     /// Count `n` bytes read from the source and, under a rate limit, wait until the total
@@ -255,11 +291,11 @@ impl<'w> Pool<'w> {
                 self.stop.store(true, Ordering::Relaxed);
                 break;
             }
-            let start = self.next.fetch_add(CHUNK, Ordering::Relaxed);
+            let start = self.next.fetch_add(self.chunk, Ordering::Relaxed);
             if start >= end {
                 break;
             }
-            let stop = (start + CHUNK).min(end);
+            let stop = (start + self.chunk).min(end);
             if let Err(e) = task(&mut buf, start, stop) {
                 let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
                 if slot.is_none() {
@@ -322,11 +358,73 @@ pub fn convert_to_raw(
             })
         .then(|| src.file().as_ref()),
     };
+    let in_order = opts.in_order && sh.offload.is_none();
     pool.run(0, size, &mut opts.progress, &|buf, start, end| {
         buf.resize(PIECE as usize, 0);
-        copy_range(&sh, buf, start, end)
+        if !in_order {
+            return copy_range(&sh, buf, start, end);
+        }
+        // Read and scan now, write when the chunks before this one are written.
+        let held = Held::new(size);
+        let mine = Shared {
+            dst: &held,
+            offload: None,
+            ..sh
+        };
+        copy_range(&mine, buf, start, end)?;
+        pool.wait_turn(start)?;
+        held.replay(dst)?;
+        pool.pass_turn(end);
+        Ok(())
     })?;
     Ok(pool.report(t0, &mut opts.progress))
+}
+
+/// A chunk's writes and zeroings, held in memory until its turn (in-order writes).
+#[derive(Debug)]
+struct Held {
+    size: u64,
+    ops: Mutex<Vec<(u64, Option<Vec<u8>>, u64)>>,
+}
+
+impl Held {
+    fn new(size: u64) -> Held {
+        Held {
+            size,
+            ops: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn replay(&self, dst: &dyn BlockIo) -> Result<()> {
+        let ops = std::mem::take(&mut *self.ops.lock().unwrap_or_else(|p| p.into_inner()));
+        for (off, data, len) in ops {
+            match data {
+                Some(d) => dst.write_all_at(&d, off),
+                None => dst.write_zeroes(off, len),
+            }
+            .map_err(|e| Error::io("write failed", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl BlockIo for Held {
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.size)
+    }
+    fn read_at(&self, _buf: &mut [u8], _offset: u64) -> std::io::Result<usize> {
+        Err(std::io::Error::other("a held chunk is not read"))
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        ops.push((offset, Some(buf.to_vec()), buf.len() as u64));
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        ops.push((offset, None, len));
+        Ok(())
+    }
 }
 
 fn copy_range(sh: &Shared<'_>, buf: &mut [u8], start: u64, end: u64) -> Result<()> {
@@ -1020,6 +1118,53 @@ mod tests {
         let r = convert_to_raw(&src, &dst, true, &mut o).unwrap();
         assert_eq!(r.bytes_written, d.len() as u64);
         assert_eq!(dst.to_vec(), d);
+    }
+
+    /// A target that records the offset of every write and zeroing, in order.
+    #[derive(Debug)]
+    struct Recorder(MemIo, Mutex<Vec<u64>>);
+
+    impl BlockIo for Recorder {
+        fn size(&self) -> std::io::Result<u64> {
+            self.0.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.1.lock().unwrap().push(offset);
+            self.0.write_all_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.1.lock().unwrap().push(offset);
+            self.0.write_zeroes(offset, len)
+        }
+    }
+
+    #[test]
+    fn in_order_writes_ascend_and_copy_the_same() {
+        // Data in every other piece, zeros between, over many chunks, on four workers.
+        let mut d = vec![0u8; 24 << 20];
+        for (i, piece) in d.chunks_mut(PIECE as usize).enumerate() {
+            if i % 2 == 0 {
+                piece.fill(i as u8 + 1);
+            }
+        }
+        let src = mem_image(d.clone());
+        let dst = Recorder(MemIo::new(vec![0xaa; d.len()]), Mutex::new(Vec::new()));
+        let mut o = ConvertOptions {
+            threads: 4,
+            in_order: true,
+            ..ConvertOptions::default()
+        };
+        convert_to_raw(&src, &dst, false, &mut o).unwrap();
+        assert_eq!(dst.0.to_vec(), d);
+        let at = dst.1.lock().unwrap().clone();
+        assert!(at.len() >= 24, "{at:?}");
+        assert!(
+            at.windows(2).all(|w| w[0] < w[1]),
+            "writes out of order: {at:?}"
+        );
     }
 
     #[test]

@@ -87,7 +87,9 @@ enum Cmd {
         /// Parallel workers (qemu-img's -m; default: one per core).
         #[arg(short = 'm')]
         workers: Option<usize>,
-        /// Allow out-of-order writes (vdisk always writes in parallel, out of order).
+        /// Allow out-of-order writes to an existing raw target (block device, -n); without
+        /// it they go in increasing offset order, as qemu-img's do (reads and decompression
+        /// stay parallel). A new file is written in any order: it appears only when complete.
         #[arg(short = 'W')]
         oob: bool,
         /// Skip creating the target: write into the existing image (raw, block device or
@@ -689,6 +691,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             rate,
             salvage,
             copy_offload,
+            oob,
             src,
             dst,
             ..
@@ -786,6 +789,15 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 salvage,
                 warn: Some(&warn),
                 copy_offload,
+                // An existing target (a block device, or -n) shows every write as it happens:
+                // in increasing order unless -W, as qemu-img. A new file appears only when
+                // complete, so its writes go in any order.
+                in_order: !oob
+                    && (no_create
+                        || std::fs::metadata(&dst).is_ok_and(|m| {
+                            use std::os::unix::fs::FileTypeExt;
+                            m.file_type().is_block_device()
+                        })),
                 ..Default::default()
             };
             if progress {
