@@ -380,11 +380,14 @@ pub fn convert_to_raw(
     Ok(pool.report(t0, &mut opts.progress))
 }
 
+/// One held write: offset, data (None: zero `len` bytes), length.
+type HeldOp = (u64, Option<Vec<u8>>, u64);
+
 /// A chunk's writes and zeroings, held in memory until its turn (in-order writes).
 #[derive(Debug)]
 struct Held {
     size: u64,
-    ops: Mutex<Vec<(u64, Option<Vec<u8>>, u64)>>,
+    ops: Mutex<Vec<HeldOp>>,
 }
 
 impl Held {
