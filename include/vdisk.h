@@ -112,24 +112,6 @@ typedef enum vdisk_preallocation {
 } vdisk_preallocation;
 
 /*
- An internal-snapshot operation of `vdisk_snapshot`.
- */
-typedef enum vdisk_snapshot_op {
-  /*
-   Create a snapshot of the current state named `name` (`qemu-img snapshot -c`).
-   */
-  VDISK_SNAPSHOT_OP_CREATE = 0,
-  /*
-   Revert the disk to the snapshot with this id or name (`-a`).
-   */
-  VDISK_SNAPSHOT_OP_APPLY = 1,
-  /*
-   Delete the snapshot with this id or name (`-d`).
-   */
-  VDISK_SNAPSHOT_OP_DELETE = 2,
-} vdisk_snapshot_op;
-
-/*
  Lock modes for `vdisk_image_open_locked`, passed as `uint32_t`.
  */
 enum vdisk_lock_mode
@@ -225,6 +207,24 @@ typedef enum vdisk_repair {
    */
   VDISK_REPAIR_ALL = 2,
 } vdisk_repair;
+
+/*
+ An internal-snapshot operation of `vdisk_snapshot`.
+ */
+typedef enum vdisk_snapshot_op {
+  /*
+   Create a snapshot of the current state named `name` (`qemu-img snapshot -c`).
+   */
+  VDISK_SNAPSHOT_OP_CREATE = 0,
+  /*
+   Revert the disk to the snapshot with this id or name (`-a`).
+   */
+  VDISK_SNAPSHOT_OP_APPLY = 1,
+  /*
+   Delete the snapshot with this id or name (`-d`).
+   */
+  VDISK_SNAPSHOT_OP_DELETE = 2,
+} vdisk_snapshot_op;
 
 /*
  A cancellation flag that may be set from any thread while an operation runs.
@@ -396,6 +396,28 @@ typedef struct vdisk_check_report {
    */
   int32_t exit_code;
 } vdisk_check_report;
+
+/*
+ What `vdisk_measure` reports, in bytes (`qemu-img measure`).
+ */
+typedef struct vdisk_measure_report {
+  /*
+   File size the converted image needs.
+   */
+  uint64_t required;
+  /*
+   File size with every cluster allocated.
+   */
+  uint64_t fully_allocated;
+  /*
+   Space for persistent bitmaps (when `has_bitmaps`).
+   */
+  uint64_t bitmaps;
+  /*
+   Non-zero when `bitmaps` applies (qcow2 v3 output from a qcow2 v3 image).
+   */
+  int32_t has_bitmaps;
+} vdisk_measure_report;
 
 #ifdef __cplusplus
 extern "C" {
@@ -927,9 +949,62 @@ enum vdisk_status vdisk_compare(const struct vdisk_image *a,
  `path`, `name` are NUL-terminated; `err` is NULL or writable.
  */
 enum vdisk_status vdisk_snapshot(const char *path,
-                                 enum vdisk_snapshot_op op,
+                                 uint32_t op,
                                  const char *name,
                                  struct vdisk_error **err);
+
+/*
+ Make the qcow2 image at `path` use `backing` (format `backing_format`; both NULL: no
+ backing file), as `qemu-img rebase`. Unless `unsafe_names_only` is non-zero, whatever the
+ change would alter in the guest's disk is first copied into the image, so it reads the same.
+ The edit is crash-safe.
+
+ # Safety
+ `path` is NUL-terminated; `backing` and `backing_format` are NULL or NUL-terminated; `err`
+ is NULL or writable.
+ */
+enum vdisk_status vdisk_rebase(const char *path,
+                               const char *backing,
+                               const char *backing_format,
+                               int32_t unsafe_names_only,
+                               struct vdisk_error **err);
+
+/*
+ Write what the image at `path` holds into its backing file (or into `base`, an image
+ further down its chain), then empty the image unless `keep` is non-zero (or `base` is not
+ the backing file itself), as `qemu-img commit`.
+
+ # Safety
+ `path` is NUL-terminated; `base` is NULL or NUL-terminated; `err` is NULL or writable.
+ */
+enum vdisk_status vdisk_commit(const char *path,
+                               const char *base,
+                               int32_t keep,
+                               struct vdisk_error **err);
+
+/*
+ Change options of the qcow2 image at `path` as `qemu-img amend -o OPTIONS`
+ (`compat=0.10|1.1`, `refcount_bits=N`, `lazy_refcounts=on|off`), crash-safely.
+
+ # Safety
+ `path` and `options` are NUL-terminated; `err` is NULL or writable.
+ */
+enum vdisk_status vdisk_amend(const char *path, const char *options, struct vdisk_error **err);
+
+/*
+ Measure the image at `path` (or, when `path` is NULL, an empty disk of `size` bytes)
+ converted to `format` (a `vdisk_format`) with qemu-img `-o` text `options` (NULL: none).
+
+ # Safety
+ `path` and `options` are NULL or NUL-terminated; `report` is writable; `err` is NULL or
+ writable.
+ */
+enum vdisk_status vdisk_measure(const char *path,
+                                uint64_t size,
+                                uint32_t format,
+                                const char *options,
+                                struct vdisk_measure_report *report,
+                                struct vdisk_error **err);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -501,6 +501,8 @@ pub enum vdisk_snapshot_op {
     Delete = 2,
 }
 
+c_enum!(vdisk_snapshot_op: Create, Apply, Delete);
+
 /// Create, apply or delete an internal snapshot of the qcow2 image at `path`. The edit is
 /// crash-safe: an interruption leaves the old state or the new one. List snapshots with
 /// `vdisk_image_info_json` (`"snapshots"`) or `vdisk_image_snapshot_count`.
@@ -510,11 +512,12 @@ pub enum vdisk_snapshot_op {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vdisk_snapshot(
     path: *const c_char,
-    op: vdisk_snapshot_op,
+    op: u32,
     name: *const c_char,
     err: *mut *mut vdisk_error,
 ) -> vdisk_status {
     boundary(err, || {
+        let op = vdisk_snapshot_op::from_c(op)?;
         let p = path_arg(path, "path")?;
         if name.is_null() {
             return Err(null("name"));
@@ -530,6 +533,154 @@ pub unsafe extern "C" fn vdisk_snapshot(
             vdisk_snapshot_op::Delete => SnapshotOp::Delete(n),
         };
         crate::edit::snapshot(&p, &op)?;
+        Ok(())
+    })
+}
+
+/// A NUL-terminated string argument that may be NULL.
+fn opt_text(p: *const c_char) -> Option<String> {
+    // SAFETY: every caller documents `p` as NULL or NUL-terminated for the call.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+fn format_name(name: Option<String>) -> Result<Option<crate::Format>, Fail> {
+    name.map(|n| {
+        crate::Format::from_name(&n).ok_or_else(|| {
+            Fail(
+                vdisk_status::InvalidArgument,
+                format!("unknown file format '{n}'"),
+            )
+        })
+    })
+    .transpose()
+}
+
+/// Make the qcow2 image at `path` use `backing` (format `backing_format`; both NULL: no
+/// backing file), as `qemu-img rebase`. Unless `unsafe_names_only` is non-zero, whatever the
+/// change would alter in the guest's disk is first copied into the image, so it reads the same.
+/// The edit is crash-safe.
+///
+/// # Safety
+/// `path` is NUL-terminated; `backing` and `backing_format` are NULL or NUL-terminated; `err`
+/// is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_rebase(
+    path: *const c_char,
+    backing: *const c_char,
+    backing_format: *const c_char,
+    unsafe_names_only: i32,
+    err: *mut *mut vdisk_error,
+) -> vdisk_status {
+    boundary(err, || {
+        let p = path_arg(path, "path")?;
+        let name = opt_text(backing).filter(|b| !b.is_empty());
+        let fmt = format_name(opt_text(backing_format))?;
+        let b = name.as_deref().map(|n| (n, fmt));
+        crate::edit::rebase(&p, None, b, unsafe_names_only != 0, &mut |_, _| {})?;
+        Ok(())
+    })
+}
+
+/// Write what the image at `path` holds into its backing file (or into `base`, an image
+/// further down its chain), then empty the image unless `keep` is non-zero (or `base` is not
+/// the backing file itself), as `qemu-img commit`.
+///
+/// # Safety
+/// `path` is NUL-terminated; `base` is NULL or NUL-terminated; `err` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_commit(
+    path: *const c_char,
+    base: *const c_char,
+    keep: i32,
+    err: *mut *mut vdisk_error,
+) -> vdisk_status {
+    boundary(err, || {
+        let p = path_arg(path, "path")?;
+        let b = if base.is_null() {
+            None
+        } else {
+            Some(path_arg(base, "base")?)
+        };
+        crate::edit::commit(&p, None, b.as_deref(), keep != 0, &mut |_, _| {})?;
+        Ok(())
+    })
+}
+
+/// Change options of the qcow2 image at `path` as `qemu-img amend -o OPTIONS`
+/// (`compat=0.10|1.1`, `refcount_bits=N`, `lazy_refcounts=on|off`), crash-safely.
+///
+/// # Safety
+/// `path` and `options` are NUL-terminated; `err` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_amend(
+    path: *const c_char,
+    options: *const c_char,
+    err: *mut *mut vdisk_error,
+) -> vdisk_status {
+    boundary(err, || {
+        let p = path_arg(path, "path")?;
+        let o = opt_text(options).ok_or_else(|| null("options"))?;
+        let mut a = crate::edit::Amend::default();
+        a.apply(&o)?;
+        crate::edit::amend(&p, None, &a)?;
+        Ok(())
+    })
+}
+
+/// What `vdisk_measure` reports, in bytes (`qemu-img measure`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct vdisk_measure_report {
+    /// File size the converted image needs.
+    pub required: u64,
+    /// File size with every cluster allocated.
+    pub fully_allocated: u64,
+    /// Space for persistent bitmaps (when `has_bitmaps`).
+    pub bitmaps: u64,
+    /// Non-zero when `bitmaps` applies (qcow2 v3 output from a qcow2 v3 image).
+    pub has_bitmaps: i32,
+}
+
+/// Measure the image at `path` (or, when `path` is NULL, an empty disk of `size` bytes)
+/// converted to `format` (a `vdisk_format`) with qemu-img `-o` text `options` (NULL: none).
+///
+/// # Safety
+/// `path` and `options` are NULL or NUL-terminated; `report` is writable; `err` is NULL or
+/// writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_measure(
+    path: *const c_char,
+    size: u64,
+    format: u32,
+    options: *const c_char,
+    report: *mut vdisk_measure_report,
+    err: *mut *mut vdisk_error,
+) -> vdisk_status {
+    boundary(err, || {
+        let f = match vdisk_format::from_c(format)? {
+            vdisk_format::Raw => crate::Format::Raw,
+            vdisk_format::Qcow2 => crate::Format::Qcow2,
+        };
+        if report.is_null() {
+            return Err(null("report"));
+        }
+        let co = text_options(options)?;
+        let img;
+        let src = if path.is_null() {
+            crate::measure::Source::Size(size)
+        } else {
+            img = Image::open(path_arg(path, "path")?, &OpenOptions::default())?;
+            crate::measure::Source::Image(&img)
+        };
+        let m = crate::measure::measure(&src, f, &co)?;
+        let r = vdisk_measure_report {
+            required: m.required,
+            fully_allocated: m.fully_allocated,
+            bitmaps: m.bitmaps.unwrap_or(0),
+            has_bitmaps: i32::from(m.bitmaps.is_some()),
+        };
+        // SAFETY: `report` is non-NULL and writable per the contract.
+        unsafe { *report = r };
         Ok(())
     })
 }

@@ -276,5 +276,51 @@ int main(int argc, char **argv) {
 
     vdisk_image_free(img);
     puts("c api test: 1 passed, 0 failed");
+    /* qemu-img measure's numbers, rebase, commit and amend. The image is 8 MiB with data in
+       its first 64 KiB and at 4-6 MiB (see c-test.sh); qemu-img gives these numbers for it. */
+    vdisk_measure_report mr;
+    CHECK(vdisk_measure(NULL, 1000, VDISK_FORMAT_QCOW2, NULL, &mr, &err) == VDISK_STATUS_OK);
+    CHECK(mr.required == 327680 && mr.fully_allocated == 393216 && !mr.has_bitmaps);
+    CHECK(vdisk_measure(NULL, 1000, VDISK_FORMAT_RAW, NULL, &mr, &err) == VDISK_STATUS_OK);
+    CHECK(mr.required == 1024 && mr.fully_allocated == 1024);
+    CHECK(vdisk_measure(src, 0, VDISK_FORMAT_QCOW2, "cluster_size=64k", &mr, &err) == VDISK_STATUS_OK);
+    CHECK(mr.has_bitmaps && mr.bitmaps == 0 && mr.required < mr.fully_allocated);
+    CHECK(vdisk_measure(src, 0, 9, NULL, &mr, NULL) == VDISK_STATUS_INVALID_ARGUMENT);
+    CHECK(vdisk_measure(src, 0, VDISK_FORMAT_RAW, NULL, NULL, NULL) == VDISK_STATUS_NULL_PARAMETER);
+    /* An overlay of a copy of the image, flattened by rebase onto nothing, committed, amended. */
+    snprintf(a, sizeof a, "%s/base.qcow2", dir);
+    vdisk_convert_options *qo = vdisk_convert_options_new();
+    CHECK(vdisk_convert_options_set_format(qo, VDISK_FORMAT_QCOW2) == VDISK_STATUS_OK);
+    CHECK(vdisk_convert(src, a, qo, &err) == VDISK_STATUS_OK);
+    vdisk_convert_options_free(qo);
+    snprintf(b, sizeof b, "%s/top.qcow2", dir);
+    char opts[4200];
+    snprintf(opts, sizeof opts, "backing_file=%s,backing_fmt=qcow2", a);
+    CHECK(vdisk_create(b, VDISK_FORMAT_QCOW2, 8u << 20, opts, NULL, &err) == VDISK_STATUS_OK);
+    CHECK(vdisk_commit(b, NULL, 0, &err) == VDISK_STATUS_OK);
+    CHECK(vdisk_rebase(b, NULL, NULL, 0, &err) == VDISK_STATUS_OK);
+    CHECK(vdisk_amend(b, "compat=0.10", &err) == VDISK_STATUS_OK);
+    CHECK(vdisk_amend(b, "cluster_size=4k", &err) == VDISK_STATUS_UNSUPPORTED_FEATURE);
+    vdisk_error_free(err);
+    err = NULL;
+    vdisk_image *flat = NULL;
+    CHECK(vdisk_image_open(b, 0, &flat, &err) == VDISK_STATUS_OK);
+    char *bf = (char *)"unset";
+    CHECK(vdisk_image_backing_file(flat, &bf, &err) == VDISK_STATUS_OK && bf == NULL);
+    vdisk_image *orig = NULL;
+    CHECK(vdisk_image_open(src, 0, &orig, &err) == VDISK_STATUS_OK);
+    int same2 = -1;
+    uint64_t at2 = 0;
+    CHECK(vdisk_compare(orig, flat, 0, &same2, &at2, &err) == VDISK_STATUS_OK && same2 == 1);
+    vdisk_image_free(orig);
+    vdisk_image_free(flat);
+    CHECK(vdisk_rebase(b, "x.qcow2", NULL, 0, &err) == VDISK_STATUS_INVALID_ARGUMENT);
+    vdisk_error_free(err);
+    err = NULL;
+    CHECK(vdisk_commit(b, NULL, 0, &err) == VDISK_STATUS_INVALID_ARGUMENT);
+    vdisk_error_free(err);
+    err = NULL;
+    CHECK(vdisk_snapshot(b, 3, "s", NULL) == VDISK_STATUS_INVALID_ARGUMENT);
+
     return 0;
 }
