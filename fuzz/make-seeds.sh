@@ -229,4 +229,19 @@ printf '\x07--bnd\r\nContent-Disposition: form-data; name="other"\r\n\r\ny\r\n--
 printf '\x99preamble\r\n--bnd \t\r\n\r\nno headers\r\n--bnd\r\nX-A: "b"\r\n\r\n\r\n--bnd--epilogue' >seeds/multipart/padding
 printf '\x02--bnd\r\nContent-Disposition: form-data; name=file\r\n\r\ncut before the close' >seeds/multipart/truncated
 
+# qcow2_edit: the qcow2 seeds (and one with bitmaps), each after a byte that picks the edits.
+e=seeds/qcow2_edit
+mkdir -p "$e"
+qemu-img create -q -f qcow2 -o cluster_size=512 "$t/bm.qcow2" 64k
+qemu-img bitmap --add -g 4k "$t/bm.qcow2" b0
+io -c 'write -P 0x33 0 8k' "$t/bm.qcow2"
+cp "$t/bm.qcow2" "$q/bitmaps-512.qcow2"
+k=0
+for f in "$q"/*.qcow2; do
+  for pick in 31 9 6; do
+    { printf "\\$(printf %03o $(( (pick + k) % 256 )))"; cat "$f"; } > "$e/$(basename "$f" .qcow2)-$pick"
+  done
+  k=$((k + 32))
+done
+
 ls -l seeds/*/ | awk '$5 > 65536 { print "seed too large: " $0; bad=1 } END { exit bad }'

@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
     let code = r.exit_code();
     assert_eq!(code == 0, shown == 0);
     let _ = r.to_human();
-    let json = r.to_json("fuzz.qcow2", vdisk::Format::Qcow2);
+    let json = r.to_json("fuzz.qcow2", vdisk::Format::Qcow2, None);
     assert!(json.contains(&format!("\"check-errors\": {},", r.check_errors)));
     // The streaming form sees the same messages and counts.
     let mut n = 0u64;
