@@ -57,7 +57,7 @@ enum Cmd {
         max_length: Option<String>,
         file: PathBuf,
     },
-    /// Convert an image (output: raw).
+    /// Convert an image to a new raw or qcow2 image (or, with -n, into an existing one).
     Convert {
         /// Source format (detected when omitted).
         #[arg(short = 'f')]
@@ -187,7 +187,7 @@ enum Cmd {
         a: PathBuf,
         b: PathBuf,
     },
-    /// List internal snapshots (-l).
+    /// List (-l), create (-c), apply (-a) or delete (-d) internal snapshots of a qcow2 image.
     Snapshot {
         /// List snapshots.
         #[arg(short = 'l')]
