@@ -455,6 +455,7 @@ pub fn write_map_json_in(
     write_out(out, "[")?;
     let mut s = String::new();
     let mut first = true;
+    let at = range.start;
     for_each_map_extent_in(img, range, |start, e| {
         s.clear();
         if !std::mem::take(&mut first) {
@@ -471,6 +472,16 @@ pub fn write_map_json_in(
         s.push('}');
         write_out(out, &s)
     })?;
+    if first {
+        // Nothing to map (an empty disk, or a range past its end): qemu-img still prints one
+        // empty entry where the range starts.
+        write_out(
+            out,
+            &format!(
+                "{{ \"start\": {at}, \"length\": 0, \"depth\": 0, \"present\": false, \"zero\": false, \"data\": false, \"compressed\": false}}"
+            ),
+        )?;
+    }
     write_out(out, "]\n")
 }
 

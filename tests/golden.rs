@@ -93,6 +93,35 @@ fn build(env: &Env) -> Vec<String> {
         conv(name, fmt, opts, &[]);
         add(name);
     }
+    // Edge cases: empty disks, one sector, a dirty image (qemu-io killed mid-session), a
+    // version 2 image with a snapshot.
+    env.create("zero.qcow2", "qcow2", "", "0");
+    env.create("zero.raw", "raw", "", "0");
+    env.create("tiny.qcow2", "qcow2", "cluster_size=512", "512");
+    env.create("dirty.qcow2", "qcow2", "lazy_refcounts=on", "8M");
+    let _ = env
+        .cmd("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write 0 1M",
+            "-c",
+            "sigraise 9",
+            "dirty.qcow2",
+        ])
+        .output();
+    env.create("v2snap.qcow2", "qcow2", "compat=0.10", "8M");
+    env.qemu_img(&["snapshot", "-c", "a", "v2snap.qcow2"]);
+    for n in [
+        "zero.qcow2",
+        "zero.raw",
+        "tiny.qcow2",
+        "dirty.qcow2",
+        "v2snap.qcow2",
+    ] {
+        add(n);
+    }
     env.sync();
     names
 }
@@ -121,6 +150,7 @@ fn every_read_verb_prints_what_qemu_img_prints() {
                 o,
                 n,
             ]);
+            push(&["map", "--start-offset", "200M", o, n]);
             push(&["check", o, n]);
             push(&["measure", o, "-O", "raw", n]);
             push(&["measure", o, "-O", "qcow2", n]);
