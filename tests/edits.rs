@@ -339,20 +339,8 @@ fn edits_keep_off_an_image_qemu_holds() {
         .spawn()
         .unwrap();
     // Held once /proc/locks shows its "no one else may write" byte on this very file.
-    let ino =
-        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(env.path("base.qcow2")).unwrap());
     let t = std::time::Instant::now();
-    while !std::fs::read_to_string("/proc/locks")
-        .unwrap()
-        .lines()
-        .any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() >= 8
-                && f[1] == "OFDLCK"
-                && f[5].rsplit(':').next() == Some(ino.to_string().as_str())
-                && f[6] == "201"
-        })
-    {
+    while !ofd_lock_held(&env.path("base.qcow2"), 201) {
         if let Some(st) = c.try_wait().unwrap() {
             panic!("qemu-io exited ({st}) before it held base.qcow2");
         }

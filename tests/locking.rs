@@ -32,20 +32,10 @@ impl Holder {
         // resize" bytes (201 and 203) on the file. Watching takes no lock: a probe that did
         // (a qemu-img writer, say) could hold its own while qemu-io opens, and qemu-io would
         // then fail to open and exit.
-        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(env.path(file)).unwrap());
         let t = Instant::now();
         loop {
-            let locks = std::fs::read_to_string("/proc/locks").unwrap();
-            let held = |byte: u64| {
-                locks.lines().any(|l| {
-                    let f: Vec<&str> = l.split_whitespace().collect();
-                    f.len() >= 8
-                        && f[1] == "OFDLCK"
-                        && f[5].rsplit(':').next() == Some(ino.to_string().as_str())
-                        && f[6] == byte.to_string()
-                })
-            };
-            if held(201) && held(203) {
+            let path = env.path(file);
+            if ofd_lock_held(&path, 201) && ofd_lock_held(&path, 203) {
                 break;
             }
             if let Some(st) = h.0.try_wait().unwrap() {

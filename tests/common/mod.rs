@@ -78,6 +78,19 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Whether /proc/locks shows an OFD lock on byte `byte` of the file at `path` (QEMU's lock
+/// bytes: 100 + a permission it uses, 200 + one it denies others). Looking takes no lock.
+pub fn ofd_lock_held(path: &Path, byte: u64) -> bool {
+    let ino = fs::metadata(path).unwrap().ino().to_string();
+    fs::read_to_string("/proc/locks").unwrap().lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && f[1] == "OFDLCK"
+            && f[5].rsplit(':').next() == Some(ino.as_str())
+            && f[6] == byte.to_string()
+    })
+}
+
 /// A scratch directory where images are made and both tools are run.
 pub struct Env {
     dir: TempDir,
