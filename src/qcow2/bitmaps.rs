@@ -19,6 +19,9 @@ const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const MAX_NAME: usize = 1023;
 /// Most entries a bitmap table may have (qemu's limit).
 const MAX_TABLE_ENTRIES: u64 = 0x800_0000;
+/// Most bytes of bits one bitmap may have (qemu's limit): its table then holds at most
+/// 512 MiB / cluster size entries (8 MiB of table at 512-byte clusters).
+const MAX_DATA_BYTES: u64 = 0x2000_0000;
 
 /// Flag: the bitmap was in use (not saved cleanly); its contents are not to be trusted.
 pub const FLAG_IN_USE: u32 = 1;
@@ -73,14 +76,25 @@ pub fn read_directory(io: &dyn BlockIo, h: &Header, file_len: u64) -> Result<Vec
     let mut dir = vec![0u8; dir_size as usize];
     io.read_exact_at(&mut dir, dir_offset)
         .map_err(|e| Error::io("cannot read the bitmap directory", e))?;
-    let cs = h.cluster_size();
+    parse_directory(&dir, count, h.size, h.cluster_size()).map_err(bad)
+}
+
+/// The entries of bitmap directory `dir` (`count` bitmaps, per the header) of an image of
+/// `disk_size` bytes with `cluster_size`-byte clusters, with qemu's limits: each entry names a
+/// dirty-tracking bitmap of 512 B to 2 GiB granules whose cluster-aligned table has exactly
+/// one entry per cluster of bits the disk needs. Errors say what is wrong (`check` reports
+/// them as they are).
+pub fn parse_directory(
+    dir: &[u8],
+    count: u32,
+    disk_size: u64,
+    cluster_size: u64,
+) -> std::result::Result<Vec<Bitmap>, String> {
     let mut out = Vec::new();
     let mut pos = 0usize;
     while pos < dir.len() {
         let n = out.len();
-        let e = dir
-            .get(pos..pos + 24)
-            .ok_or_else(|| bad(format!("entry {n} is truncated")))?;
+        let e = dir.get(pos..pos + 24).ok_or("truncated directory entry")?;
         let table_offset = BigEndian::read_u64(&e[0..8]);
         let table_entries = u64::from(BigEndian::read_u32(&e[8..12]));
         let flags = BigEndian::read_u32(&e[12..16]);
@@ -90,17 +104,22 @@ pub fn read_directory(io: &dyn BlockIo, h: &Header, file_len: u64) -> Result<Vec
         let extra = BigEndian::read_u32(&e[20..24]) as usize;
         let len = (24 + extra + name_size).div_ceil(8) * 8;
         if len > dir.len() - pos {
-            return Err(bad(format!("entry {n} runs past the directory")));
+            return Err(format!("entry {n} runs past the directory"));
         }
-        if typ != 1
-            || !(9..=31).contains(&granularity_bits)
+        let needed = (9..=31)
+            .contains(&granularity_bits)
+            .then(|| Bitmap::entries_for(disk_size, granularity_bits, cluster_size));
+        if table_offset == 0
+            || table_offset % cluster_size != 0
+            || table_entries > MAX_TABLE_ENTRIES
+            || table_entries * cluster_size > MAX_DATA_BYTES
+            || needed != Some(table_entries)
+            || flags & !(FLAG_IN_USE | FLAG_AUTO) != 0
+            || typ != 1
             || name_size == 0
             || name_size > MAX_NAME
-            || flags & !(FLAG_IN_USE | FLAG_AUTO) != 0
-            || table_entries > MAX_TABLE_ENTRIES
-            || table_offset % cs != 0
         {
-            return Err(bad(format!("entry {n} is malformed")));
+            return Err(format!("entry {n} is malformed"));
         }
         let name = &dir[pos + 24 + extra..pos + 24 + extra + name_size];
         out.push(Bitmap {
@@ -113,12 +132,19 @@ pub fn read_directory(io: &dyn BlockIo, h: &Header, file_len: u64) -> Result<Vec
         pos += len;
     }
     if out.len() != count as usize {
-        return Err(bad(format!(
+        return Err(format!(
             "it has {} entries, the header says {count}",
             out.len()
-        )));
+        ));
     }
     Ok(out)
+}
+
+/// Whether bitmap table entry `e` is valid: no reserved bits, and a data cluster offset (if
+/// any) cluster aligned and without the "all ones" flag.
+pub fn entry_is_valid(e: u64, cluster_size: u64) -> bool {
+    let off = e & TABLE_OFFSET_MASK;
+    e & !(TABLE_OFFSET_MASK | 1) == 0 && (off == 0 || (e & 1 == 0 && off % cluster_size == 0))
 }
 
 impl Bitmap {
@@ -169,10 +195,7 @@ pub fn read_table(
         .map_err(|e| Error::io("cannot read a bitmap table", e))?;
     let table: Vec<u64> = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
     for &e in &table {
-        let off = e & TABLE_OFFSET_MASK;
-        if e & !(TABLE_OFFSET_MASK | 1) != 0
-            || (off != 0 && (off % cluster_size != 0 || off >= file_len || e & 1 != 0))
-        {
+        if !entry_is_valid(e, cluster_size) || e & TABLE_OFFSET_MASK >= file_len {
             return Err(bad(format!(
                 "bitmap '{}' has an invalid table entry {e:#x}",
                 b.name

@@ -43,18 +43,11 @@ const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// Refcount table entry: offset and reserved bits.
 const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 const REFT_RESERVED_MASK: u64 = 0x1ff;
-/// Bitmap table entry: offset, reserved bits and the "all ones" flag.
-const BME_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const BME_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
-const BME_ALL_ONES: u64 = 1;
 /// Subcluster bitmap: the "allocated" half.
 const ALL_ALLOC: u64 = 0xffff_ffff;
-/// qemu's limits on snapshot tables and bitmaps.
+/// qemu's limits on snapshot tables (bitmaps: see `super::bitmaps`).
 const MAX_SNAPSHOT_TABLE: u64 = 1024 * 65536;
 const MAX_SNAPSHOT_L1_ENTRIES: u64 = header::MAX_L1_BYTES / 8;
-const BME_MAX_TABLE_SIZE: u64 = 0x800_0000;
-const BME_MAX_NAME_SIZE: u64 = 1023;
-const BME_MAX_PHYS_SIZE: u64 = 0x2000_0000;
 /// qemu's block layer refuses requests reaching past this offset (BDRV_MAX_LENGTH) with EIO.
 const MAX_IO_END: u64 = 0x7fff_ffff_c000_0000;
 /// Bytes of a table read at once.
@@ -205,8 +198,8 @@ pub fn check(io: &dyn BlockIo) -> Result<CheckReport> {
 /// report's `messages` stay empty). Memory stays bounded however many problems there are.
 pub fn check_with(io: &dyn BlockIo, on_message: &mut dyn FnMut(&str)) -> Result<CheckReport> {
     let file_size = io.size().map_err(|e| Error::io("cannot stat image", e))?;
-    let (h, head) = read_header(io, file_size)?;
-    let mut c = Checker::new(io, h, &head, file_size, on_message)?;
+    let h = read_header(io, file_size)?;
+    let mut c = Checker::new(io, h, file_size, on_message)?;
     c.run()?;
     Ok(c.report)
 }
@@ -303,10 +296,9 @@ fn probe(io: &dyn BlockIo) -> Result<Format> {
 }
 
 /// Read and parse cluster 0 (or the whole file, when shorter).
-fn read_header(io: &dyn BlockIo, file_size: u64) -> Result<(Header, Vec<u8>)> {
+fn read_header(io: &dyn BlockIo, file_size: u64) -> Result<Header> {
     let head = header::read_cluster0(io, file_size)?;
-    let h = Header::parse_for_check(&head, file_size)?;
-    Ok((h, head))
+    Header::parse_for_check(&head, file_size)
 }
 
 /// How qemu classifies an L2 entry.
@@ -409,7 +401,6 @@ impl<'a> Checker<'a> {
     fn new(
         io: &'a dyn BlockIo,
         h: Header,
-        head: &[u8],
         file_size: u64,
         sink: &'a mut dyn FnMut(&str),
     ) -> Result<Checker<'a>> {
@@ -426,11 +417,14 @@ impl<'a> Checker<'a> {
             ));
         }
         let geo = Geometry::of(&h);
-        let bitmaps = if h.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
-            find_bitmaps_ext(&h, head)
-        } else {
-            None
-        };
+        let bitmaps = h
+            .bitmaps_ext
+            .filter(|_| h.autoclear_features & AUTOCLEAR_BITMAPS != 0)
+            .map(|(count, dir_size, dir_offset)| BitmapsExt {
+                count,
+                dir_size,
+                dir_offset,
+            });
         let mut c = Checker {
             io,
             file_size,
@@ -881,16 +875,13 @@ impl<'a> Checker<'a> {
             }
             // One invalid entry makes the whole table unusable (qemu cannot load it, and fails).
             self.for_each_entry(t.offset, t.entries, |c, i, e| {
-                let off = e & BME_OFFSET_MASK;
-                let bad = e & BME_RESERVED_MASK != 0
-                    || (off != 0 && (e & BME_ALL_ONES != 0 || off % c.cs != 0));
-                if bad {
+                if !super::bitmaps::entry_is_valid(e, c.cs) {
                     c.corruption(format!(
                         "ERROR bitmap {n} table entry {i} is invalid: {e:#x}"
                     ));
                     return Err(corrupt!("bitmap {n} table entry {i} is invalid: {e:#x}"));
                 }
-                if off != 0 {
+                if let Some(off) = super::bitmaps::data_cluster(e) {
                     c.reference(off, c.cs);
                 }
                 Ok(())
@@ -913,50 +904,14 @@ impl<'a> Checker<'a> {
         let mut dir = vec![0u8; ext.dir_size as usize];
         self.read_padded(&mut dir, ext.dir_offset)
             .map_err(|e| e.to_string())?;
-        let mut tables = Vec::new();
-        let mut pos = 0usize;
-        while pos < dir.len() {
-            let e = dir.get(pos..pos + 24).ok_or("truncated directory entry")?;
-            let offset = BigEndian::read_u64(&e[0..8]);
-            let entries = u64::from(BigEndian::read_u32(&e[8..12]));
-            let flags = BigEndian::read_u32(&e[12..16]);
-            let typ = e[16];
-            let granularity = e[17];
-            let name_size = u64::from(BigEndian::read_u16(&e[18..20]));
-            let extra = u64::from(BigEndian::read_u32(&e[20..24]));
-            let len = (24 + extra + name_size).div_ceil(8) * 8;
-            if len > (dir.len() - pos) as u64 {
-                return Err(format!("entry {} runs past the directory", tables.len()));
-            }
-            // The table must cover the virtual disk at the bitmap's granularity, one bit per
-            // granule, no more.
-            let granules = (9..=31)
-                .contains(&granularity)
-                .then(|| self.h.size.div_ceil(1u64 << granularity));
-            let needed = granules.map(|g| g.div_ceil(self.cs * 8));
-            if offset == 0
-                || offset % self.cs != 0
-                || entries > BME_MAX_TABLE_SIZE
-                || entries * self.cs > BME_MAX_PHYS_SIZE
-                || needed != Some(entries)
-                || flags & !3 != 0
-                || typ != 1
-                || name_size == 0
-                || name_size > BME_MAX_NAME_SIZE
-            {
-                return Err(format!("entry {} is malformed", tables.len()));
-            }
-            tables.push(BitmapTable { offset, entries });
-            pos += len as usize;
-        }
-        if tables.len() != ext.count as usize {
-            return Err(format!(
-                "it has {} entries, the header says {}",
-                tables.len(),
-                ext.count
-            ));
-        }
-        Ok(tables)
+        let list = super::bitmaps::parse_directory(&dir, ext.count, self.h.size, self.cs)?;
+        Ok(list
+            .iter()
+            .map(|b| BitmapTable {
+                offset: b.table_offset,
+                entries: b.table_entries,
+            })
+            .collect())
     }
 
     /// Refcount blocks: each referenced once, and checked for alignment and position.
@@ -1105,35 +1060,6 @@ impl<'a> Checker<'a> {
 /// Whether qemu's block layer would perform a read of `len` bytes at `off`.
 fn readable(off: u64, len: u64) -> bool {
     off.checked_add(len).is_some_and(|end| end <= MAX_IO_END)
-}
-
-/// The bitmaps header extension, if present (the header parser has validated the area).
-fn find_bitmaps_ext(h: &Header, head: &[u8]) -> Option<BitmapsExt> {
-    let end = if h.backing_file_offset != 0 {
-        h.backing_file_offset
-    } else {
-        h.cluster_size()
-    }
-    .min(head.len() as u64) as usize;
-    let mut off = h.header_length as usize;
-    while off + 8 <= end {
-        let typ = BigEndian::read_u32(&head[off..off + 4]);
-        let len = BigEndian::read_u32(&head[off + 4..off + 8]) as usize;
-        off += 8;
-        if len > end - off || typ == 0 {
-            return None;
-        }
-        if typ == 0x2385_2875 && len == 24 {
-            let d = &head[off..off + 24];
-            return Some(BitmapsExt {
-                count: BigEndian::read_u32(&d[0..4]),
-                dir_size: BigEndian::read_u64(&d[8..16]),
-                dir_offset: BigEndian::read_u64(&d[16..24]),
-            });
-        }
-        off += len.div_ceil(8) * 8;
-    }
-    None
 }
 
 #[cfg(test)]

@@ -27,6 +27,9 @@ const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Host clusters a model may track (bounds the refcount array: 2^28 clusters = 16 TiB at 64 KiB).
 const MAX_HOST_CLUSTERS: u64 = 1 << 28;
 
+/// Most bytes of bitmap tables a model holds (all bitmaps together).
+const MAX_BITMAP_TABLE_BYTES: u64 = 64 << 20;
+
 /// One L1 table: per index, the id of its L2 table in [`Model`]'s table list.
 type L1 = Vec<Option<usize>>;
 
@@ -149,6 +152,16 @@ impl Model {
         let dir = bitmaps::read_directory(m.io.as_ref(), &m.header, file_size)?;
         if !dir.is_empty() {
             m.bitmap_dir = m.header.bitmaps_ext.map(|(_, size, off)| (off, size));
+        }
+        // Every table is held: bound them together, as the mapping tables are by the L1 size.
+        let table_bytes: u64 = dir.iter().map(|b| b.table_entries * 8).sum();
+        if table_bytes > MAX_BITMAP_TABLE_BYTES {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "bitmap tables of {table_bytes} bytes exceed the {MAX_BITMAP_TABLE_BYTES}-byte limit"
+                ),
+            ));
         }
         for meta in dir {
             let table = bitmaps::read_table(m.io.as_ref(), cs, file_size, &meta)?;
