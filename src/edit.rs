@@ -735,31 +735,14 @@ impl Amend {
     pub fn apply(&mut self, spec: &str) -> Result<()> {
         for item in spec.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = item.split_once('=').unwrap_or((item, "on"));
+            use crate::qcow2::writer::{parse_compat, parse_flag, parse_refcount_bits};
             let bad = || Error::invalid(format!("Invalid value '{v}' for option '{k}'"));
             match k {
-                "compat" => {
-                    self.version = Some(match v {
-                        "0.10" | "v2" => 2,
-                        "1.1" | "v3" => 3,
-                        _ => return Err(bad()),
-                    })
-                }
+                "compat" => self.version = Some(parse_compat(v).ok_or_else(bad)?),
                 "refcount_bits" => {
-                    let n: u64 = v.parse().map_err(|_| bad())?;
-                    if !n.is_power_of_two() || n > 64 {
-                        return Err(Error::invalid(
-                            "Refcount width must be a power of two and may not exceed 64 bits",
-                        ));
-                    }
-                    self.refcount_order = Some(n.trailing_zeros());
+                    self.refcount_order = Some(parse_refcount_bits(v).ok_or_else(bad)??)
                 }
-                "lazy_refcounts" => {
-                    self.lazy_refcounts = Some(match v {
-                        "on" | "true" | "yes" => true,
-                        "off" | "false" | "no" => false,
-                        _ => return Err(bad()),
-                    })
-                }
+                "lazy_refcounts" => self.lazy_refcounts = Some(parse_flag(v).ok_or_else(bad)?),
                 _ => {
                     return Err(Error::new(
                         ErrorKind::UnsupportedFeature,

@@ -239,17 +239,43 @@ pub fn is_options_help(spec: &str) -> bool {
     spec.split(',').any(|i| i == "help" || i == "?")
 }
 
+/// `compat=`: 2 for "0.10"/"v2", 3 for "1.1"/"v3".
+pub fn parse_compat(v: &str) -> Option<u32> {
+    match v {
+        "0.10" | "v2" => Some(2),
+        "1.1" | "v3" => Some(3),
+        _ => None,
+    }
+}
+
+/// `refcount_bits=`: the width's log2 (a power of two up to 64); None when not a number.
+pub fn parse_refcount_bits(v: &str) -> Option<Result<u32>> {
+    let n: u64 = v.parse().ok()?;
+    Some(if !n.is_power_of_two() || n > 64 {
+        Err(Error::invalid(
+            "refcount width must be a power of two and may not exceed 64 bits",
+        ))
+    } else {
+        Ok(n.trailing_zeros())
+    })
+}
+
+/// An on/off option's value.
+pub fn parse_flag(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" | "yes" => Some(true),
+        "off" | "false" | "no" => Some(false),
+        _ => None,
+    }
+}
+
 impl CreateOptions {
     /// Apply one qemu-img `-o` string (`key=value,key=value`). Unknown keys are errors.
     pub fn apply(&mut self, spec: &str) -> Result<()> {
         for item in spec.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = item.split_once('=').unwrap_or((item, "on"));
             let bad = || Error::invalid(format!("invalid value '{v}' for option '{k}'"));
-            let flag = |v: &str| match v {
-                "on" | "true" | "yes" => Ok(true),
-                "off" | "false" | "no" => Ok(false),
-                _ => Err(bad()),
-            };
+            let flag = |v: &str| parse_flag(v).ok_or_else(bad);
             match k {
                 "cluster_size" => {
                     let n = parse_size(v).ok_or_else(bad)?;
@@ -260,21 +286,9 @@ impl CreateOptions {
                     }
                     self.cluster_bits = n.trailing_zeros();
                 }
-                "compat" => {
-                    self.version = match v {
-                        "0.10" | "v2" => 2,
-                        "1.1" | "v3" => 3,
-                        _ => return Err(bad()),
-                    }
-                }
+                "compat" => self.version = parse_compat(v).ok_or_else(bad)?,
                 "refcount_bits" => {
-                    let n: u64 = v.parse().map_err(|_| bad())?;
-                    if !n.is_power_of_two() || n > 64 {
-                        return Err(Error::invalid(
-                            "refcount width must be a power of two and may not exceed 64 bits",
-                        ));
-                    }
-                    self.refcount_order = n.trailing_zeros();
+                    self.refcount_order = parse_refcount_bits(v).ok_or_else(bad)??
                 }
                 "compression_type" => {
                     self.compression = match v {
