@@ -8,6 +8,9 @@ use crate::io::BlockIo;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// Largest request (each worker thread holds one buffer of it).
+pub const MAX_BUFFER: u64 = 64 << 20;
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -58,6 +61,16 @@ pub fn run(img: &Image, target: Option<&dyn BlockIo>, o: &BenchOptions) -> Resul
     let size = img.virtual_size();
     if o.buffer_size == 0 || o.depth == 0 {
         return Err(Error::invalid("buffer size and depth must be at least 1"));
+    }
+    // Each thread holds one buffer.
+    if o.buffer_size > MAX_BUFFER {
+        return Err(Error::new(
+            ErrorKind::TooLarge,
+            format!(
+                "buffer size {} exceeds the {MAX_BUFFER}-byte limit",
+                o.buffer_size
+            ),
+        ));
     }
     if o.offset.checked_add(o.buffer_size).is_none_or(|e| e > size) {
         return Err(Error::invalid(format!(
