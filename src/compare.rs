@@ -21,15 +21,10 @@ pub enum Comparison {
     StatusMismatch(u64),
 }
 
-/// What strict mode compares of two ranges' status (qemu-img's block status flags). QEMU
-/// also flags data in a raw external data file as "look further down" (its status has one
-/// more bit), so such ranges differ from the same data anywhere else.
-fn status(img: &Image, e: &crate::image::Extent) -> (bool, bool, bool, bool, bool, bool) {
-    use crate::qcow2::header::AUTOCLEAR_DATA_FILE_RAW;
-    let raw_data_file = img.qcow2().is_some_and(|q| {
-        let h = q.header();
-        h.data_file.is_some() && h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
-    });
+/// What strict mode compares of a range's status (qemu-img's block status flags). QEMU also
+/// flags data in a raw external data file as "look further down" (`raw_data_file`: its status
+/// has one more bit), so such ranges differ from the same data anywhere else.
+fn status(raw_data_file: bool, e: &crate::image::Extent) -> (bool, bool, bool, bool, bool, bool) {
     let recurse = raw_data_file && e.depth == 0 && e.data && e.offset.is_some();
     (
         e.present,
@@ -39,6 +34,15 @@ fn status(img: &Image, e: &crate::image::Extent) -> (bool, bool, bool, bool, boo
         e.compressed,
         recurse,
     )
+}
+
+/// Whether `img` keeps its data in a raw external data file.
+fn raw_data_file(img: &Image) -> bool {
+    use crate::qcow2::header::AUTOCLEAR_DATA_FILE_RAW;
+    img.qcow2().is_some_and(|q| {
+        let h = q.header();
+        h.data_file.is_some() && h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
+    })
 }
 
 /// Compare `a` and `b`. With `strict`, images of different size differ.
@@ -58,6 +62,7 @@ pub fn compare_with_progress(
         return Ok(Comparison::SizeMismatch);
     }
     let common = sa.min(sb);
+    let (raw_a, raw_b) = (raw_data_file(a), raw_data_file(b));
     let mut ba = vec![0u8; CHUNK as usize];
     let mut bb = vec![0u8; CHUNK as usize];
     let mut pos = 0;
@@ -68,7 +73,7 @@ pub fn compare_with_progress(
             // Status as qemu-img reports it, checked before the contents.
             let ra = a.reported_extent(pos, ea.len)?;
             let rb = b.reported_extent(pos, eb.len)?;
-            if status(a, &ra) != status(b, &rb) {
+            if status(raw_a, &ra) != status(raw_b, &rb) {
                 return Ok(Comparison::StatusMismatch(pos));
             }
             ea.len = ea.len.min(ra.len);

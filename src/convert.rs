@@ -219,7 +219,7 @@ impl<'w> Pool<'w> {
     /// sector and sectors that still fail read as zeros (each reported).
     fn read(&self, src: &Image, buf: &mut [u8], pos: u64) -> Result<()> {
         match src.read_at(buf, pos) {
-            Err(e) if self.salvage => {
+            Err(_) if self.salvage => {
                 for (k, sector) in buf.chunks_mut(SECTOR).enumerate() {
                     let at = pos + (k * SECTOR) as u64;
                     if let Err(e2) = src.read_at(sector, at) {
@@ -229,7 +229,6 @@ impl<'w> Pool<'w> {
                         }
                     }
                 }
-                let _ = e;
                 Ok(())
             }
             r => r,

@@ -173,12 +173,35 @@ impl ImageInfo {
                 .collect();
             m.put("snapshots", snaps);
         }
-        let typed = |t: &str, data: QValue| {
+        m.put_opt("format-specific", self.format_specific_qobject());
+        let mut child = QDict::new();
+        child.put("filename", &self.filename);
+        child.put("format", "file");
+        child.put("dirty-flag", false);
+        child.put_opt("actual-size", self.actual_size);
+        child.put("virtual-size", self.file_length);
+        let mut file_spec = QDict::new();
+        file_spec.put("type", "file");
+        file_spec.put("data", QDict::new());
+        child.put("format-specific", file_spec);
+        child.put("children", QValue::List(vec![]));
+        let mut file = QDict::new();
+        file.put("name", "file");
+        file.put("info", child);
+        m.put("children", vec![QValue::from(file)]);
+        m.into()
+    }
+
+    /// The `format-specific` object (`{"type": ..., "data": {...}}`), keys in QEMU's schema
+    /// order.
+    fn format_specific_qobject(&self) -> Option<QValue> {
+        let typed = |t: &str, data: QValue| -> QValue {
             let mut f = QDict::new();
             f.put("type", t);
             f.put("data", data);
-            f
+            f.into()
         };
+        let mut spec = None;
         if let Some(q) = &self.qcow2 {
             let mut d = QDict::new();
             d.put("compat", q.compat);
@@ -215,31 +238,19 @@ impl ImageInfo {
                 d.put("bitmaps", list);
             }
             d.put("compression-type", q.compression_type);
-            m.put("format-specific", typed("qcow2", d.into()));
+            spec = Some(typed("qcow2", d.into()));
         }
         if let Some(i) = &self.iso {
             let mut d = QDict::new();
             d.put("volume-id", &i.volume_id);
             d.put("logical-block-size", u64::from(i.block_size));
             d.put("volume-space-size", u64::from(i.volume_space_size));
-            m.put("format-specific", typed("iso9660", d.into()));
+            spec = Some(typed("iso9660", d.into()));
         }
         if let Some(f) = &self.format_specific {
-            m.put("format-specific", QValue::from(f));
+            spec = Some(QValue::from(f));
         }
-        let mut child = QDict::new();
-        child.put("filename", &self.filename);
-        child.put("format", "file");
-        child.put("dirty-flag", false);
-        child.put_opt("actual-size", self.actual_size);
-        child.put("virtual-size", self.file_length);
-        child.put("format-specific", typed("file", QDict::new().into()));
-        child.put("children", QValue::List(vec![]));
-        let mut file = QDict::new();
-        file.put("name", "file");
-        file.put("info", child);
-        m.put("children", vec![QValue::from(file)]);
-        m.into()
+        spec
     }
 
     /// qemu-img's human-readable text.
@@ -281,17 +292,12 @@ impl ImageInfo {
         }
         // qemu prints the format-specific data as it prints any QAPI object: its dictionary
         // in QEMU's order, '-' in keys as ' ', lists as numbered items.
-        if self.iso.is_none() {
-            if let QValue::Dict(top) = self.to_qobject() {
-                let data = match top.get("format-specific") {
-                    Some(QValue::Dict(f)) => f.get("data").cloned(),
-                    _ => None,
-                };
-                if let Some(QValue::Dict(d)) = data {
-                    s.push_str("Format specific information:\n");
-                    crate::qjson::dump_human(&mut s, &QValue::Dict(d), 1);
-                }
-            }
+        if self.iso.is_none()
+            && let Some(QValue::Dict(f)) = self.format_specific_qobject()
+            && let Some(d @ QValue::Dict(_)) = f.get("data")
+        {
+            s.push_str("Format specific information:\n");
+            crate::qjson::dump_human(&mut s, d, 1);
         }
         if let Some(i) = &self.iso {
             s.push_str("Format specific information:\n");
