@@ -222,9 +222,21 @@ pub fn options_help(format: &str) -> Option<String> {
         ),
         ("size=<size>", "Virtual disk size"),
     ];
+    let iso: &[(&str, &str)] = &[
+        ("volid=<str>", "Volume identifier (1-32 ASCII characters)"),
+        ("joliet=<bool (on/off)>", "Joliet tree (default on)"),
+        ("rockridge=<bool (on/off)>", "Rock Ridge entries (default on)"),
+        ("iso_level=<num>", "ISO 9660 name level 1, 2 or 3"),
+        (
+            "rational=<bool (on/off)>",
+            "Owners root, read-only modes (mkisofs -r)",
+        ),
+        ("appid=<str>", "Application identifier"),
+    ];
     let list = match format {
         "qcow2" => qcow2,
         "raw" => raw,
+        "iso" => iso,
         _ => return None,
     };
     let mut s = String::from("Supported options:\n");

@@ -163,9 +163,15 @@ enum Cmd {
         unsafe_backing: bool,
         #[arg(short = 'q')]
         quiet: bool,
+        /// The image to create; with -f iso, the first source (see below).
         file: PathBuf,
         /// Size with an optional k/M/G/T suffix (default: the backing file's size).
         size: Option<String>,
+        /// With -f iso: `vdisk create -f iso [-o volid=NAME,...] SOURCE... OUT.iso`. A
+        /// directory source puts its contents at the root, a file its own name; `ISO/PATH=SRC`
+        /// puts SRC at ISO/PATH. OUT `-` writes the image to standard output.
+        #[arg(hide = true)]
+        more: Vec<PathBuf>,
     },
     /// Compare the guest contents of two images (exit 0 same, 1 different, 2 error).
     Compare {
@@ -826,12 +832,22 @@ fn run(cli: Cli) -> Result<u8, Error> {
             unsafe_backing,
             file,
             size,
-            ..
+            more,
+            quiet,
         } => {
             if options.iter().any(|o| is_options_help(o)) {
                 return print_options_help(&mut out, &format);
             }
             let fmt = parse_format(Some(&format))?.unwrap_or(Format::Raw);
+            if fmt == Format::Iso {
+                let mut args = vec![file];
+                args.extend(size.map(PathBuf::from));
+                args.extend(more);
+                return create_iso(&mut out, &options, args, quiet);
+            }
+            if !more.is_empty() {
+                return Err(Error::invalid("too many arguments (FILE [SIZE])"));
+            }
             let mut co = CreateOptions::default();
             for o in &options {
                 co.apply(o)?;
@@ -1623,6 +1639,69 @@ impl Bar {
 }
 
 /// `-o help`: the options vdisk takes for `format`.
+/// `create -f iso`: gather the sources into one tree and write it (the last argument).
+fn create_iso(
+    out: &mut std::io::StdoutLock,
+    options: &[String],
+    mut args: Vec<PathBuf>,
+    quiet: bool,
+) -> Result<u8, Error> {
+    use vdisk::iso::{IsoOptions, Tree, write_iso, write_iso_to};
+    let mut o = IsoOptions::from_env()?;
+    for spec in options {
+        o.apply(spec)?;
+    }
+    let dst = match args.pop() {
+        Some(d) if !args.is_empty() => d,
+        _ => return Err(Error::invalid("usage: create -f iso [-o OPTIONS] SOURCE... OUT.iso")),
+    };
+    let mut tree = Tree::new(vdisk::iso::Meta::made(
+        libc::S_IFDIR | 0o755,
+        o.date.unwrap_or_else(now_secs),
+    ));
+    for a in &args {
+        let s = a.to_string_lossy();
+        match s.split_once('=') {
+            Some((iso, src)) if !a.exists() => tree.add_path(iso, std::path::Path::new(src))?,
+            _ if a.is_dir() => tree.add_dir_contents("", a)?,
+            _ => {
+                let name = a
+                    .file_name()
+                    .ok_or_else(|| Error::invalid("a source has no file name").with_path(a))?;
+                tree.add_path(&name.to_string_lossy(), a)?
+            }
+        }
+    }
+    let r = if dst.as_os_str() == "-" {
+        write_iso_to(&tree, &o, out)?
+    } else {
+        write_iso(&tree, &o, &dst)?
+    };
+    if !quiet && dst.as_os_str() != "-" {
+        out.write_all(
+            format!(
+                "Formatting '{}', fmt=iso volid={} size={} files={} dirs={} symlinks={}\n",
+                dst.display(),
+                o.volume_id,
+                r.bytes,
+                r.files,
+                r.dirs,
+                r.symlinks
+            )
+            .as_bytes(),
+        )
+        .map_err(|e| Error::io("cannot write output", e))?;
+    }
+    Ok(0)
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 fn print_options_help(out: &mut std::io::StdoutLock, format: &str) -> Result<u8, Error> {
     let text = options_help(format).ok_or_else(|| {
         Error::new(

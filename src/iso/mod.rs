@@ -1,5 +1,16 @@
-//! ISO 9660: the primary volume descriptor (volume id, logical block size, volume space size).
-//! The content of an ISO is read and converted as raw, as qemu does.
+//! ISO 9660. Reading: the primary volume descriptor (volume id, logical block size, volume
+//! space size); the content of an ISO is read and converted as raw, as qemu does. Writing:
+//! [`Tree`] gathers what goes in, [`write_iso`] / [`write_iso_to`] lay it out with Joliet and
+//! Rock Ridge and write it in one pass, and [`cidata`] makes cloud-init NoCloud seeds.
+
+pub mod cidata;
+pub mod names;
+pub mod tree;
+pub mod write;
+
+pub use cidata::{Seed, write_seed};
+pub use tree::{Meta, Tree};
+pub use write::{IsoOptions, IsoReport, iso_size, source_date_epoch, write_iso, write_iso_to};
 
 use crate::error::{Result, corrupt};
 
