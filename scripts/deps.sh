@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Install the system tools the tests, demo and benchmarks use, when missing (Debian/apt).
-# qemu-utils is the oracle (qemu-img, qemu-io); xorriso makes ISO images; zstd/xz/gzip make
-# compressed fixtures; time measures peak memory.
+# qemu-utils is the oracle (qemu-img, qemu-io); xorriso makes ISO images and reads ours back
+# (osirrox), as do isoinfo (genisoimage) and cloud-init's own NoCloud code (Debian's cloud-init,
+# run with Debian's python3); zstd/xz/gzip make compressed fixtures; time measures peak memory.
 set -euo pipefail
 need=()
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v xorriso >/dev/null || need+=(xorriso)
+command -v isoinfo >/dev/null || need+=(genisoimage)
+[ -f /usr/lib/python3/dist-packages/cloudinit/__init__.py ] || need+=(cloud-init)
+command -v blkid >/dev/null || need+=(util-linux)
 command -v zstd >/dev/null || need+=(zstd)
 command -v xz >/dev/null || need+=(xz-utils)
 [ -x /usr/bin/time ] || need+=(time)

@@ -225,7 +225,10 @@ pub fn options_help(format: &str) -> Option<String> {
     let iso: &[(&str, &str)] = &[
         ("volid=<str>", "Volume identifier (1-32 ASCII characters)"),
         ("joliet=<bool (on/off)>", "Joliet tree (default on)"),
-        ("rockridge=<bool (on/off)>", "Rock Ridge entries (default on)"),
+        (
+            "rockridge=<bool (on/off)>",
+            "Rock Ridge entries (default on)",
+        ),
         ("iso_level=<num>", "ISO 9660 name level 1, 2 or 3"),
         (
             "rational=<bool (on/off)>",

@@ -144,6 +144,9 @@ enum Cmd {
     /// Send an image to a CDI upload proxy or upload server, as virtctl image-upload does
     /// once the volume is ready.
     Upload(UploadArgs),
+    /// Make a cloud-init NoCloud seed disk: an ISO labelled cidata holding user-data,
+    /// meta-data and optionally network-config and vendor-data.
+    Cidata(CidataArgs),
     /// Create a new, empty image.
     Create {
         /// Format: raw or qcow2.
@@ -490,6 +493,32 @@ struct MeasureArgs {
     #[arg(long = "output", default_value = "human")]
     output: String,
     image: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CidataArgs {
+    /// The user-data file (#cloud-config, a script, MIME multipart, ...).
+    #[arg(long)]
+    user_data: PathBuf,
+    /// The meta-data file (default: an instance-id hashed from the other files).
+    #[arg(long)]
+    meta_data: Option<PathBuf>,
+    /// A network-config file (network configuration version 1 or 2).
+    #[arg(long)]
+    network_config: Option<PathBuf>,
+    /// A vendor-data file.
+    #[arg(long)]
+    vendor_data: Option<PathBuf>,
+    /// Output format: raw (the ISO itself) or qcow2.
+    #[arg(short = 'O', default_value = "raw")]
+    out_format: String,
+    /// qcow2 creation options (as for create -o).
+    #[arg(short = 'o', action = clap::ArgAction::Append)]
+    options: Vec<String>,
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The seed disk to write.
+    output: PathBuf,
 }
 
 #[derive(Args)]
@@ -1081,6 +1110,45 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 }
             }
         }
+        Cmd::Cidata(a) => {
+            let target = match parse_format(Some(&a.out_format))? {
+                Some(Format::Raw) => Target::Raw,
+                Some(Format::Qcow2) => {
+                    let mut co = CreateOptions::default();
+                    for o in &a.options {
+                        co.apply(o)?;
+                    }
+                    Target::Qcow2 {
+                        options: co,
+                        compress: false,
+                    }
+                }
+                _ => return Err(Error::invalid("cidata writes raw or qcow2 (-O)")),
+            };
+            if matches!(target, Target::Raw) && !a.options.is_empty() {
+                return Err(Error::invalid("-o options apply to -O qcow2 only"));
+            }
+            let seed = vdisk::iso::Seed {
+                user_data: a.user_data,
+                meta_data: a.meta_data,
+                network_config: a.network_config,
+                vendor_data: a.vendor_data,
+            };
+            let date = vdisk::iso::source_date_epoch()?;
+            let r = vdisk::iso::write_seed(&seed, &a.output, &target, date)?;
+            if !a.quiet {
+                w(
+                    &mut out,
+                    &format!(
+                        "Wrote seed '{}' (label cidata, {} files, ISO {} bytes, fmt={})\n",
+                        a.output.display(),
+                        r.files,
+                        r.bytes,
+                        a.out_format
+                    ),
+                )?;
+            }
+        }
         Cmd::PvcSize(a) => {
             let o = vdisk::sizing::parse_overhead(&a.filesystem_overhead)?;
             let virtual_size = match &a.image {
@@ -1653,7 +1721,11 @@ fn create_iso(
     }
     let dst = match args.pop() {
         Some(d) if !args.is_empty() => d,
-        _ => return Err(Error::invalid("usage: create -f iso [-o OPTIONS] SOURCE... OUT.iso")),
+        _ => {
+            return Err(Error::invalid(
+                "usage: create -f iso [-o OPTIONS] SOURCE... OUT.iso",
+            ));
+        }
     };
     let mut tree = Tree::new(vdisk::iso::Meta::made(
         libc::S_IFDIR | 0o755,
