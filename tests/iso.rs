@@ -142,7 +142,7 @@ fn hostile_but_valid_tree(root: &Path) {
             &common::random_bytes(*n, i as u64),
         );
     }
-    write(&root.join(&"L".repeat(255)), b"longest name");
+    write(&root.join("L".repeat(255)), b"longest name");
     write(
         &root.join(format!("d/{}", "x".repeat(200))),
         b"long in a dir",
