@@ -1006,6 +1006,42 @@ enum vdisk_status vdisk_measure(const char *path,
                                 struct vdisk_measure_report *report,
                                 struct vdisk_error **err);
 
+/*
+ Write an ISO 9660 image (Joliet and Rock Ridge) at `dst` from `n_sources` sources, as
+ `vdisk create -f iso`: each source is a host directory (its contents go to the root), a
+ host file (at the root under its name) or `ISO/PATH=HOST`. `options` is NULL or a `-o`
+ string (`volid=NAME,joliet=off,rockridge=off,iso_level=N,rational=on,appid=TEXT`).
+ `SOURCE_DATE_EPOCH`, when set, fixes every date (reproducible output). The image is
+ written under a temporary name and renamed into place only when complete.
+
+ # Safety
+ `sources` points at `n_sources` NUL-terminated strings; `dst` is NUL-terminated; `options`
+ is NULL or NUL-terminated; `err` is NULL or writable.
+ */
+enum vdisk_status vdisk_iso_create(const char *const *sources,
+                                   size_t n_sources,
+                                   const char *dst,
+                                   const char *options,
+                                   struct vdisk_error **err);
+
+/*
+ Write a cloud-init NoCloud seed disk at `dst`: an ISO labelled `cidata` holding the file
+ `user_data` as `user-data`, `meta_data` as `meta-data` (NULL: an instance id hashed from
+ the other files), and `network_config` / `vendor_data` when not NULL; `format` is a
+ `vdisk_format` (raw: the ISO itself, or qcow2). `SOURCE_DATE_EPOCH` fixes its dates.
+
+ # Safety
+ `user_data` and `dst` are NUL-terminated; the other paths are NULL or NUL-terminated;
+ `err` is NULL or writable.
+ */
+enum vdisk_status vdisk_cidata(const char *user_data,
+                               const char *meta_data,
+                               const char *network_config,
+                               const char *vendor_data,
+                               const char *dst,
+                               uint32_t format,
+                               struct vdisk_error **err);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

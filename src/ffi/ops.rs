@@ -684,3 +684,99 @@ pub unsafe extern "C" fn vdisk_measure(
         Ok(())
     })
 }
+
+/// Write an ISO 9660 image (Joliet and Rock Ridge) at `dst` from `n_sources` sources, as
+/// `vdisk create -f iso`: each source is a host directory (its contents go to the root), a
+/// host file (at the root under its name) or `ISO/PATH=HOST`. `options` is NULL or a `-o`
+/// string (`volid=NAME,joliet=off,rockridge=off,iso_level=N,rational=on,appid=TEXT`).
+/// `SOURCE_DATE_EPOCH`, when set, fixes every date (reproducible output). The image is
+/// written under a temporary name and renamed into place only when complete.
+///
+/// # Safety
+/// `sources` points at `n_sources` NUL-terminated strings; `dst` is NUL-terminated; `options`
+/// is NULL or NUL-terminated; `err` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_iso_create(
+    sources: *const *const c_char,
+    n_sources: usize,
+    dst: *const c_char,
+    options: *const c_char,
+    err: *mut *mut vdisk_error,
+) -> vdisk_status {
+    boundary(err, || {
+        let dst = path_arg(dst, "dst")?;
+        if sources.is_null() {
+            return Err(null("sources"));
+        }
+        if n_sources == 0 {
+            return Err(Fail(
+                vdisk_status::InvalidArgument,
+                "an ISO needs at least one source".into(),
+            ));
+        }
+        let mut o = crate::iso::IsoOptions::from_env()?;
+        if let Some(spec) = opt_text(options) {
+            o.apply(&spec)?;
+        }
+        let date = o.date.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0)
+        });
+        let mut tree = crate::iso::Tree::new(crate::iso::Meta::made(libc::S_IFDIR | 0o755, date));
+        for i in 0..n_sources {
+            // SAFETY: `sources` points at `n_sources` pointers, as documented.
+            let s = unsafe { *sources.add(i) };
+            tree.add_source(&path_arg(s, "source")?)?;
+        }
+        crate::iso::write_iso(&tree, &o, &dst)?;
+        Ok(())
+    })
+}
+
+/// Write a cloud-init NoCloud seed disk at `dst`: an ISO labelled `cidata` holding the file
+/// `user_data` as `user-data`, `meta_data` as `meta-data` (NULL: an instance id hashed from
+/// the other files), and `network_config` / `vendor_data` when not NULL; `format` is a
+/// `vdisk_format` (raw: the ISO itself, or qcow2). `SOURCE_DATE_EPOCH` fixes its dates.
+///
+/// # Safety
+/// `user_data` and `dst` are NUL-terminated; the other paths are NULL or NUL-terminated;
+/// `err` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vdisk_cidata(
+    user_data: *const c_char,
+    meta_data: *const c_char,
+    network_config: *const c_char,
+    vendor_data: *const c_char,
+    dst: *const c_char,
+    format: u32,
+    err: *mut *mut vdisk_error,
+) -> vdisk_status {
+    boundary(err, || {
+        let optional = |p: *const c_char, what: &str| -> Result<Option<std::path::PathBuf>, Fail> {
+            if p.is_null() {
+                Ok(None)
+            } else {
+                path_arg(p, what).map(Some)
+            }
+        };
+        let seed = crate::iso::Seed {
+            user_data: path_arg(user_data, "user_data")?,
+            meta_data: optional(meta_data, "meta_data")?,
+            network_config: optional(network_config, "network_config")?,
+            vendor_data: optional(vendor_data, "vendor_data")?,
+        };
+        let dst = path_arg(dst, "dst")?;
+        let target = match vdisk_format::from_c(format)? {
+            vdisk_format::Raw => crate::convert::Target::Raw,
+            vdisk_format::Qcow2 => crate::convert::Target::Qcow2 {
+                options: CreateOptions::default(),
+                compress: false,
+            },
+        };
+        let date = crate::iso::source_date_epoch()?;
+        crate::iso::write_seed(&seed, &dst, &target, date)?;
+        Ok(())
+    })
+}

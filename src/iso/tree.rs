@@ -376,6 +376,31 @@ impl Tree {
         self.scan(dir, src)
     }
 
+    /// Add one source as `mkisofs` takes them: `ISO/PATH=HOST` puts HOST (a file, link or a
+    /// directory's contents) at ISO/PATH; otherwise a host directory's contents go to the root
+    /// and anything else goes to the root under its own name. A host path that exists is never
+    /// read as the `=` form.
+    pub fn add_source(&mut self, arg: &Path) -> Result<()> {
+        let text = arg.to_string_lossy();
+        match text.split_once('=') {
+            Some((iso, host)) if !arg.exists() => {
+                let host = Path::new(host);
+                if std::fs::metadata(host).is_ok_and(|m| m.is_dir()) {
+                    self.add_dir_contents(iso, host)
+                } else {
+                    self.add_path(iso, host)
+                }
+            }
+            _ if arg.is_dir() => self.add_dir_contents("", arg),
+            _ => {
+                let name = arg
+                    .file_name()
+                    .ok_or_else(|| Error::invalid("a source has no file name").with_path(arg))?;
+                self.add_path(&name.to_string_lossy(), arg)
+            }
+        }
+    }
+
     fn child_count(&self, dir: usize) -> usize {
         match &self.nodes[dir].kind {
             Kind::Dir(c) => c.len(),

@@ -322,5 +322,53 @@ int main(int argc, char **argv) {
     err = NULL;
     CHECK(vdisk_snapshot(b, 3, "s", NULL) == VDISK_STATUS_INVALID_ARGUMENT);
 
+    /* ISO images and cloud-init seeds. */
+    char ud[4200], iso[4200], tree[4096], graft[4300];
+    snprintf(tree, sizeof tree, "%s/isotree", dir);
+    mkdir(tree, 0755);
+    snprintf(ud, sizeof ud, "%s/user-data", tree);
+    FILE *uf = fopen(ud, "w");
+    CHECK(uf != NULL);
+    fputs("#cloud-config\n", uf);
+    fclose(uf);
+    snprintf(iso, sizeof iso, "%s/tree.iso", dir);
+    snprintf(graft, sizeof graft, "extra/copy=%s", ud);
+    const char *sources[] = {tree, graft};
+    CHECK(vdisk_iso_create(sources, 2, iso, "volid=CAPI,iso_level=2", &err) == VDISK_STATUS_OK);
+    int fd2 = open(iso, O_RDONLY);
+    unsigned char pvd[2048];
+    CHECK(fd2 >= 0 && pread(fd2, pvd, sizeof pvd, 16 * 2048) == (ssize_t)sizeof pvd);
+    close(fd2);
+    CHECK(memcmp(pvd + 1, "CD001", 5) == 0 && memcmp(pvd + 40, "CAPI ", 5) == 0);
+    vdisk_image *isoimg = NULL;
+    CHECK(vdisk_image_open(iso, 1, &isoimg, &err) == VDISK_STATUS_OK);
+    /* An ISO reads as a raw disk, as in qemu. */
+    CHECK(strcmp(vdisk_image_format_name(isoimg), "raw") == 0);
+    vdisk_image_free(isoimg);
+    CHECK(vdisk_iso_create(sources, 2, iso, "bogus=1", &err) == VDISK_STATUS_INVALID_ARGUMENT);
+    vdisk_error_free(err);
+    err = NULL;
+    CHECK(vdisk_iso_create(NULL, 1, iso, NULL, NULL) == VDISK_STATUS_NULL_PARAMETER);
+    CHECK(vdisk_iso_create(sources, 0, iso, NULL, NULL) == VDISK_STATUS_INVALID_ARGUMENT);
+    snprintf(a, sizeof a, "%s/seed.iso", dir);
+    CHECK(vdisk_cidata(ud, NULL, NULL, NULL, a, VDISK_FORMAT_RAW, &err) == VDISK_STATUS_OK);
+    fd2 = open(a, O_RDONLY);
+    CHECK(fd2 >= 0 && pread(fd2, pvd, sizeof pvd, 16 * 2048) == (ssize_t)sizeof pvd);
+    close(fd2);
+    CHECK(memcmp(pvd + 40, "cidata ", 7) == 0);
+    snprintf(b, sizeof b, "%s/seed.qcow2", dir);
+    CHECK(vdisk_cidata(ud, NULL, NULL, NULL, b, VDISK_FORMAT_QCOW2, &err) == VDISK_STATUS_OK);
+    vdisk_image *seedq = NULL;
+    CHECK(vdisk_image_open(b, 1, &seedq, &err) == VDISK_STATUS_OK);
+    CHECK(strcmp(vdisk_image_format_name(seedq), "qcow2") == 0);
+    vdisk_image_free(seedq);
+    CHECK(vdisk_cidata(ud, NULL, NULL, NULL, b, 7, NULL) == VDISK_STATUS_INVALID_ARGUMENT);
+    CHECK(vdisk_cidata(NULL, NULL, NULL, NULL, b, 0, NULL) == VDISK_STATUS_NULL_PARAMETER);
+    snprintf(a, sizeof a, "%s/missing", dir);
+    CHECK(vdisk_cidata(a, NULL, NULL, NULL, b, 0, &err) == VDISK_STATUS_NOT_FOUND);
+    vdisk_error_free(err);
+    err = NULL;
+    puts("c api test: iso and cidata passed");
+
     return 0;
 }

@@ -1732,17 +1732,7 @@ fn create_iso(
         o.date.unwrap_or_else(now_secs),
     ));
     for a in &args {
-        let s = a.to_string_lossy();
-        match s.split_once('=') {
-            Some((iso, src)) if !a.exists() => tree.add_path(iso, std::path::Path::new(src))?,
-            _ if a.is_dir() => tree.add_dir_contents("", a)?,
-            _ => {
-                let name = a
-                    .file_name()
-                    .ok_or_else(|| Error::invalid("a source has no file name").with_path(a))?;
-                tree.add_path(&name.to_string_lossy(), a)?
-            }
-        }
+        tree.add_source(a)?;
     }
     let r = if dst.as_os_str() == "-" {
         write_iso_to(&tree, &o, out)?
