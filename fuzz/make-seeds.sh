@@ -244,4 +244,12 @@ for f in "$q"/*.qcow2; do
   k=$((k + 32))
 done
 
+# iso_write: trees as the target reads them (flags byte, then NUL-separated entries of an op
+# byte, a path, 0x01 and a payload: even ops are files, odd ones links).
+w=seeds/iso_write
+mkdir -p "$w"
+printf '\x01\x00user-data\x01#cloud-config\n\x00\x00meta-data\x01instance-id: x\n\x00\x01sub/link\x01../user-data' >"$w/cidata"
+printf '\x0b\x40a/b/c/d/e/f/g/file\x010123456789abcdef\x00\x31long-link\x01%0300d/x/../y\x00\xfe%0250d\x01z' 0 0 >"$w/deep-long"
+printf '\x02\x02dup\x01one\x00\x02dup\x01two\x00\x03dup/x\x01t\x00\x02./bad\x01x\x00\x02a/../b\x01x\x00\x07/abs\x01/etc//passwd/' >"$w/refusals"
+
 ls -l seeds/*/ | awk '$5 > 65536 { print "seed too large: " $0; bad=1 } END { exit bad }'

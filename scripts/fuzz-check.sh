@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-targets=(${FUZZ_TARGETS:-probe qcow2_read qcow2_differential forward_differential iso_info check stream_import tar_unpack tar_read multipart vhd_read vdi_read vhdx_read vmdk_read qcow2_edit})
+targets=(${FUZZ_TARGETS:-probe qcow2_read qcow2_differential forward_differential iso_info check stream_import tar_unpack tar_read multipart vhd_read vdi_read vhdx_read vmdk_read qcow2_edit iso_write})
 seconds=${FUZZ_SECONDS:-20}
 runs=${FUZZ_RUNS:-100000}
 host=$(rustc -vV | sed -n 's/^host: //p')

@@ -466,12 +466,19 @@ fn big_file_is_multi_extent() {
     drop(f);
     write(&src.join("small"), b"after the big one");
     let iso = t.path().join("big.iso");
+    // Memory is bounded whatever the file size: peak RSS measured by time(1).
+    let rss = t.path().join("rss");
     run_ok(
-        vdisk()
+        Command::new("/usr/bin/time")
+            .args(["-f", "%M", "-o"])
+            .arg(&rss)
+            .arg(env!("CARGO_BIN_EXE_vdisk"))
             .args(["create", "-q", "-f", "iso", "-o", "volid=BIG"])
             .arg(&src)
             .arg(&iso),
     );
+    let kib: u64 = fs::read_to_string(&rss).unwrap().trim().parse().unwrap();
+    assert!(kib < 32 << 10, "peak RSS {kib} KiB writing a 5 GiB file");
     let ls = stdout(&run_ok(
         Command::new("xorriso")
             .arg("-indev")

@@ -340,6 +340,24 @@ impl Tree {
         Ok(())
     }
 
+    /// Add a symbolic link at `iso_path` pointing at `target` (1 to 4095 bytes, no NUL; never
+    /// followed), owned by root, times `t`; missing directories are made (0755).
+    pub fn add_symlink(&mut self, iso_path: &str, target: &[u8], t: i64) -> Result<()> {
+        let parts = components(iso_path)?;
+        let (name, dirs) = parts
+            .split_last()
+            .ok_or_else(|| Error::invalid(format!("ISO path '{iso_path}' names the root")))?;
+        if target.is_empty() || target.len() > MAX_LINK || target.contains(&0) {
+            return Err(Error::invalid(format!(
+                "symbolic link target for '{iso_path}' must be 1 to {MAX_LINK} bytes without NUL"
+            )));
+        }
+        let meta = Meta::made(libc::S_IFLNK | 0o777, t);
+        let dir = self.ensure_dir(dirs, meta, iso_path)?;
+        self.insert(dir, name, meta, Kind::Symlink(target.to_vec()), iso_path)?;
+        Ok(())
+    }
+
     /// Add the host entry `src` (a file, a link, or a directory with everything under it) at
     /// `iso_path`. `src` itself is followed if it is a link; links below it are not.
     pub fn add_path(&mut self, iso_path: &str, src: &Path) -> Result<()> {
