@@ -34,7 +34,10 @@ fn rock_ridge<'a>(img: &'a [u8], mut su: &'a [u8], hops: &mut u32) -> (Vec<u8>, 
                 b"CE" => {
                     let (lba, off, n) = (both32(&e[4..]), both32(&e[12..]), both32(&e[20..]));
                     let at = lba as usize * 2048 + off as usize;
-                    assert!(off as usize + n as usize <= 2048, "continuation area crosses a sector");
+                    assert!(
+                        off as usize + n as usize <= 2048,
+                        "continuation area crosses a sector"
+                    );
                     next = Some(&img[at..at + n as usize]);
                 }
                 b"SL" => {
@@ -70,7 +73,14 @@ fn rock_ridge<'a>(img: &'a [u8], mut su: &'a [u8], hops: &mut u32) -> (Vec<u8>, 
     }
 }
 
-fn walk(img: &[u8], lba: u32, size: u32, path: &[u8], out: &mut BTreeMap<Vec<u8>, Entry>, depth: u32) {
+fn walk(
+    img: &[u8],
+    lba: u32,
+    size: u32,
+    path: &[u8],
+    out: &mut BTreeMap<Vec<u8>, Entry>,
+    depth: u32,
+) {
     assert!(depth < 10, "directory loop");
     let start = lba as usize * 2048;
     let dir = &img[start..start + size as usize];
@@ -80,7 +90,8 @@ fn walk(img: &[u8], lba: u32, size: u32, path: &[u8], out: &mut BTreeMap<Vec<u8>
         while i < sector.len() && sector[i] != 0 {
             let r = &sector[i..i + sector[i] as usize];
             i += r.len();
-            let (elba, elen, flags, idlen) = (both32(&r[2..]), both32(&r[10..]), r[25], r[32] as usize);
+            let (elba, elen, flags, idlen) =
+                (both32(&r[2..]), both32(&r[10..]), r[25], r[32] as usize);
             let id = &r[33..33 + idlen];
             if id == [0] || id == [1] {
                 continue;
@@ -115,7 +126,11 @@ fn walk(img: &[u8], lba: u32, size: u32, path: &[u8], out: &mut BTreeMap<Vec<u8>
 
 /// The link target as the writer records it: empty components dropped.
 fn normal_target(t: &[u8]) -> Vec<u8> {
-    let mut v: Vec<u8> = if t.first() == Some(&b'/') { b"/".to_vec() } else { Vec::new() };
+    let mut v: Vec<u8> = if t.first() == Some(&b'/') {
+        b"/".to_vec()
+    } else {
+        Vec::new()
+    };
     let parts: Vec<&[u8]> = t.split(|&b| b == b'/').filter(|p| !p.is_empty()).collect();
     for (i, p) in parts.iter().enumerate() {
         if i > 0 {
@@ -127,7 +142,9 @@ fn normal_target(t: &[u8]) -> Vec<u8> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&flags, rest)) = data.split_first() else { return };
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
     let opts = IsoOptions {
         volume_id: "FUZZ".into(),
         joliet: flags & 1 != 0,
@@ -140,7 +157,9 @@ fuzz_target!(|data: &[u8]| {
     let mut tree = Tree::default();
     let mut want: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
     for chunk in rest.split(|&b| b == 0).take(200) {
-        let Some((&op, body)) = chunk.split_first() else { continue };
+        let Some((&op, body)) = chunk.split_first() else {
+            continue;
+        };
         let (path, payload) = match body.iter().position(|&b| b == 1) {
             Some(i) => (&body[..i], &body[i + 1..]),
             None => (body, &[][..]),
@@ -177,12 +196,21 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(report.bytes as usize, img.len());
     assert_eq!(img.len() % 2048, 0);
     assert_eq!(iso_size(&tree, &opts).unwrap(), img.len() as u64);
-    let info = parse_descriptor(&img[16 * 2048..17 * 2048]).unwrap().unwrap();
+    let info = parse_descriptor(&img[16 * 2048..17 * 2048])
+        .unwrap()
+        .unwrap();
     assert_eq!(info.volume_bytes(), img.len() as u64);
     let pvd = &img[16 * 2048..17 * 2048];
     let root = &pvd[156..190];
     let mut got = BTreeMap::new();
-    walk(&img, both32(&root[2..]), both32(&root[10..]), b"", &mut got, 0);
+    walk(
+        &img,
+        both32(&root[2..]),
+        both32(&root[10..]),
+        b"",
+        &mut got,
+        0,
+    );
     // Only leaves are compared: directories made on the way have no entry of their own.
     assert_eq!(got, want);
 });
