@@ -133,6 +133,7 @@ fn isoinfo(args: &[&str], iso: &Path) -> String {
 fn hostile_but_valid_tree(root: &Path) {
     write(&root.join("user-data"), b"#cloud-config\n");
     write(&root.join("empty"), b"");
+    fs::create_dir_all(root.join("empty-dir")).unwrap();
     for (i, n) in [1usize, 2047, 2048, 2049, 65536, 1 << 20]
         .iter()
         .enumerate()
