@@ -10,7 +10,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::Image;
-use crate::io::{BlockIo, FileIo};
+use crate::io::{BlockIo, FileIo, is_zero};
 use crate::qcow2::writer::{Builder, CreateOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -485,12 +485,6 @@ fn zero_range(sh: &Shared<'_>, pos: u64, len: u64) -> Result<()> {
             .map_err(|e| Error::io("cannot zero target range", e))?;
     }
     Ok(())
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    // Branch-free OR-fold: the compiler vectorises it, and 512 bytes is too short for an early
-    // exit to pay.
-    b.iter().fold(0u8, |a, &x| a | x) == 0
 }
 
 /// Write `data` (guest offset `pos`), leaving zero runs of at least `min_sparse` as holes.

@@ -300,20 +300,8 @@ impl<'a> Sink<'a> {
 impl crate::qcow2::stream::Target for Sink<'_> {
     fn write(&self, off: u64, data: &[u8]) -> Result<()> {
         self.check(off, data.len() as u64)?;
-        const BLOCK: usize = 4096;
-        let mut i = 0;
-        while i < data.len() {
-            let mut j = i;
-            let zero = |k: usize| {
-                data[k..(k + BLOCK).min(data.len())]
-                    .iter()
-                    .fold(0u8, |a, &b| a | b)
-                    == 0
-            };
-            let z = zero(i);
-            while j < data.len() && zero(j) == z {
-                j = (j + BLOCK).min(data.len());
-            }
+        for (r, z) in crate::io::zero_runs(data, 4096) {
+            let (i, j) = (r.start, r.end);
             if z {
                 if !self.zero_init {
                     self.io
@@ -331,7 +319,6 @@ impl crate::qcow2::stream::Target for Sink<'_> {
                     self.io.release_cache();
                 }
             }
-            i = j;
         }
         Ok(())
     }

@@ -1076,24 +1076,12 @@ impl Out<'_> {
         if let Dest::Stream(_) = self.dest {
             return self.write(b);
         }
-        let mut i = 0;
-        while i < b.len() {
-            let end = (i + ZERO_BLOCK).min(b.len());
-            let zero = b[i..end].iter().fold(0u8, |a, &x| a | x) == 0;
-            let mut j = end;
-            while j < b.len() {
-                let e = (j + ZERO_BLOCK).min(b.len());
-                if (b[j..e].iter().fold(0u8, |a, &x| a | x) == 0) != zero {
-                    break;
-                }
-                j = e;
-            }
+        for (r, zero) in crate::io::zero_runs(b, ZERO_BLOCK) {
             if zero {
-                self.zeros((j - i) as u64)?;
+                self.zeros(r.len() as u64)?;
             } else {
-                self.write(&b[i..j])?;
+                self.write(&b[r])?;
             }
-            i = j;
         }
         Ok(())
     }
