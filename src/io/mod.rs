@@ -236,7 +236,10 @@ mod tests {
             ]
         );
         assert_eq!(zero_runs(&[], 4096).count(), 0);
-        assert_eq!(zero_runs(&[0; 10], 4096).collect::<Vec<_>>(), vec![(0..10, true)]);
+        assert_eq!(
+            zero_runs(&[0; 10], 4096).collect::<Vec<_>>(),
+            vec![(0..10, true)]
+        );
         assert!(is_zero(&[0; 513]) && !is_zero(&[0, 0, 1]));
     }
 }
