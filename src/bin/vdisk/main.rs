@@ -2,6 +2,8 @@
 //!
 //! Only argument parsing, output and exit codes live here; every operation is one library call.
 
+mod containerdisk;
+
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
@@ -144,6 +146,9 @@ enum Cmd {
     /// Send an image to a CDI upload proxy or upload server, as virtctl image-upload does
     /// once the volume is ready.
     Upload(UploadArgs),
+    /// Build a KubeVirt containerDisk (an OCI image holding the disk under /disk, owned by
+    /// 107:107) as an OCI archive or layout, or push it to a registry.
+    Containerdisk(containerdisk::ContainerdiskArgs),
     /// Create a new, empty image.
     Create {
         /// Format: raw or qcow2.
@@ -1127,6 +1132,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 }
             }
         }
+        Cmd::Containerdisk(a) => containerdisk::run(a, &mut out)?,
         Cmd::Upload(a) => {
             let read = |p: &PathBuf| {
                 std::fs::read(p).map_err(|e| Error::io("cannot read", e).with_path(p))
