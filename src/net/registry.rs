@@ -1187,18 +1187,18 @@ pub(crate) struct Pusher {
 
 impl Pusher {
     /// Connect to the registry of `r` for pushing to its repository. Fails early on an
-    /// unreachable registry and, by listing the repository's tags, on refused credentials.
+    /// unreachable registry and on refused credentials: the API root is fetched with the
+    /// authorization a push will use (a token for `pull,push`, or Basic), which depends
+    /// neither on the repository existing nor on permission to list it.
     pub(crate) fn connect(r: &ImageRef, opts: &RegistryOptions) -> Result<Pusher> {
         let conn = RegistryConn::connect_for(r, opts, "pull,push")?;
-        let probe = conn.get(&format!("{}/v2/{}/tags/list", conn.base, conn.repo), &[])?;
-        // 200, or 404 for a repository that does not exist yet: both mean we got in.
-        if !matches!(probe.status, 200 | 404) {
+        let probe = conn.get(&format!("{}/v2/", conn.base), &[])?;
+        if probe.status != 200 {
             return Err(Error::new(
                 ErrorKind::Network,
                 format!(
-                    "registry {} answered the tag list of {}: {}",
+                    "registry {} answered its API root: {}",
                     conn.host,
-                    conn.repo,
                     error_message(probe)
                 ),
             ));
