@@ -11,15 +11,19 @@
 //! and pushing through the registry client of [`crate::net::registry`] (same auth and TLS
 //! as pulls).
 //!
-//! Memory is a few 1 MiB buffers whatever the disk size: the disk is read by position on one
-//! thread (tar framing, `diff_id`) and compressed on the caller's, never held whole; the
-//! compressed layer goes to a file (the layout's blob, or an unlinked spool file for
-//! `oci-archive:` and `docker://`, which need its size and digest before they can use it).
+//! Memory is a few 1 MiB buffers per thread whatever the disk size: the disk is read by
+//! position on one thread (tar framing, `diff_id`), gzip deflates 1 MiB pieces on one thread
+//! per core (pigz's scheme: each piece primed with the 32 KiB before it and ended with a sync
+//! flush, so the pieces form one deflate stream whose bytes do not depend on the thread
+//! count), zstd compresses on the caller's thread; nothing is held whole. The compressed
+//! layer goes to a file (the layout's blob, or an unlinked spool file for `oci-archive:` and
+//! `docker://`, which need its size and digest before they can use it).
 //!
 //! Reproducible: the same disk and options give the same digests, run after run. Times are
 //! `SOURCE_DATE_EPOCH` (or 0), JSON keys are sorted and compact, `Env` is sorted, gzip
 //! writes MTIME 0, no name and OS 255, and both compressors run at fixed levels and frame
-//! options on the pinned crate versions (zlib-rs for deflate, libzstd).
+//! options on the pinned crate versions (zlib-rs for deflate, libzstd): a change of those
+//! versions may change the layer digest, never its content.
 //!
 //! Failure leaves nothing at the target name: archives are written under a temporary name
 //! and renamed; a new layout directory is built beside its name and renamed; an existing one
@@ -697,47 +701,6 @@ impl<W: Write> Write for Counted<W> {
     }
 }
 
-/// The compressor, at its pinned settings.
-enum Encoder<W: Write> {
-    Gzip(flate2::write::GzEncoder<W>),
-    Zstd(zstd::stream::write::Encoder<'static, W>),
-}
-
-impl<W: Write> Encoder<W> {
-    fn new(c: LayerCompression, w: W) -> io::Result<Encoder<W>> {
-        Ok(match c {
-            // MTIME 0, no name or comment, OS 255 ("unknown"), as Go writes them.
-            LayerCompression::Gzip => Encoder::Gzip(
-                flate2::GzBuilder::new()
-                    .operating_system(255)
-                    .write(w, flate2::Compression::new(GZIP_LEVEL)),
-            ),
-            LayerCompression::Zstd => {
-                let mut e = zstd::stream::write::Encoder::new(w, ZSTD_LEVEL)?;
-                e.include_checksum(true)?;
-                e.include_contentsize(false)?;
-                e.include_dictid(false)?;
-                e.long_distance_matching(false)?;
-                Encoder::Zstd(e)
-            }
-        })
-    }
-
-    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
-        match self {
-            Encoder::Gzip(e) => e.write_all(b),
-            Encoder::Zstd(e) => e.write_all(b),
-        }
-    }
-
-    fn finish(self) -> io::Result<W> {
-        match self {
-            Encoder::Gzip(e) => e.finish(),
-            Encoder::Zstd(e) => e.finish(),
-        }
-    }
-}
-
 /// What the layer came to.
 #[derive(Debug, Clone)]
 struct Layer {
@@ -747,17 +710,18 @@ struct Layer {
     tar_size: u64,
 }
 
-/// Stream the layer tar of `src` (as `disk/<name>`) through sha256, the compressor and
-/// sha256 + count into `out`, from its current position. The disk is read on a second
-/// thread, in blocks, a few of them queued.
-fn write_layer(
+/// The layer tar of `src` as `disk/<name>`, in blocks handed to `emit` in order (the
+/// headers, the disk in [`BLOCK`] pieces read by position, the padding and the end blocks).
+/// Returns the tar's sha256 (the diff_id) and size; stops early, with `Ok`, when `emit`
+/// returns `false` (its consumer failed and says why).
+fn produce_tar(
     src: &DiskSource,
     name: &str,
     mtime: u64,
-    c: LayerCompression,
     cancel: Option<&CancelToken>,
-    out: &File,
-) -> Result<Layer> {
+    recycled: &mpsc::Receiver<Vec<u8>>,
+    emit: &mut dyn FnMut(Vec<u8>) -> bool,
+) -> Result<(String, u64)> {
     let mut head = tar_header("disk/", EntryKind::Dir, 0o555, DISK_OWNER, 0, mtime)?;
     head.extend(tar_header(
         &format!("disk/{name}"),
@@ -768,73 +732,290 @@ fn write_layer(
         mtime,
     )?);
     let tail = vec![0u8; padding(src.size) + 1024];
+    let mut hash = Hasher::new(Algorithm::Sha256);
+    let mut total = 0u64;
+    let mut send = |b: Vec<u8>| -> bool {
+        hash.update(&b);
+        total += b.len() as u64;
+        emit(b)
+    };
+    if !send(head) {
+        return Ok((String::new(), 0));
+    }
+    let mut off = 0u64;
+    while off < src.size {
+        if cancel.is_some_and(CancelToken::is_cancelled) {
+            return Err(Error::new(ErrorKind::Cancelled, "build cancelled"));
+        }
+        let n = (src.size - off).min(BLOCK as u64) as usize;
+        // A returned buffer keeps its length (every byte is read over): no memset.
+        let mut b = recycled.try_recv().unwrap_or_default();
+        if b.len() != n {
+            b.resize(n, 0);
+        }
+        src.file.read_exact_at(&mut b, off).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                Error::new(
+                    ErrorKind::Io,
+                    format!("the disk shrank below {} bytes while being read", src.size),
+                )
+            } else {
+                Error::io(format!("cannot read the disk at offset {off}"), e)
+            }
+        })?;
+        off += n as u64;
+        if !send(b) {
+            return Ok((String::new(), 0));
+        }
+    }
+    send(tail);
+    Ok((hash.finish_hex(), total))
+}
+
+/// Stream the layer tar of `src` (as `disk/<name>`) through sha256, the compressor and
+/// sha256 + count into `out`, from its current position. The disk is read on a thread of
+/// its own; gzip compresses on one thread per core, zstd on the caller's.
+fn write_layer(
+    src: &DiskSource,
+    name: &str,
+    mtime: u64,
+    c: LayerCompression,
+    cancel: Option<&CancelToken>,
+    out: &File,
+) -> Result<Layer> {
+    let mut counted = Counted {
+        inner: BufWriter::with_capacity(BLOCK, out),
+        hash: Hasher::new(Algorithm::Sha256),
+        bytes: 0,
+    };
+    let (diff_hex, tar_size) = match c {
+        LayerCompression::Gzip => {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+            gzip_parallel(src, name, mtime, cancel, threads, &mut counted)?
+        }
+        LayerCompression::Zstd => zstd_stream(src, name, mtime, cancel, &mut counted)?,
+    };
+    counted
+        .flush()
+        .map_err(|e| Error::io("cannot write the layer", e))?;
+    Ok(Layer {
+        digest: format!("sha256:{}", counted.hash.finish_hex()),
+        size: counted.bytes,
+        diff_id: format!("sha256:{diff_hex}"),
+        tar_size,
+    })
+}
+
+/// The result of the reading thread, or its panic as an error.
+fn joined<T>(r: std::thread::Result<Result<T>>) -> Result<T> {
+    r.unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "a layer thread panicked")))
+}
+
+/// zstd, level 3, a content checksum, no content size or dictionary id, one thread: the
+/// frame depends only on the bytes.
+fn zstd_stream<W: Write>(
+    src: &DiskSource,
+    name: &str,
+    mtime: u64,
+    cancel: Option<&CancelToken>,
+    out: &mut W,
+) -> Result<(String, u64)> {
     let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(QUEUE);
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|s| {
-        let reader = s.spawn(move || -> Result<(String, u64)> {
-            let mut hash = Hasher::new(Algorithm::Sha256);
-            let mut total = 0u64;
-            let mut send = |b: Vec<u8>| -> bool {
-                hash.update(&b);
-                total += b.len() as u64;
+        let reader = s.spawn(move || {
+            produce_tar(src, name, mtime, cancel, &back_rx, &mut |b| {
                 tx.send(b).is_ok()
-            };
-            if !send(head) {
-                return Ok((String::new(), 0));
-            }
-            let mut off = 0u64;
-            while off < src.size {
-                if cancel.is_some_and(CancelToken::is_cancelled) {
-                    return Err(Error::new(ErrorKind::Cancelled, "build cancelled"));
-                }
-                let n = (src.size - off).min(BLOCK as u64) as usize;
-                let mut b = back_rx.try_recv().unwrap_or_default();
-                b.clear();
-                b.resize(n, 0);
-                src.file.read_exact_at(&mut b, off).map_err(|e| {
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
-                        Error::new(
-                            ErrorKind::Io,
-                            format!("the disk shrank below {} bytes while being read", src.size),
-                        )
-                    } else {
-                        Error::io(format!("cannot read the disk at offset {off}"), e)
-                    }
-                })?;
-                off += n as u64;
-                if !send(b) {
-                    return Ok((String::new(), 0));
-                }
-            }
-            send(tail);
-            Ok((hash.finish_hex(), total))
+            })
         });
-        let compressed = (move || -> io::Result<Counted<BufWriter<&File>>> {
-            let counted = Counted {
-                inner: BufWriter::with_capacity(BLOCK, out),
-                hash: Hasher::new(Algorithm::Sha256),
-                bytes: 0,
-            };
-            let mut enc = Encoder::new(c, counted)?;
+        let written = (move || -> io::Result<()> {
+            let mut e = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)?;
+            e.include_checksum(true)?;
+            e.include_contentsize(false)?;
+            e.include_dictid(false)?;
+            e.long_distance_matching(false)?;
             for b in rx.iter() {
-                enc.write_all(&b)?;
+                e.write_all(&b)?;
                 let _ = back_tx.send(b);
             }
-            let mut counted = enc.finish()?;
-            counted.flush()?;
-            Ok(counted)
+            e.finish()?;
+            Ok(())
         })();
-        let read = reader
-            .join()
-            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "the disk reader panicked")))?;
-        let mut counted = compressed.map_err(|e| Error::io("cannot write the layer", e))?;
-        let (diff_hex, tar_size) = read;
-        Ok(Layer {
-            digest: format!("sha256:{}", counted.hash.finish_hex()),
-            size: counted.bytes,
-            diff_id: format!("sha256:{diff_hex}"),
-            tar_size,
-        })
+        let read = joined(reader.join())?;
+        written.map_err(|e| Error::io("cannot write the layer", e))?;
+        Ok(read)
+    })
+}
+
+/// The window deflate may look back into: the dictionary a piece is primed with.
+const DEFLATE_WINDOW: usize = 32 << 10;
+
+/// One piece of the gzip layer: raw deflate of `data` at the pinned level, primed with
+/// `dict`, ending in a sync flush (byte-aligned, not final), so pieces concatenate into one
+/// deflate stream. The bytes depend only on `data` and `dict`, never on which thread or how
+/// many threads made them: each piece gets a new compressor, whose window starts zeroed (a
+/// reset one keeps its old window, and the match search may peek at those stale bytes past
+/// the input's end, so the output would depend on what the thread deflated before).
+fn deflate_piece(data: &[u8], dict: &[u8]) -> io::Result<Vec<u8>> {
+    let z = &mut flate2::Compress::new(flate2::Compression::new(GZIP_LEVEL), false);
+    if !dict.is_empty() {
+        z.set_dictionary(dict).map_err(io::Error::other)?;
+    }
+    let mut out = Vec::with_capacity(data.len() / 2 + 4096);
+    let mut used = 0;
+    loop {
+        if out.capacity() - out.len() < 4096 {
+            out.reserve(out.capacity().max(64 << 10));
+        }
+        let before = z.total_in();
+        z.compress_vec(&data[used..], &mut out, flate2::FlushCompress::Sync)
+            .map_err(io::Error::other)?;
+        used += (z.total_in() - before) as usize;
+        // The flush is complete when deflate stopped with output space to spare.
+        if used == data.len() && out.len() < out.capacity() {
+            return Ok(out);
+        }
+    }
+}
+
+/// All bytes zero.
+fn all_zero(b: &[u8]) -> bool {
+    b.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+}
+
+/// A piece handed to the deflate threads: its place, its bytes, and the piece before it
+/// (whose last 32 KiB prime the dictionary).
+struct Piece {
+    seq: u64,
+    data: std::sync::Arc<Vec<u8>>,
+    prev: Option<std::sync::Arc<Vec<u8>>>,
+}
+
+/// gzip as pigz makes it, deterministically: the tar in its blocks, each deflated at level 6
+/// on one of several threads with the 32 KiB before it as dictionary and a sync flush, the
+/// pieces written in order after a header with MTIME 0, no name and OS 255, then an empty
+/// final block, the CRC-32 and the length. One deflate stream in one gzip member, which
+/// every gzip reader takes; its bytes do not depend on the thread count. A full block of
+/// zeros after zeros always deflates to the same bytes, made once.
+fn gzip_parallel<W: Write>(
+    src: &DiskSource,
+    name: &str,
+    mtime: u64,
+    cancel: Option<&CancelToken>,
+    threads: usize,
+    out: &mut W,
+) -> Result<(String, u64)> {
+    use std::sync::{Arc, Mutex, OnceLock};
+    let lock = |m: &Mutex<mpsc::Receiver<Piece>>| {
+        m.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .recv()
+    };
+    let threads = threads.max(1);
+    // Pieces in flight (queued, deflating, or waiting for an earlier one to be written).
+    let window = 2 * threads + 2;
+    let (slot_tx, slot_rx) = mpsc::sync_channel::<()>(window);
+    for _ in 0..window {
+        let _ = slot_tx.send(());
+    }
+    let (job_tx, job_rx) = mpsc::sync_channel::<Piece>(threads);
+    // Owned by the deflate threads: when they have all ended, the reader's sends fail.
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let (done_tx, done_rx) = mpsc::sync_channel::<(u64, io::Result<Vec<u8>>)>(window);
+    let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+    let zeros: OnceLock<Vec<u8>> = OnceLock::new();
+    std::thread::scope(|s| {
+        let zeros = &zeros;
+        let reader = s.spawn(move || {
+            let mut crc = flate2::Crc::new();
+            let mut seq = 0u64;
+            let mut prev: Option<Arc<Vec<u8>>> = None;
+            let r = produce_tar(src, name, mtime, cancel, &back_rx, &mut |b| {
+                if slot_rx.recv().is_err() {
+                    return false;
+                }
+                crc.update(&b);
+                let data = Arc::new(b);
+                let piece = Piece {
+                    seq,
+                    data: data.clone(),
+                    prev: prev.replace(data),
+                };
+                seq += 1;
+                job_tx.send(piece).is_ok()
+            });
+            drop(job_tx);
+            r.map(|(d, n)| (d, n, crc.sum()))
+        });
+        for _ in 0..threads {
+            let done_tx = done_tx.clone();
+            let job_rx = job_rx.clone();
+            let back_tx = back_tx.clone();
+            s.spawn(move || {
+                loop {
+                    let job = lock(&job_rx);
+                    let Ok(p) = job else { return };
+                    let dict: &[u8] = match &p.prev {
+                        Some(v) => &v[v.len().saturating_sub(DEFLATE_WINDOW)..],
+                        None => &[],
+                    };
+                    let cacheable = p.data.len() == BLOCK
+                        && dict.len() == DEFLATE_WINDOW
+                        && all_zero(dict)
+                        && all_zero(&p.data);
+                    let r = if cacheable {
+                        match zeros.get() {
+                            Some(c) => Ok(c.clone()),
+                            None => deflate_piece(&p.data, dict).inspect(|c| {
+                                let _ = zeros.set(c.clone());
+                            }),
+                        }
+                    } else {
+                        deflate_piece(&p.data, dict)
+                    };
+                    if done_tx.send((p.seq, r)).is_err() {
+                        return;
+                    }
+                    // The piece before is no longer needed once this one is deflated (and
+                    // its own thread let go of it): its buffer goes back to the reader.
+                    if let Some(v) = p.prev.and_then(|a| Arc::try_unwrap(a).ok()) {
+                        let _ = back_tx.send(v);
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        drop(job_rx);
+        drop(back_tx);
+        // Moved in (with the channel ends) so that they are dropped when writing stops:
+        // the reader and the deflate threads then see it and end.
+        let w: &mut W = &mut *out;
+        let written = (move || -> io::Result<()> {
+            let out = w;
+            // ID1 ID2 CM=8 FLG=0 MTIME=0 XFL=0 (level 6) OS=255.
+            out.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255])?;
+            let mut next = 0u64;
+            let mut waiting = BTreeMap::new();
+            for (seq, r) in done_rx.iter() {
+                waiting.insert(seq, r?);
+                while let Some(b) = waiting.remove(&next) {
+                    out.write_all(&b)?;
+                    next += 1;
+                    let _ = slot_tx.send(());
+                }
+            }
+            Ok(())
+        })();
+        let (diff, tar_size, crc) = joined(reader.join())?;
+        written.map_err(|e| Error::io("cannot write the layer", e))?;
+        // An empty final block (fixed Huffman, end of block), then CRC-32 and ISIZE.
+        let mut trailer = vec![0x03, 0x00];
+        trailer.extend_from_slice(&crc.to_le_bytes());
+        trailer.extend_from_slice(&(tar_size as u32).to_le_bytes());
+        out.write_all(&trailer)
+            .map_err(|e| Error::io("cannot write the layer", e))?;
+        Ok((diff, tar_size))
     })
 }
 
@@ -1362,6 +1543,48 @@ mod tests {
         }
         assert!(tar_header(&"x".repeat(101), EntryKind::File, 0o644, 0, 0, 0).is_err());
         assert!(tar_header("x", EntryKind::File, 0o644, 0, 0, MAX_OCTAL_11 + 1).is_err());
+    }
+
+    /// The parallel gzip's bytes do not depend on the thread count or on what a thread
+    /// deflated before; zero runs (the cached piece) decode too.
+    #[test]
+    fn gzip_is_independent_of_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("d.raw");
+        let mut data = vec![0u8; 9 * BLOCK + 12345];
+        let mut x = 1u32;
+        for (i, b) in data.iter_mut().enumerate() {
+            // Text-like, random-like and zero stretches.
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            *b = match (i / BLOCK) % 3 {
+                0 => b"the quick brown fox "[i % 20],
+                1 => (x >> 16) as u8 & 0x3f,
+                _ => 0,
+            };
+        }
+        std::fs::write(&disk, &data).unwrap();
+        let src = prepare_disk(&disk, &BuildOptions::default(), dir.path()).unwrap();
+        let mut outs = Vec::new();
+        for threads in [1, 3, 2, 5] {
+            let mut out = Vec::new();
+            let r = gzip_parallel(&src, "disk.img", 0, None, threads, &mut out).unwrap();
+            outs.push((out, r));
+        }
+        for o in &outs[1..] {
+            assert!(o.0 == outs[0].0, "output differs with the thread count");
+            assert_eq!(o.1, outs[0].1);
+        }
+        let mut tarb = Vec::new();
+        flate2::read::GzDecoder::new(&outs[0].0[..])
+            .read_to_end(&mut tarb)
+            .unwrap();
+        assert_eq!(tarb.len() as u64, outs[0].1.1);
+        assert_eq!(&tarb[1024..1024 + data.len()], &data[..]);
+        // The same piece after other work, and fresh: the same bytes.
+        let a = deflate_piece(&data[BLOCK..2 * BLOCK], &data[BLOCK - 32768..BLOCK]).unwrap();
+        deflate_piece(&data[..BLOCK], &[]).unwrap();
+        let b = deflate_piece(&data[BLOCK..2 * BLOCK], &data[BLOCK - 32768..BLOCK]).unwrap();
+        assert_eq!(a, b);
     }
 
     /// A whole layer read back with the crate's bounded tar reader and gzip/zstd decoders.

@@ -717,19 +717,17 @@ fn big_sparse_disk_with_bounded_memory() {
     let t0 = Instant::now();
     let (kb, o) = peak_rss(&[
         "containerdisk",
-        "--compression",
-        "zstd",
         &big.display().to_string(),
         &format!("oci-archive:{}", archive.display()),
     ]);
     let secs = t0.elapsed().as_secs_f64();
     eprintln!(
-        "10 GiB sparse raw -> zstd containerDisk: {secs:.1} s ({:.0} MiB/s), peak RSS {kb} KiB\n{}",
+        "10 GiB sparse raw -> gzip containerDisk: {secs:.1} s ({:.0} MiB/s), peak RSS {kb} KiB\n{}",
         10240.0 / secs,
         stdout(&o)
     );
     assert!(kb < 64 * 1024, "peak RSS {kb} KiB");
-    // GNU tar (through zstd) lists the disk with its full size, owner and mode.
+    // GNU tar (through gzip) lists the disk with its full size, owner and mode.
     let d = w.path("big-dir");
     skopeo(&[
         "copy",
@@ -738,9 +736,9 @@ fn big_sparse_disk_with_bounded_memory() {
         &format!("dir:{}", d.display()),
     ]);
     let (blob, kind) = layer_blob(&d);
-    assert_eq!(kind, "zstd");
+    assert_eq!(kind, "gzip");
     let o = run_ok(Command::new("sh").arg("-c").arg(format!(
-        "zstd -dc '{}' | tar --numeric-owner -tvf -",
+        "gzip -dc '{}' | tar --numeric-owner -tvf -",
         blob.display()
     )));
     let listing = stdout(&o);
