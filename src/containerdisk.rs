@@ -216,7 +216,8 @@ pub struct BuildOptions {
     pub variant: Option<String>,
     /// The config's `Labels`.
     pub labels: BTreeMap<String, String>,
-    /// The config's `Env`, `NAME=VALUE` strings (written sorted).
+    /// The config's `Env`, `NAME=VALUE` strings (written sorted by name; of several entries
+    /// for one name the last counts).
     pub env: Vec<String>,
     /// Time stamp of the tar entries and the config's `created` (seconds since 1970):
     /// `SOURCE_DATE_EPOCH` (see [`source_date_epoch`]). `None`: mtime 0 and no `created`.
@@ -1038,9 +1039,14 @@ fn rfc3339(secs: u64) -> String {
 fn config_json(o: &BuildOptions, diff_id: &str) -> Result<Vec<u8>> {
     let mut inner = serde_json::Map::new();
     if !o.env.is_empty() {
-        let mut env = o.env.clone();
-        env.sort();
-        env.dedup();
+        // One entry per name, the last given winning (as repeated ENV lines do), sorted.
+        let mut by_name = BTreeMap::new();
+        for e in &o.env {
+            if let Some((k, _)) = e.split_once('=') {
+                by_name.insert(k, e.as_str());
+            }
+        }
+        let env: Vec<&str> = by_name.into_values().collect();
         inner.insert("Env".into(), json!(env));
     }
     if !o.labels.is_empty() {
@@ -1463,6 +1469,30 @@ mod tests {
             let e = Destination::parse(bad).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{bad}");
         }
+    }
+
+    #[test]
+    fn config_is_compact_sorted_json() {
+        let o = BuildOptions {
+            architecture: "arm64".into(),
+            variant: Some("v8".into()),
+            env: vec!["B=1".into(), "A=x=y".into(), "B=2".into()],
+            labels: [
+                ("z".to_string(), "1".to_string()),
+                ("a".to_string(), "2".to_string()),
+            ]
+            .into_iter()
+            .collect(),
+            source_date_epoch: Some(86_400),
+            ..BuildOptions::default()
+        };
+        let c = config_json(&o, "sha256:00").unwrap();
+        assert_eq!(
+            String::from_utf8(c).unwrap(),
+            r#"{"architecture":"arm64","config":{"Env":["A=x=y","B=2"],"Labels":{"a":"2","z":"1"}},"created":"1970-01-02T00:00:00Z","os":"linux","rootfs":{"diff_ids":["sha256:00"],"type":"layers"},"variant":"v8"}"#
+        );
+        let plain = config_json(&BuildOptions::default(), "sha256:00").unwrap();
+        assert!(!String::from_utf8(plain).unwrap().contains("created"));
     }
 
     #[test]

@@ -1268,7 +1268,8 @@ impl Pusher {
             &[("Content-Type", "application/octet-stream")],
             Some(body),
         )?;
-        if r.status != 201 {
+        // 201 Created per the spec; some registries answer 204 or 200.
+        if !(200..300).contains(&r.status) {
             return Err(self.fail(&format!("cannot upload blob {d}"), r));
         }
         self.check_digest(&r, &d, "blob")?;
@@ -1291,7 +1292,7 @@ impl Pusher {
             &[("Content-Type", media_type)],
             Some(&Body::Bytes(bytes)),
         )?;
-        if r.status != 201 {
+        if !(200..300).contains(&r.status) {
             return Err(self.fail(&format!("cannot put manifest {reference}"), r));
         }
         self.check_digest(&r, &d, "manifest")
