@@ -13,8 +13,7 @@
 //!
 //! `ops` holds convert (with its options builder), create, resize, check, compare and
 //! snapshots; `import` the streaming import from a file descriptor; `containerdisk` the
-//! containerDisk builder (feature `net`). This module calls only
-//! the crate's public Rust API.
+//! containerDisk builder (feature `net`). This module calls only the crate's public Rust API.
 
 #![allow(non_camel_case_types, clippy::not_unsafe_ptr_arg_deref)]
 
