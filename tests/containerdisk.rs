@@ -512,6 +512,17 @@ fn pushes_to_plain_tls_and_token_registries() {
         ],
         "requires credentials",
     );
+    // The library reports it as Denied (the C API's VDISK_STATUS_DENIED).
+    let mut o = vdisk::containerdisk::BuildOptions::default();
+    o.registry.ca_pem = vec![std::fs::read(&ca).unwrap()];
+    o.registry.credentials = Some(("user".into(), "wrong".into()));
+    let dest = vdisk::containerdisk::Destination::parse(&format!(
+        "docker://{}/cd/denied:v1",
+        var("REGISTRY_AUTH")
+    ))
+    .unwrap();
+    let e = vdisk::containerdisk::build(&w.path("disk.qcow2"), &dest, &o).unwrap_err();
+    assert_eq!(e.kind(), vdisk::ErrorKind::Denied, "{e}");
     // Without the CA the certificate is not trusted.
     build_fails(
         &[&qcow2, &format!("docker://{auth}")],
