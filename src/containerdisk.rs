@@ -923,20 +923,19 @@ fn gzip_parallel<W: Write>(
     let (job_tx, job_rx) = mpsc::sync_channel::<Piece>(threads);
     // Owned by the deflate threads: when they have all ended, the reader's sends fail.
     let job_rx = Arc::new(Mutex::new(job_rx));
-    let (done_tx, done_rx) = mpsc::sync_channel::<(u64, io::Result<Vec<u8>>)>(window);
+    type Deflated = (u64, io::Result<(Vec<u8>, flate2::Crc)>);
+    let (done_tx, done_rx) = mpsc::sync_channel::<Deflated>(window);
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
     let zeros: OnceLock<Vec<u8>> = OnceLock::new();
     std::thread::scope(|s| {
         let zeros = &zeros;
         let reader = s.spawn(move || {
-            let mut crc = flate2::Crc::new();
             let mut seq = 0u64;
             let mut prev: Option<Arc<Vec<u8>>> = None;
             let r = produce_tar(src, name, mtime, cancel, &back_rx, &mut |b| {
                 if slot_rx.recv().is_err() {
                     return false;
                 }
-                crc.update(&b);
                 let data = Arc::new(b);
                 let piece = Piece {
                     seq,
@@ -947,7 +946,7 @@ fn gzip_parallel<W: Write>(
                 job_tx.send(piece).is_ok()
             });
             drop(job_tx);
-            r.map(|(d, n)| (d, n, crc.sum()))
+            r
         });
         for _ in 0..threads {
             let done_tx = done_tx.clone();
@@ -975,7 +974,10 @@ fn gzip_parallel<W: Write>(
                     } else {
                         deflate_piece(&p.data, dict)
                     };
-                    if done_tx.send((p.seq, r)).is_err() {
+                    // The CRC-32 of each piece here, combined in order by the writer.
+                    let mut crc = flate2::Crc::new();
+                    crc.update(&p.data);
+                    if done_tx.send((p.seq, r.map(|b| (b, crc)))).is_err() {
                         return;
                     }
                     // The piece before is no longer needed once this one is deflated (and
@@ -992,24 +994,28 @@ fn gzip_parallel<W: Write>(
         // Moved in (with the channel ends) so that they are dropped when writing stops:
         // the reader and the deflate threads then see it and end.
         let w: &mut W = &mut *out;
-        let written = (move || -> io::Result<()> {
+        let written = (move || -> io::Result<flate2::Crc> {
             let out = w;
+            let mut crc = flate2::Crc::new();
             // ID1 ID2 CM=8 FLG=0 MTIME=0 XFL=0 (level 6) OS=255.
             out.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255])?;
             let mut next = 0u64;
             let mut waiting = BTreeMap::new();
             for (seq, r) in done_rx.iter() {
                 waiting.insert(seq, r?);
-                while let Some(b) = waiting.remove(&next) {
+                while let Some((b, c)) = waiting.remove(&next) {
                     out.write_all(&b)?;
+                    crc.combine(&c);
                     next += 1;
                     let _ = slot_tx.send(());
                 }
             }
-            Ok(())
+            Ok(crc)
         })();
-        let (diff, tar_size, crc) = joined(reader.join())?;
-        written.map_err(|e| Error::io("cannot write the layer", e))?;
+        let (diff, tar_size) = joined(reader.join())?;
+        let crc = written
+            .map_err(|e| Error::io("cannot write the layer", e))?
+            .sum();
         // An empty final block (fixed Huffman, end of block), then CRC-32 and ISIZE.
         let mut trailer = vec![0x03, 0x00];
         trailer.extend_from_slice(&crc.to_le_bytes());
