@@ -227,9 +227,53 @@ typedef enum vdisk_snapshot_op {
 } vdisk_snapshot_op;
 
 /*
+ How the layer of `vdisk_containerdisk_build` is compressed.
+ */
+typedef enum vdisk_layer_compression {
+  /*
+   gzip, level 6 (every reader).
+   */
+  VDISK_LAYER_COMPRESSION_GZIP = 0,
+  /*
+   zstd, level 3.
+   */
+  VDISK_LAYER_COMPRESSION_ZSTD = 1,
+} vdisk_layer_compression;
+
+/*
+ What `vdisk_containerdisk_build` does to the disk on the way.
+ */
+typedef enum vdisk_disk_conversion {
+  /*
+   Ship it as it is (raw or qcow2 without backing or data file; others are refused).
+   */
+  VDISK_DISK_CONVERSION_NONE = 0,
+  /*
+   Convert to raw.
+   */
+  VDISK_DISK_CONVERSION_RAW = 1,
+  /*
+   Convert to qcow2 (flattening any backing chain).
+   */
+  VDISK_DISK_CONVERSION_QCOW2 = 2,
+  /*
+   Convert to qcow2 with compressed clusters.
+   */
+  VDISK_DISK_CONVERSION_QCOW2_COMPRESSED = 3,
+} vdisk_disk_conversion;
+
+/*
  A cancellation flag that may be set from any thread while an operation runs.
  */
 typedef struct vdisk_cancel vdisk_cancel;
+
+/*
+ How `vdisk_containerdisk_build` works. Made by `vdisk_containerdisk_options_new` with the
+ defaults: the disk as it is, named `disk.img`, a gzip layer, this host's architecture, no
+ labels or environment, time stamps 0, TLS verified against the system's CA certificates.
+ Not safe to change from several threads at once.
+ */
+typedef struct vdisk_containerdisk_options vdisk_containerdisk_options;
 
 /*
  How `vdisk_convert` works. Made by `vdisk_convert_options_new` with qemu-img's
@@ -304,6 +348,40 @@ typedef struct vdisk_extent {
  to continue, anything else to stop (the walk then returns `VDISK_STATUS_CANCELLED`).
  */
 typedef int32_t (*vdisk_extent_fn)(void *user_data, const struct vdisk_extent *extent);
+
+/*
+ What `vdisk_containerdisk_build` made. Digests are `sha256:<hex>`, NUL-terminated.
+ */
+typedef struct vdisk_containerdisk_report {
+  /*
+   Digest of the image manifest (the image's identity).
+   */
+  char manifest_digest[72];
+  /*
+   Digest of the image config.
+   */
+  char config_digest[72];
+  /*
+   Digest of the compressed layer.
+   */
+  char layer_digest[72];
+  /*
+   Digest of the uncompressed layer tar (the config's diff_id).
+   */
+  char diff_id[72];
+  /*
+   Size of the compressed layer in bytes.
+   */
+  uint64_t layer_size;
+  /*
+   Size of the disk file in the layer.
+   */
+  uint64_t disk_size;
+  /*
+   Blobs sent to a registry (the others were there already).
+   */
+  uint32_t blobs_uploaded;
+} vdisk_containerdisk_report;
 
 /*
  Progress callback: `user_data` first, then bytes done and total. Return 0 to continue,
@@ -639,6 +717,130 @@ void vdisk_cancel_request(const struct vdisk_cancel *c);
  `c` is NULL or a token from `vdisk_cancel_new` not yet freed.
  */
 void vdisk_cancel_free(struct vdisk_cancel *c);
+
+/*
+ New containerDisk options with the defaults; free with `vdisk_containerdisk_options_free`.
+ */
+struct vdisk_containerdisk_options *vdisk_containerdisk_options_new(void);
+
+/*
+ Free containerDisk options. NULL is a no-op.
+
+ # Safety
+ `o` is NULL or options from `vdisk_containerdisk_options_new` not yet freed.
+ */
+void vdisk_containerdisk_options_free(struct vdisk_containerdisk_options *o);
+
+/*
+ Set the layer compression (a `vdisk_layer_compression` value).
+
+ # Safety
+ `o` is NULL or live options.
+ */
+enum vdisk_status vdisk_containerdisk_options_set_compression(struct vdisk_containerdisk_options *o,
+                                                              uint32_t compression);
+
+/*
+ Set the conversion on the way (a `vdisk_disk_conversion` value).
+
+ # Safety
+ `o` is NULL or live options.
+ */
+enum vdisk_status vdisk_containerdisk_options_set_conversion(struct vdisk_containerdisk_options *o,
+                                                             uint32_t conversion);
+
+/*
+ Set the image architecture, GOARCH spelling (`amd64`, `arm64`, ...; checked by the build).
+
+ # Safety
+ `o` is NULL or live options; `arch` is a NUL-terminated string.
+ */
+enum vdisk_status vdisk_containerdisk_options_set_architecture(struct vdisk_containerdisk_options *o,
+                                                               const char *arch);
+
+/*
+ Set the disk's file name under `disk/` (default `disk.img`; checked by the build).
+
+ # Safety
+ `o` is NULL or live options; `name` is a NUL-terminated string.
+ */
+enum vdisk_status vdisk_containerdisk_options_set_disk_name(struct vdisk_containerdisk_options *o,
+                                                            const char *name);
+
+/*
+ Add (or replace) the config label `key` with `value`.
+
+ # Safety
+ `o` is NULL or live options; `key` and `value` are NUL-terminated strings.
+ */
+enum vdisk_status vdisk_containerdisk_options_add_label(struct vdisk_containerdisk_options *o,
+                                                        const char *key,
+                                                        const char *value);
+
+/*
+ Add a config environment entry `NAME=VALUE`.
+
+ # Safety
+ `o` is NULL or live options; `entry` is a NUL-terminated string.
+ */
+enum vdisk_status vdisk_containerdisk_options_add_env(struct vdisk_containerdisk_options *o,
+                                                      const char *entry);
+
+/*
+ Set the time stamp of the layer's entries and the config's `created` (seconds since
+ 1970; what `SOURCE_DATE_EPOCH` gives the command line). Default: 0 and no `created`.
+
+ # Safety
+ `o` is NULL or live options.
+ */
+enum vdisk_status vdisk_containerdisk_options_set_source_date_epoch(struct vdisk_containerdisk_options *o,
+                                                                    uint64_t seconds);
+
+/*
+ Registry credentials for `docker://` destinations (Basic auth or the token service).
+
+ # Safety
+ `o` is NULL or live options; `user` and `password` are NUL-terminated strings.
+ */
+enum vdisk_status vdisk_containerdisk_options_set_credentials(struct vdisk_containerdisk_options *o,
+                                                              const char *user,
+                                                              const char *password);
+
+/*
+ Non-zero: skip TLS verification of the registry and fall back to plain http when https
+ fails (CDI's `insecureRegistries`).
+
+ # Safety
+ `o` is NULL or live options.
+ */
+enum vdisk_status vdisk_containerdisk_options_set_insecure(struct vdisk_containerdisk_options *o,
+                                                           int32_t insecure);
+
+/*
+ Trust the CA certificates in `pem` (PEM text) for the registry, besides the system's.
+
+ # Safety
+ `o` is NULL or live options; `pem` is a NUL-terminated string.
+ */
+enum vdisk_status vdisk_containerdisk_options_add_ca_pem(struct vdisk_containerdisk_options *o,
+                                                         const char *pem);
+
+/*
+ Build a KubeVirt containerDisk of the disk image at `disk` (the disk under `disk/`, owned
+ by 107:107, one layer, `FROM scratch`) and write it to `dest`: `oci-archive:PATH[:TAG]`,
+ `oci:DIR[:TAG]` or `docker://REF` (pushed). `opts` NULL uses the defaults; `report` may
+ be NULL. Memory stays bounded whatever the disk size; on failure no file is left at an
+ archive's name and a layout's `index.json` is unchanged.
+
+ # Safety
+ `disk` and `dest` are NUL-terminated strings; `opts` is NULL or live options; `report`
+ is NULL or writable; `err` is NULL or writable.
+ */
+enum vdisk_status vdisk_containerdisk_build(const char *disk,
+                                            const char *dest,
+                                            const struct vdisk_containerdisk_options *opts,
+                                            struct vdisk_containerdisk_report *report,
+                                            struct vdisk_error **err);
 
 /*
  New import options with the defaults; free with `vdisk_import_options_free`.

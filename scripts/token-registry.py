@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Docker token-auth front for a plain test registry (stdlib only; pulls only).
+"""Docker token-auth front for a plain test registry (stdlib only; pulls and pushes).
 
 Usage: token-registry.py --port P --upstream HOST:PORT [--user user --password pass]
                          [--addr 127.0.0.1] [--pid-file F]
@@ -8,8 +8,12 @@ Usage: token-registry.py --port P --upstream HOST:PORT [--user user --password p
   `WWW-Authenticate: Bearer realm="http://ADDR:P/token",service="test-registry"[,scope=...]`.
 - GET /token?service=..&scope=.. with the right Basic credentials:
   {"token": T, "access_token": T, "expires_in": 300, "issued_at": ...}; else 401.
+  The token grants the actions its scopes name.
 - /v2/... with a valid token: forwarded to the upstream registry; status, headers and
   a streamed body are passed through (Host is kept, so Location points back here).
+  POST/PUT/PATCH/DELETE need a token whose scope has `push` for that repository (else 401
+  with `error="insufficient_scope"` and the `pull,push` scope); request bodies
+  (Content-Length) are streamed upstream.
 """
 import argparse
 import base64
@@ -26,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 SERVICE = "test-registry"
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
               "proxy-authorization", "proxy-authenticate"}
-tokens = set()
+tokens = {}  # token -> {repository: set of actions}
 tokens_lock = threading.Lock()
 
 
@@ -52,6 +56,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_HEAD(self):
         self.route()
 
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
     def route(self):
         try:
             url = urllib.parse.urlsplit(self.path)
@@ -70,9 +76,15 @@ class Handler(BaseHTTPRequestHandler):
             body = b'{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}'
             return self.reply(401, body, [("Content-Type", "application/json"),
                                           ("WWW-Authenticate", 'Basic realm="token"')])
+        grants = {}
+        for scope in urllib.parse.parse_qs(url.query).get("scope", []):
+            for one in scope.split(" "):
+                parts = one.split(":")
+                if len(parts) >= 3 and parts[0] == "repository":
+                    grants.setdefault(":".join(parts[1:-1]), set()).update(parts[-1].split(","))
         tok = secrets.token_urlsafe(24)
         with tokens_lock:
-            tokens.add(tok)
+            tokens[tok] = grants
         issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         body = json.dumps({"token": tok, "access_token": tok, "expires_in": 300,
                            "issued_at": issued}).encode()
@@ -81,14 +93,22 @@ class Handler(BaseHTTPRequestHandler):
     def v2(self, url):
         auth = self.headers.get("Authorization", "")
         tok = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+        m = re.match(r"^/v2/(.+?)/(manifests|blobs|tags)/", url.path)
+        push = self.command not in ("GET", "HEAD")
         with tokens_lock:
-            ok = tok in tokens
+            grants = tokens.get(tok)
+        ok = grants is not None
+        if ok and m:
+            want = "push" if push else "pull"
+            ok = want in grants.get(m.group(1), set())
         if not ok:
             host = f"{self.server.server_address[0]}:{self.server.server_address[1]}"
             chal = f'Bearer realm="http://{host}/token",service="{SERVICE}"'
-            m = re.match(r"^/v2/(.+?)/(manifests|blobs|tags)/", url.path)
             if m:
-                chal += f',scope="repository:{m.group(1)}:pull"'
+                actions = "pull,push" if push else "pull"
+                chal += f',scope="repository:{m.group(1)}:{actions}"'
+            if grants is not None:
+                chal += ',error="insufficient_scope"'
             body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
             return self.reply(401, body, [("Content-Type", "application/json"),
                                           ("WWW-Authenticate", chal)])
@@ -101,7 +121,17 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in self.headers.items():
             if k.lower() not in HOP_BY_HOP and k.lower() != "authorization":
                 up.putheader(k, v)
+        length = int(self.headers.get("Content-Length") or 0)
+        if self.headers.get("Transfer-Encoding"):
+            up.close()
+            return self.reply(411, b"chunked request bodies are not supported here")
         up.endheaders()
+        while length > 0:
+            buf = self.rfile.read(min(length, 64 * 1024))
+            if not buf:
+                break
+            up.send(buf)
+            length -= len(buf)
         resp = up.getresponse()
         self.send_response(resp.status)
         length = resp.getheader("Content-Length")

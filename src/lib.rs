@@ -15,6 +15,8 @@
 //! - [`convert::convert_to_raw_path`]: sparse, parallel conversion to a raw file or device.
 //! - [`io::BlockIo`]: positional I/O over files, block devices and memory.
 //! - [`Error`] with its stable [`ErrorKind`].
+//! - `containerdisk::build` (feature `net`): a KubeVirt containerDisk (OCI image) of a disk,
+//!   to an OCI archive or layout or pushed to a registry.
 //!
 //! ```no_run
 //! use vdisk::{Image, OpenOptions, convert::{ConvertOptions, convert_to_raw_path}};
@@ -30,6 +32,8 @@ pub mod budget;
 pub mod cdi;
 pub mod civil;
 pub mod compare;
+#[cfg(feature = "net")]
+pub mod containerdisk;
 pub mod convert;
 pub mod create;
 pub mod detect;

@@ -12,8 +12,8 @@
 //!   freed exactly once with its `_free` function (NULL is a no-op).
 //!
 //! `ops` holds convert (with its options builder), create, resize, check, compare and
-//! snapshots; `import` the streaming import from a file descriptor. This module calls only
-//! the crate's public Rust API.
+//! snapshots; `import` the streaming import from a file descriptor; `containerdisk` the
+//! containerDisk builder (feature `net`). This module calls only the crate's public Rust API.
 
 #![allow(non_camel_case_types, clippy::not_unsafe_ptr_arg_deref)]
 
@@ -24,9 +24,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 
+#[cfg(feature = "net")]
+mod containerdisk;
 mod import;
 mod ops;
 
+#[cfg(feature = "net")]
+pub use containerdisk::*;
 pub use import::*;
 pub use ops::*;
 

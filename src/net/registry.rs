@@ -783,6 +783,17 @@ struct RegistryConn {
     repo: String,
     creds: Option<(String, String)>,
     auth: Mutex<AuthState>,
+    /// The actions a token is asked for: `pull`, or `pull,push` for [`Pusher`].
+    actions: &'static str,
+}
+
+/// A request body that can be sent again (after a 401 renewed the token): bytes in memory or
+/// the first `len` bytes of a file, read by position.
+pub(crate) enum Body<'a> {
+    /// Bytes in memory.
+    Bytes(&'a [u8]),
+    /// The first `len` bytes of a file (its position is not used).
+    File(&'a File, u64),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -791,6 +802,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl RegistryConn {
     fn connect(r: &ImageRef, opts: &RegistryOptions) -> Result<RegistryConn> {
+        RegistryConn::connect_for(r, opts, "pull")
+    }
+
+    /// Connect (ping, with the insecure plain-HTTP fallback); tokens will be asked for
+    /// `actions` on the repository.
+    fn connect_for(
+        r: &ImageRef,
+        opts: &RegistryOptions,
+        actions: &'static str,
+    ) -> Result<RegistryConn> {
         let client = Client::new(ClientConfig {
             user_agent: opts.user_agent.clone(),
             insecure: opts.insecure,
@@ -840,21 +861,55 @@ impl RegistryConn {
                 header: None,
                 ping: challenges,
             }),
+            actions,
         })
     }
 
     /// GET `url` with `extra` headers and the cached authorization; on 401 authenticate with
     /// the challenge and retry once; on 429 wait (bounded) and retry.
     fn get(&self, url: &str, extra: &[(&str, &str)]) -> Result<Response> {
+        self.request("GET", url, extra, None)
+    }
+
+    /// [`RegistryConn::get`] for any method, with an optional body that is sent again on
+    /// the retries. The authorization goes only to the registry's own host and port (an
+    /// upload `Location` elsewhere gets none).
+    fn request(
+        &self,
+        method: &str,
+        url: &str,
+        extra: &[(&str, &str)],
+        body: Option<&Body>,
+    ) -> Result<Response> {
+        let own_host = Url::parse(url)?.authority() == Url::parse(&self.base)?.authority();
         let mut reauthed = false;
         let mut throttled = 0;
         loop {
-            let auth = lock(&self.auth).header.clone();
+            let auth = lock(&self.auth).header.clone().filter(|_| own_host);
             let mut hs = extra.to_vec();
             if let Some(a) = &auth {
                 hs.push(("Authorization", a.as_str()));
             }
-            let r = self.client.send("GET", url, &hs)?;
+            let r = match body {
+                None => self.client.send(method, url, &hs)?,
+                Some(Body::Bytes(b)) => {
+                    let mut rd: &[u8] = b;
+                    self.client
+                        .send_body(method, url, &hs, &mut rd, Some(b.len() as u64))?
+                }
+                Some(Body::File(f, len)) => {
+                    let mut rd = FileCursor {
+                        file: Arc::new(
+                            (*f).try_clone()
+                                .map_err(|e| Error::io("cannot reopen the file to send", e))?,
+                        ),
+                        pos: 0,
+                        end: *len,
+                    };
+                    self.client
+                        .send_body(method, url, &hs, &mut rd, Some(*len))?
+                }
+            };
             match r.status {
                 401 if !reauthed => {
                     let ch: Vec<Challenge> = r
@@ -922,7 +977,7 @@ impl RegistryConn {
         Ok(())
     }
 
-    /// Get a pull token from the Bearer challenge's realm.
+    /// Get a token for `self.actions` (pull, or pull and push) from the Bearer challenge's realm.
     fn token(&self, c: &Challenge) -> Result<String> {
         let realm = c.params.get("realm").ok_or_else(|| {
             Error::new(
@@ -935,7 +990,7 @@ impl RegistryConn {
         })?;
         let realm_url = Url::parse(realm)
             .map_err(|e| Error::new(ErrorKind::Denied, format!("bad token realm: {e}")))?;
-        let mut scopes = vec![format!("repository:{}:pull", self.repo)];
+        let mut scopes = vec![format!("repository:{}:{}", self.repo, self.actions)];
         if let Some(s) = c.params.get("scope") {
             for s in s.split(' ').filter(|s| !s.is_empty()) {
                 if !scopes.iter().any(|x| x == s) {
@@ -1116,6 +1171,145 @@ impl RegistryConn {
             declared,
             digest,
         })
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Pushing
+
+/// Pushes blobs and an image manifest to one repository, through the same connection, auth
+/// (tokens for `pull,push`, Basic) and TLS rules as pulls: blobs by a monolithic upload
+/// (`POST …/blobs/uploads/`, then `PUT <Location>?digest=` with the whole body), skipped when
+/// a `HEAD` finds them; the manifest by `PUT …/manifests/<tag or digest>`.
+pub(crate) struct Pusher {
+    conn: RegistryConn,
+}
+
+impl Pusher {
+    /// Connect to the registry of `r` for pushing to its repository. Fails early on an
+    /// unreachable registry and on refused credentials: the API root is fetched with the
+    /// authorization a push will use (a token for `pull,push`, or Basic), which depends
+    /// neither on the repository existing nor on permission to list it.
+    pub(crate) fn connect(r: &ImageRef, opts: &RegistryOptions) -> Result<Pusher> {
+        let conn = RegistryConn::connect_for(r, opts, "pull,push")?;
+        let probe = conn.get(&format!("{}/v2/", conn.base), &[])?;
+        if probe.status != 200 {
+            return Err(Error::new(
+                ErrorKind::Network,
+                format!(
+                    "registry {} answered its API root: {}",
+                    conn.host,
+                    error_message(probe)
+                ),
+            ));
+        }
+        Ok(Pusher { conn })
+    }
+
+    /// `host/repository`, for messages.
+    pub(crate) fn name(&self) -> String {
+        format!("{}/{}", self.conn.host, self.conn.repo)
+    }
+
+    fn fail(&self, what: &str, r: Response) -> Error {
+        let kind = match r.status {
+            401 | 403 => ErrorKind::Denied,
+            _ => ErrorKind::Network,
+        };
+        Error::new(
+            kind,
+            format!("{what} at {}: {}", self.name(), error_message(r)),
+        )
+    }
+
+    /// Whether the repository already holds the blob `digest` (`HEAD`).
+    pub(crate) fn has_blob(&self, digest: &str) -> Result<bool> {
+        let d = Digest::parse(digest)?;
+        let r = self
+            .conn
+            .request("HEAD", &self.conn.blob_url(&d), &[], None)?;
+        match r.status {
+            200 => Ok(true),
+            404 => Ok(false),
+            _ => Err(self.fail(&format!("cannot check for blob {d}"), r)),
+        }
+    }
+
+    /// Upload the blob `digest` of `size` bytes from `body` unless the repository has it;
+    /// returns whether it was sent.
+    pub(crate) fn push_blob(&self, digest: &str, body: &Body) -> Result<bool> {
+        if self.has_blob(digest)? {
+            return Ok(false);
+        }
+        let d = Digest::parse(digest)?;
+        let start = format!("{}/v2/{}/blobs/uploads/", self.conn.base, self.conn.repo);
+        let r = self
+            .conn
+            .request("POST", &start, &[], Some(&Body::Bytes(&[])))?;
+        if r.status != 202 {
+            return Err(self.fail(&format!("cannot start the upload of blob {d}"), r));
+        }
+        let loc = r.header("location").ok_or_else(|| {
+            Error::new(
+                ErrorKind::Network,
+                format!(
+                    "registry {} started an upload without a Location",
+                    self.conn.host
+                ),
+            )
+        })?;
+        let mut url = Url::parse(&self.conn.base)?.join(loc)?.to_string();
+        url.push(if url.contains('?') { '&' } else { '?' });
+        url.push_str("digest=");
+        url.push_str(&query_escape(&d.to_string()));
+        let r = self.conn.request(
+            "PUT",
+            &url,
+            &[("Content-Type", "application/octet-stream")],
+            Some(body),
+        )?;
+        // 201 Created per the spec; some registries answer 204 or 200.
+        if !(200..300).contains(&r.status) {
+            return Err(self.fail(&format!("cannot upload blob {d}"), r));
+        }
+        self.check_digest(&r, &d, "blob")?;
+        Ok(true)
+    }
+
+    /// `PUT` the manifest `bytes` (of media type `media_type`, digest `digest`) under
+    /// `reference`, a tag or that digest.
+    pub(crate) fn put_manifest(
+        &self,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+        digest: &str,
+    ) -> Result<()> {
+        let d = Digest::parse(digest)?;
+        let r = self.conn.request(
+            "PUT",
+            &self.conn.manifest_url(reference),
+            &[("Content-Type", media_type)],
+            Some(&Body::Bytes(bytes)),
+        )?;
+        if !(200..300).contains(&r.status) {
+            return Err(self.fail(&format!("cannot put manifest {reference}"), r));
+        }
+        self.check_digest(&r, &d, "manifest")
+    }
+
+    /// A `Docker-Content-Digest` in an answer must be the digest sent.
+    fn check_digest(&self, r: &Response, d: &Digest, what: &str) -> Result<()> {
+        match r.header("docker-content-digest").map(str::trim) {
+            Some(h) if h != d.to_string() => Err(Error::new(
+                ErrorKind::Network,
+                format!(
+                    "registry {} stored the {what} as {h}, not {d}",
+                    self.conn.host
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 

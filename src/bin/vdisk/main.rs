@@ -2,6 +2,8 @@
 //!
 //! Only argument parsing, output and exit codes live here; every operation is one library call.
 
+mod containerdisk;
+
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
@@ -147,6 +149,9 @@ enum Cmd {
     /// Make a cloud-init NoCloud seed disk: an ISO labelled cidata holding user-data,
     /// meta-data and optionally network-config and vendor-data.
     Cidata(CidataArgs),
+    /// Build a KubeVirt containerDisk (an OCI image holding the disk under /disk, owned by
+    /// 107:107) as an OCI archive or layout, or push it to a registry.
+    Containerdisk(containerdisk::ContainerdiskArgs),
     /// Create a new, empty image.
     Create {
         /// Format: raw or qcow2.
@@ -1211,6 +1216,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 }
             }
         }
+        Cmd::Containerdisk(a) => containerdisk::run(a, &mut out)?,
         Cmd::Upload(a) => {
             let read = |p: &PathBuf| {
                 std::fs::read(p).map_err(|e| Error::io("cannot read", e).with_path(p))
