@@ -1,6 +1,25 @@
 //! Calendar dates of Unix times in UTC, for every place that prints one (qemu-img's snapshot
 //! dates, klog lines, AWS signatures, Kubernetes annotations): one conversion, no time-zone
-//! database.
+//! database. Also `SOURCE_DATE_EPOCH`, the fixed date of reproducible outputs (ISO images,
+//! containerDisks), read in one place.
+
+/// `SOURCE_DATE_EPOCH` as Unix seconds when it is set (and not blank); an error names a value
+/// that is not a whole number of seconds.
+pub fn source_date_epoch() -> crate::Result<Option<i64>> {
+    let Some(v) = std::env::var_os("SOURCE_DATE_EPOCH") else {
+        return Ok(None);
+    };
+    let v = v.to_string_lossy();
+    let v = v.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    v.parse::<i64>().map(Some).map_err(|_| {
+        crate::Error::invalid(format!(
+            "SOURCE_DATE_EPOCH '{v}' is not a whole number of seconds since 1970"
+        ))
+    })
+}
 
 /// (year, month 1–12, day 1–31) of the day `days` after 1970-01-01 in the proleptic
 /// Gregorian calendar: counted in 400-year eras of 146 097 days starting on 1 March, so the

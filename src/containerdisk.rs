@@ -289,20 +289,18 @@ pub struct BuildReport {
 /// `SOURCE_DATE_EPOCH` from the environment: `None` when unset or empty, an error when it is
 /// not a number of seconds that fits a tar header (up to 8^11 - 1).
 pub fn source_date_epoch() -> Result<Option<u64>> {
-    let Some(v) = std::env::var_os("SOURCE_DATE_EPOCH") else {
-        return Ok(None);
-    };
-    let v = v.to_string_lossy();
-    let v = v.trim();
-    if v.is_empty() {
-        return Ok(None);
-    }
-    match v.parse::<u64>() {
-        Ok(n) if n <= MAX_OCTAL_11 => Ok(Some(n)),
-        _ => Err(Error::invalid(format!(
-            "SOURCE_DATE_EPOCH '{v}' is not a number of seconds since 1970 (0 to {MAX_OCTAL_11})"
-        ))),
-    }
+    crate::civil::source_date_epoch()?
+        .map(|n| {
+            u64::try_from(n)
+                .ok()
+                .filter(|&n| n <= MAX_OCTAL_11)
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "SOURCE_DATE_EPOCH '{n}' does not fit a tar header (0 to {MAX_OCTAL_11})"
+                    ))
+                })
+        })
+        .transpose()
 }
 
 fn check_options(o: &BuildOptions) -> Result<()> {

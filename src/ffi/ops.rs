@@ -775,7 +775,7 @@ pub unsafe extern "C" fn vdisk_cidata(
                 compress: false,
             },
         };
-        let date = crate::iso::source_date_epoch()?;
+        let date = crate::civil::source_date_epoch()?;
         crate::iso::write_seed(&seed, &dst, &target, date)?;
         Ok(())
     })

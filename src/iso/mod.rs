@@ -10,7 +10,7 @@ pub mod write;
 
 pub use cidata::{Seed, write_seed};
 pub use tree::{Meta, Tree};
-pub use write::{IsoOptions, IsoReport, iso_size, source_date_epoch, write_iso, write_iso_to};
+pub use write::{IsoOptions, IsoReport, iso_size, write_iso, write_iso_to};
 
 use crate::error::{Result, corrupt};
 

@@ -80,7 +80,7 @@ impl IsoOptions {
     /// Defaults with [`IsoOptions::date`] from `SOURCE_DATE_EPOCH` when it is set.
     pub fn from_env() -> Result<IsoOptions> {
         Ok(IsoOptions {
-            date: source_date_epoch()?,
+            date: crate::civil::source_date_epoch()?,
             ..IsoOptions::default()
         })
     }
@@ -130,18 +130,6 @@ impl IsoOptions {
             )));
         }
         Ok(())
-    }
-}
-
-/// `SOURCE_DATE_EPOCH` as Unix seconds, when set.
-pub fn source_date_epoch() -> Result<Option<i64>> {
-    match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(s) if !s.trim().is_empty() => s.trim().parse::<i64>().map(Some).map_err(|_| {
-            Error::invalid(format!(
-                "SOURCE_DATE_EPOCH '{s}' is not a number of seconds"
-            ))
-        }),
-        _ => Ok(None),
     }
 }
 

@@ -1139,7 +1139,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 network_config: a.network_config,
                 vendor_data: a.vendor_data,
             };
-            let date = vdisk::iso::source_date_epoch()?;
+            let date = vdisk::civil::source_date_epoch()?;
             let r = vdisk::iso::write_seed(&seed, &a.output, &target, date)?;
             if !a.quiet {
                 w(
