@@ -432,34 +432,55 @@ enum Rec {
     Child(usize, u32),
 }
 
+/// One of the two directory trees over the same nodes: the ISO 9660 names or the Joliet ones.
+#[derive(Default)]
+struct View {
+    /// Identifier per node (Joliet: UCS-2 BE bytes).
+    id: Vec<Vec<u8>>,
+    /// Children per directory, in record order.
+    kids: Vec<Vec<usize>>,
+    /// Directories breadth-first (path table order).
+    dirs: Vec<usize>,
+    /// Directory numbers (1-based) in the path table.
+    num: Vec<u16>,
+    /// Where each directory is.
+    loc: Vec<DirLoc>,
+    /// Path table: size in bytes, L and M sectors.
+    pt: (u32, u32, u32),
+}
+
+impl View {
+    fn new(n: usize) -> View {
+        View {
+            id: vec![Vec::new(); n],
+            kids: vec![Vec::new(); n],
+            loc: vec![DirLoc::default(); n],
+            num: vec![0; n],
+            ..View::default()
+        }
+    }
+
+    /// Breadth-first directory order and path-table numbers from `kids`.
+    fn number(&mut self, tree: &Tree) {
+        self.dirs = breadth_first(&self.kids, tree);
+        for (i, &d) in self.dirs.iter().enumerate() {
+            self.num[d] = (i + 1) as u16;
+        }
+    }
+}
+
 struct Plan<'t> {
     tree: &'t Tree,
     opts: &'t IsoOptions,
     /// Metadata after clamping and rationalising, per node.
     meta: Vec<Meta>,
     nlink: Vec<u32>,
-    /// ISO 9660 identifier per node.
-    iso_id: Vec<Vec<u8>>,
-    /// Joliet identifier per node, UCS-2 BE bytes.
-    jol_id: Vec<Vec<u8>>,
-    /// Children per directory, in ISO 9660 and in Joliet record order.
-    iso_kids: Vec<Vec<usize>>,
-    jol_kids: Vec<Vec<usize>>,
-    /// Directories breadth-first (path table order) for each tree.
-    iso_dirs: Vec<usize>,
-    jol_dirs: Vec<usize>,
-    /// Directory numbers (1-based) in each path table.
-    iso_num: Vec<u16>,
-    jol_num: Vec<u16>,
-    iso_loc: Vec<DirLoc>,
-    jol_loc: Vec<DirLoc>,
+    /// The ISO 9660 tree and the Joliet tree (empty without Joliet).
+    views: [View; 2],
     /// First sector of each file's data (shared by hard links).
     file_lba: Vec<u32>,
     /// Files whose data is written, in order (one per hard-link group).
     data_order: Vec<usize>,
-    /// Path tables: size in bytes, and the L/M sectors, per tree.
-    iso_pt: (u32, u32, u32),
-    jol_pt: (u32, u32, u32),
     total: u64,
     volume_date: i64,
 }
@@ -526,10 +547,8 @@ impl<'t> Plan<'t> {
             }
         }
         // Names and record order.
-        let mut iso_id = vec![Vec::new(); n];
-        let mut jol_id = vec![Vec::new(); n];
-        let mut iso_kids = vec![Vec::new(); n];
-        let mut jol_kids = vec![Vec::new(); n];
+        let mut iso = View::new(n);
+        let mut jol = View::new(if opts.joliet { n } else { 0 });
         let mut nlink = vec![1u32; n];
         for (d, node) in tree.nodes.iter().enumerate() {
             let Kind::Dir(children) = &node.kind else {
@@ -547,27 +566,30 @@ impl<'t> Plan<'t> {
                 .collect();
             nlink[d] = 2 + entries.iter().filter(|e| e.1).count() as u32;
             for (&c, id) in kids.iter().zip(iso_names(&entries, opts.level)) {
-                iso_id[c] = id;
+                iso.id[c] = id;
             }
             let mut ik = kids.clone();
-            ik.sort_by(|&a, &b| sort_key(&iso_id[a]).cmp(&sort_key(&iso_id[b])));
-            iso_kids[d] = ik;
+            ik.sort_by(|&a, &b| sort_key(&iso.id[a]).cmp(&sort_key(&iso.id[b])));
+            iso.kids[d] = ik;
             if opts.joliet {
                 for (&c, id) in kids.iter().zip(joliet_names(&entries)) {
-                    jol_id[c] = id.iter().flat_map(|u| u.to_be_bytes()).collect();
+                    jol.id[c] = id.iter().flat_map(|u| u.to_be_bytes()).collect();
                 }
                 let mut jk = kids;
-                jk.sort_by(|&a, &b| jol_id[a].cmp(&jol_id[b]));
-                jol_kids[d] = jk;
+                jk.sort_by(|&a, &b| jol.id[a].cmp(&jol.id[b]));
+                jol.kids[d] = jk;
             }
         }
         // Hard links: one data extent per (device, inode).
         let mut first_of: HashMap<(u64, u64), usize> = HashMap::new();
         let mut link_of = vec![usize::MAX; n];
-        let mut iso_dirs = breadth_first(&iso_kids, tree);
+        iso.number(tree);
+        if opts.joliet {
+            jol.number(tree);
+        }
         let mut data_order = Vec::new();
-        for &d in &iso_dirs {
-            for &c in &iso_kids[d] {
+        for &d in &iso.dirs {
+            for &c in &iso.kids[d] {
                 if let Kind::File { source, .. } = &tree.nodes[c].kind {
                     match source {
                         Source::Host { id, .. } => match first_of.get(id) {
@@ -594,55 +616,41 @@ impl<'t> Plan<'t> {
                 nlink[c] = nlink[link_of[c]];
             }
         }
-        let jol_dirs = if opts.joliet {
-            breadth_first(&jol_kids, tree)
-        } else {
-            Vec::new()
-        };
-        let mut iso_num = vec![0u16; n];
-        for (i, &d) in iso_dirs.iter().enumerate() {
-            iso_num[d] = (i + 1) as u16;
-        }
-        let mut jol_num = vec![0u16; n];
-        for (i, &d) in jol_dirs.iter().enumerate() {
-            jol_num[d] = (i + 1) as u16;
-        }
         let mut plan = Plan {
             tree,
             opts,
             meta,
             nlink,
-            iso_id,
-            jol_id,
-            iso_kids,
-            jol_kids,
-            iso_dirs: Vec::new(),
-            jol_dirs,
-            iso_num,
-            jol_num,
-            iso_loc: vec![DirLoc::default(); n],
-            jol_loc: vec![DirLoc::default(); n],
+            views: [iso, jol],
             file_lba: vec![0; n],
             data_order,
-            iso_pt: (0, 0, 0),
-            jol_pt: (0, 0, 0),
             total: 0,
             volume_date,
         };
-        std::mem::swap(&mut plan.iso_dirs, &mut iso_dirs);
         plan.lay_out(&link_of)?;
         Ok(plan)
     }
 
-    fn path_table_size(&self, joliet: bool) -> u64 {
-        let (dirs, id) = if joliet {
-            (&self.jol_dirs, &self.jol_id)
+    /// The ISO 9660 tree, or the Joliet one.
+    fn view(&self, joliet: bool) -> &View {
+        &self.views[usize::from(joliet)]
+    }
+
+    /// The trees written: ISO 9660, and Joliet when asked for.
+    fn trees(&self) -> &'static [bool] {
+        if self.opts.joliet {
+            &[false, true]
         } else {
-            (&self.iso_dirs, &self.iso_id)
-        };
-        dirs.iter()
+            &[false]
+        }
+    }
+
+    fn path_table_size(&self, joliet: bool) -> u64 {
+        let v = self.view(joliet);
+        v.dirs
+            .iter()
             .map(|&d| {
-                let len = if d == 0 { 1 } else { id[d].len() };
+                let len = if d == 0 { 1 } else { v.id[d].len() };
                 (8 + len + len % 2) as u64
             })
             .sum()
@@ -657,20 +665,12 @@ impl<'t> Plan<'t> {
             *next += sectors(size);
             (size as u32, l, m)
         };
-        self.iso_pt = table(self.path_table_size(false), &mut next);
-        if self.opts.joliet {
-            self.jol_pt = table(self.path_table_size(true), &mut next);
+        for &joliet in self.trees() {
+            let pt = table(self.path_table_size(joliet), &mut next);
+            self.views[usize::from(joliet)].pt = pt;
         }
-        for joliet in [false, true] {
-            if joliet && !self.opts.joliet {
-                continue;
-            }
-            let dirs = if joliet {
-                self.jol_dirs.clone()
-            } else {
-                self.iso_dirs.clone()
-            };
-            for d in dirs {
+        for &joliet in self.trees() {
+            for d in self.view(joliet).dirs.clone() {
                 let (size, ce) = self.measure_dir(d, joliet);
                 let loc = DirLoc {
                     lba: u32::try_from(next).map_err(|_| self.too_big())?,
@@ -678,11 +678,7 @@ impl<'t> Plan<'t> {
                     ce_sectors: ce,
                 };
                 next += sectors(size) + u64::from(ce);
-                if joliet {
-                    self.jol_loc[d] = loc;
-                } else {
-                    self.iso_loc[d] = loc;
-                }
+                self.views[usize::from(joliet)].loc[d] = loc;
             }
         }
         for &f in &self.data_order {
@@ -712,11 +708,7 @@ impl<'t> Plan<'t> {
     }
 
     fn records(&self, d: usize, joliet: bool) -> Vec<Rec> {
-        let kids = if joliet {
-            &self.jol_kids[d]
-        } else {
-            &self.iso_kids[d]
-        };
+        let kids = &self.view(joliet).kids[d];
         let mut v = vec![Rec::Dot, Rec::DotDot];
         for &c in kids {
             for e in 0..extents(file_size(&self.tree.nodes[c].kind)) {
@@ -739,8 +731,7 @@ impl<'t> Plan<'t> {
         match r {
             Rec::Dot => &[0],
             Rec::DotDot => &[1],
-            Rec::Child(c, _) if joliet => &self.jol_id[c],
-            Rec::Child(c, _) => &self.iso_id[c],
+            Rec::Child(c, _) => &self.view(joliet).id[c],
         }
     }
 
@@ -796,13 +787,7 @@ impl<'t> Plan<'t> {
 
     /// Extent (lba, length) and flags of a record.
     fn extent(&self, d: usize, r: Rec, joliet: bool) -> (u32, u32, u8) {
-        let loc = |n: usize| {
-            if joliet {
-                self.jol_loc[n]
-            } else {
-                self.iso_loc[n]
-            }
-        };
+        let loc = |n: usize| self.view(joliet).loc[n];
         match r {
             Rec::Dot => (loc(d).lba, loc(d).size, 2),
             Rec::DotDot => {
@@ -830,11 +815,7 @@ impl<'t> Plan<'t> {
 
     /// The records and continuation sectors of directory `d`.
     fn dir_bytes(&self, d: usize, joliet: bool) -> Vec<u8> {
-        let loc = if joliet {
-            self.jol_loc[d]
-        } else {
-            self.iso_loc[d]
-        };
+        let loc = self.view(joliet).loc[d];
         let rr = self.opts.rock_ridge && !joliet;
         let mut out: Vec<u8> = Vec::with_capacity(loc.size as usize);
         let mut ce_bytes = vec![0u8; loc.ce_sectors as usize * SECTOR as usize];
@@ -904,11 +885,7 @@ impl<'t> Plan<'t> {
     }
 
     fn root_record(&self, joliet: bool) -> Vec<u8> {
-        let loc = if joliet {
-            self.jol_loc[0]
-        } else {
-            self.iso_loc[0]
-        };
+        let loc = self.view(joliet).loc[0];
         let mut r = vec![34, 0];
         r.extend_from_slice(&both32(loc.lba));
         r.extend_from_slice(&both32(loc.size));
@@ -940,7 +917,7 @@ impl<'t> Plan<'t> {
         s[120..124].copy_from_slice(&both16(1));
         s[124..128].copy_from_slice(&both16(1));
         s[128..132].copy_from_slice(&both16(SECTOR as u16));
-        let (size, l, m) = if joliet { self.jol_pt } else { self.iso_pt };
+        let (size, l, m) = self.view(joliet).pt;
         s[132..140].copy_from_slice(&both32(size));
         s[140..144].copy_from_slice(&l.to_le_bytes());
         s[148..152].copy_from_slice(&m.to_be_bytes());
@@ -962,11 +939,9 @@ impl<'t> Plan<'t> {
     }
 
     fn path_table(&self, joliet: bool, big: bool) -> Vec<u8> {
-        let (dirs, id, num, loc) = if joliet {
-            (&self.jol_dirs, &self.jol_id, &self.jol_num, &self.jol_loc)
-        } else {
-            (&self.iso_dirs, &self.iso_id, &self.iso_num, &self.iso_loc)
-        };
+        let View {
+            dirs, id, num, loc, ..
+        } = self.view(joliet);
         let mut t = Vec::new();
         for &d in dirs {
             let name: &[u8] = if d == 0 { &[0] } else { &id[d] };
@@ -1189,35 +1164,23 @@ fn write_plan(plan: &Plan<'_>, mut out: Out<'_>) -> Result<IsoReport> {
     term[1..6].copy_from_slice(b"CD001");
     term[6] = 1;
     out.write(&term)?;
-    for joliet in [false, true] {
-        if joliet && !plan.opts.joliet {
-            continue;
-        }
-        let (_, l, m) = if joliet { plan.jol_pt } else { plan.iso_pt };
+    for &joliet in plan.trees() {
+        let (_, l, m) = plan.view(joliet).pt;
         out.at(u64::from(l))?;
         out.write(&plan.path_table(joliet, false))?;
         out.at(u64::from(m))?;
         out.write(&plan.path_table(joliet, true))?;
     }
-    for joliet in [false, true] {
-        let dirs = if joliet {
-            &plan.jol_dirs
-        } else {
-            &plan.iso_dirs
-        };
-        for &d in dirs {
-            let loc = if joliet {
-                plan.jol_loc[d]
-            } else {
-                plan.iso_loc[d]
-            };
-            out.at(u64::from(loc.lba))?;
+    for &joliet in plan.trees() {
+        let v = plan.view(joliet);
+        for &d in &v.dirs {
+            out.at(u64::from(v.loc[d].lba))?;
             out.write(&plan.dir_bytes(d, joliet))?;
         }
     }
     let mut buf = vec![0u8; CHUNK];
     let mut report = IsoReport {
-        dirs: plan.iso_dirs.len() as u64,
+        dirs: plan.view(false).dirs.len() as u64,
         ..IsoReport::default()
     };
     for &f in &plan.data_order {
