@@ -9,8 +9,7 @@
 #
 # CORPUS_DIR is made by ../shared/bench/make-corpus.sh (img.qcow2, img-deflate.qcow2,
 # img-zstd.qcow2, raw.img, raw.img.zst, overlay.qcow2); files that are missing are skipped.
-# Made on first use: img-512.qcow2 (the first 256 MiB of raw.img at 512-byte clusters) and
-# the other formats from raw.img with qemu-img (img-sparse.vmdk, img-stream.vmdk
+# Made on first use: img-512.qcow2 (raw.img at 512-byte clusters) and the other formats from raw.img with qemu-img (img-sparse.vmdk, img-stream.vmdk
 # (streamOptimized), img.vhd (dynamic vpc), img-fixed.vhd, img.vhdx, img.vdi). Outputs are
 # written next to the corpus (same filesystem) and removed after each run. The first output of
 # each tool is checked against qemu-img's with `qemu-img compare`. Further tables: `vdisk
@@ -70,11 +69,7 @@ if [ -e "$CORPUS/raw.img" ]; then
   mk img-fixed.vhd vpc subformat=fixed
   mk img.vhdx vhdx ""
   mk img.vdi vdi ""
-  if [ ! -e "$CORPUS/img-512.qcow2" ]; then
-    dd if="$CORPUS/raw.img" of="$OUT/head.raw" bs=1M count=256 conv=sparse status=none
-    qemu-img convert -f raw -O qcow2 -o cluster_size=512 "$OUT/head.raw" "$CORPUS/img-512.qcow2"
-    rm -f "$OUT/head.raw"
-  fi
+  mk img-512.qcow2 qcow2 cluster_size=512
 fi
 
 printf '%-18s %9s %9s %9s %9s %9s %30s %32s\n' image qemu-img imago vdisk "q/vdisk" "i/vdisk" \

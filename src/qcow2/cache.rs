@@ -2,9 +2,11 @@
 //!
 //! Least-recently-used eviction over a fixed number of tables; the lock is held only to look up
 //! or insert, never during I/O (two threads may load the same table at once; both results are
-//! identical and one wins).
+//! identical and one wins). Lookups go through a map (a hit costs the same at 4 tables or at
+//! 256); only a miss that evicts scans the entries for the oldest.
 
 use crate::error::Result;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug)]
@@ -17,6 +19,8 @@ struct Entry {
 #[derive(Debug, Default)]
 struct Inner {
     entries: Vec<Entry>,
+    /// Position of each key in `entries`.
+    index: HashMap<u64, usize>,
     tick: u64,
 }
 
@@ -44,7 +48,8 @@ impl L2Cache {
             let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             g.tick += 1;
             let tick = g.tick;
-            if let Some(e) = g.entries.iter_mut().find(|e| e.key == key) {
+            if let Some(&i) = g.index.get(&key) {
+                let e = &mut g.entries[i];
                 e.used = tick;
                 return Ok(Some(e.table.clone()));
             }
@@ -53,23 +58,28 @@ impl L2Cache {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.tick += 1;
         let tick = g.tick;
-        if !g.entries.iter().any(|e| e.key == key) {
-            if g.entries.len() >= self.capacity {
-                if let Some(i) = g
+        if !g.index.contains_key(&key) {
+            if g.entries.len() >= self.capacity
+                && let Some(i) = g
                     .entries
                     .iter()
                     .enumerate()
                     .min_by_key(|(_, e)| e.used)
                     .map(|(i, _)| i)
-                {
-                    g.entries.swap_remove(i);
+            {
+                let old = g.entries.swap_remove(i);
+                g.index.remove(&old.key);
+                if let Some(moved) = g.entries.get(i).map(|e| e.key) {
+                    g.index.insert(moved, i);
                 }
             }
+            let at = g.entries.len();
             g.entries.push(Entry {
                 key,
                 table: table.clone(),
                 used: tick,
             });
+            g.index.insert(key, at);
         }
         Ok(Some(table))
     }
@@ -92,5 +102,35 @@ mod tests {
         }
         // 1 load, 2 load, 1 hit, 3 load (evicts 2), 1 hit, 2 load.
         assert_eq!(loads, 4);
+    }
+
+    #[test]
+    fn index_follows_evictions() {
+        let c = L2Cache::new(8);
+        let mut loads = 0;
+        // Two passes over 12 keys with room for 8: every lookup misses (the oldest is always
+        // the next one wanted), and the index must stay right through the swaps.
+        for k in (0..12).chain(0..12) {
+            let t = c
+                .get_or_load(k, || {
+                    loads += 1;
+                    Ok(vec![k * 10])
+                })
+                .unwrap()
+                .unwrap();
+            assert_eq!(t[0], k * 10);
+        }
+        assert_eq!(loads, 24);
+        // The last 8 are cached.
+        for k in 4..12 {
+            let t = c
+                .get_or_load(k, || panic!("{k} should be cached"))
+                .unwrap()
+                .unwrap();
+            assert_eq!(t[0], k * 10);
+        }
+        let g = c.inner.lock().unwrap();
+        assert_eq!(g.index.len(), g.entries.len());
+        assert!(g.index.iter().all(|(k, &i)| g.entries[i].key == *k));
     }
 }

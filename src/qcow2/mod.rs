@@ -35,6 +35,10 @@ use std::sync::{Arc, OnceLock};
 
 /// Upper bound on the L2 cache, whatever the cluster size.
 const L2_CACHE_BYTES: usize = 8 << 20;
+/// Most L2 tables cached, whatever their size: with 512-byte clusters 8 MiB would be 16 384
+/// tables, each covering only 32 KiB of guest, and a convert reads each once (the cache then
+/// costs memory and evictions, not reads saved).
+const MAX_L2_TABLES: usize = 256;
 /// The L1 table is read in pieces of this size.
 const L1_READ_PIECE: u64 = 64 << 10;
 /// Refcount table entry: offset bits of the refcount block.
@@ -133,7 +137,7 @@ impl Qcow2 {
             .collect();
         let metadata = Metadata::new(&rules, l1_offset, l1_bytes, tables);
         let table_bytes = header.cluster_size() as usize;
-        let l2_cache = L2Cache::new((L2_CACHE_BYTES / table_bytes).max(2));
+        let l2_cache = L2Cache::new((L2_CACHE_BYTES / table_bytes).clamp(2, MAX_L2_TABLES));
         let has_data_file = header.data_file.is_some();
         Ok(Qcow2 {
             data: if has_data_file {
