@@ -30,21 +30,24 @@ OUT="$CORPUS/.bench-out"
 mkdir -p "$OUT"
 trap 'rm -rf "$OUT"' EXIT
 
-# run TOOL SRC DST -> prints "seconds peak_kib"
+# run TOOL SRC DST -> prints "seconds peak_kib" (wall time to the microsecond from bash's
+# EPOCHREALTIME; time(1) only for the peak RSS, its own clock has 10 ms steps)
 run() {
-  local tool=$1 src=$2 dst=$3 fmt=()
+  local tool=$1 src=$2 dst=$3 fmt=() t0 t1
   rm -f "$dst"
   # qemu probes a fixed VHD as raw (footer and all); both tools are told it is one.
   case $src in *-fixed.vhd) fmt=(-f vpc) ;; esac
+  t0=$EPOCHREALTIME
   case $tool in
-    qemu) /usr/bin/time -f "%e %M" -o "$OUT/t" qemu-img convert "${fmt[@]}" -O raw "$src" "$dst" ;;
-    vdisk) /usr/bin/time -f "%e %M" -o "$OUT/t" "$VDISK" convert "${fmt[@]}" -O raw "$src" "$dst" ;;
+    qemu) /usr/bin/time -f "%M" -o "$OUT/t" qemu-img convert "${fmt[@]}" -O raw "$src" "$dst" ;;
+    vdisk) /usr/bin/time -f "%M" -o "$OUT/t" "$VDISK" convert "${fmt[@]}" -O raw "$src" "$dst" ;;
     imago)
       local f=qcow2
       case $src in *.qcow2) ;; *) f=raw ;; esac
-      /usr/bin/time -f "%e %M" -o "$OUT/t" "$IMAGO" -j 2 -f "$f" "$src" "$dst" ;;
+      /usr/bin/time -f "%M" -o "$OUT/t" "$IMAGO" -j 2 -f "$f" "$src" "$dst" ;;
   esac
-  cat "$OUT/t"
+  t1=$EPOCHREALTIME
+  echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.4f", b - a }') $(cat "$OUT/t")"
 }
 
 # imago reads qcow2 (not zstd-compressed) and raw.
@@ -98,7 +101,7 @@ for img in img.qcow2 img-512.qcow2 img-deflate.qcow2 img-zstd.qcow2 overlay.qcow
   done
   declare -A tm=() rss=()
   for t in "${tools[@]}"; do tm[$t]=$(median < "$OUT/$t.t"); rss[$t]=$(sort -n "$OUT/$t.m" | tail -1); done
-  printf '%-18s %8ss %9s %8ss %9s %9s %30s %32s\n' "$img" "${tm[qemu]}" "${tm[imago]:+${tm[imago]}s}" "${tm[vdisk]}" \
+  printf '%-18s %8.3fs %9s %8.3fs %9s %9s %30s %32s\n' "$img" "${tm[qemu]}" "${tm[imago]:+$(printf %.3fs "${tm[imago]}")}" "${tm[vdisk]}" \
     "$(ratio "${tm[qemu]}" "${tm[vdisk]}")" "$(ratio "${tm[imago]:-}" "${tm[vdisk]}")" \
     "${rss[qemu]}/${rss[imago]:--}/${rss[vdisk]}" "${alloc[qemu]}/${alloc[imago]:--}/${alloc[vdisk]}"
   unset tm rss alloc
