@@ -3,6 +3,14 @@
 //! database. Also `SOURCE_DATE_EPOCH`, the fixed date of reproducible outputs (ISO images,
 //! containerDisks), read in one place.
 
+/// The current Unix time in whole seconds (0 if the clock is before 1970).
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// `SOURCE_DATE_EPOCH` as Unix seconds when it is set (and not blank); an error names a value
 /// that is not a whole number of seconds.
 pub fn source_date_epoch() -> crate::Result<Option<i64>> {

@@ -718,12 +718,7 @@ pub unsafe extern "C" fn vdisk_iso_create(
         if let Some(spec) = opt_text(options) {
             o.apply(&spec)?;
         }
-        let date = o.date.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0)
-        });
+        let date = o.date.unwrap_or_else(crate::civil::now_secs);
         let mut tree = crate::iso::Tree::new(crate::iso::Meta::made(libc::S_IFDIR | 0o755, date));
         for i in 0..n_sources {
             // SAFETY: `sources` points at `n_sources` pointers, as documented.

@@ -109,12 +109,7 @@ pub fn write_seed(
     target: &Target,
     date: Option<i64>,
 ) -> Result<IsoReport> {
-    let now = date.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0)
-    });
+    let now = date.unwrap_or_else(crate::civil::now_secs);
     let tree = seed.tree(now)?;
     let opts = IsoOptions {
         volume_id: "cidata".into(),

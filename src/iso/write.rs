@@ -520,10 +520,7 @@ impl<'t> Plan<'t> {
     fn new(tree: &'t Tree, opts: &'t IsoOptions) -> Result<Plan<'t>> {
         opts.check()?;
         let n = tree.nodes.len();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let now = crate::civil::now_secs();
         let volume_date = opts.date.unwrap_or(now);
         let mut meta: Vec<Meta> = tree.nodes.iter().map(|n| n.meta).collect();
         for m in &mut meta {

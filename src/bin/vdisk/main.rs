@@ -1735,7 +1735,7 @@ fn create_iso(
     };
     let mut tree = Tree::new(vdisk::iso::Meta::made(
         libc::S_IFDIR | 0o755,
-        o.date.unwrap_or_else(now_secs),
+        o.date.unwrap_or_else(vdisk::civil::now_secs),
     ));
     for a in &args {
         tree.add_source(a)?;
@@ -1761,13 +1761,6 @@ fn create_iso(
         .map_err(|e| Error::io("cannot write output", e))?;
     }
     Ok(0)
-}
-
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn print_options_help(out: &mut std::io::StdoutLock, format: &str) -> Result<u8, Error> {
